@@ -1,0 +1,97 @@
+//! The config file exactly as written: serde structs with `deny_unknown_fields`, spans kept on
+//! every value that a later check may need to point at.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub schedule: Option<Spanned<String>>,
+    pub timezone: Option<Spanned<String>>,
+    pub state_dir: Option<Spanned<String>>,
+    pub fetch_timeout: Option<Spanned<String>>,
+    pub max_policy_file_bytes: Option<Spanned<u64>>,
+    pub log_level: Option<Spanned<String>>,
+    #[serde(default)]
+    pub feature_flags: RawFeatureFlags,
+    #[serde(default)]
+    pub authors: BTreeMap<String, Spanned<i64>>,
+    #[serde(default)]
+    pub projects: Vec<RawProject>,
+    #[serde(default)]
+    pub destinations: Vec<RawDestination>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFeatureFlags {
+    pub security_policy_audit_events: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFlagGates {
+    #[serde(default)]
+    pub actors: Vec<String>,
+    pub percentage_of_actors: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProject {
+    pub path: Spanned<String>,
+    pub id: Option<i64>,
+    pub url: Spanned<String>,
+    pub branch: Option<Spanned<String>>,
+    pub policy_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub linked: Vec<String>,
+    pub token_env: Option<Spanned<String>>,
+    pub token_file: Option<Spanned<String>>,
+    pub initial_sync: Option<InitialSync>,
+    pub limits: Option<RawLimits>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitialSync {
+    /// Record the current state and emit nothing.
+    #[default]
+    Baseline,
+    /// Replay the whole first-parent history and emit the historical events.
+    Backfill,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub approval_policy: Option<usize>,
+    pub scan_result_policy: Option<usize>,
+    pub scan_execution_policy: Option<usize>,
+    pub pipeline_execution_policy: Option<usize>,
+    pub pipeline_execution_schedule_policy: Option<usize>,
+    pub vulnerability_management_policy: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDestination {
+    pub name: Spanned<String>,
+    pub url: Spanned<String>,
+    pub verification_token_env: Option<Spanned<String>>,
+    pub verification_token_file: Option<Spanned<String>>,
+    pub signing_secret_env: Option<Spanned<String>>,
+    pub signing_secret_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub event_types: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    pub headers: Option<Spanned<BTreeMap<String, String>>>,
+    pub timeout: Option<Spanned<String>>,
+    pub max_attempts: Option<Spanned<u32>>,
+    pub max_age: Option<Spanned<String>>,
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+}

@@ -1,0 +1,123 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("/etc/pa/config.toml"), text)
+}
+
+fn errors(text: &str) -> String {
+    parse(text).expect_err("config should be rejected").to_string()
+}
+
+const PROJECT: &str = "
+[[projects]]
+path = \"acme/security-policies\"
+url = \"https://gitlab.example.com/acme/security-policies.git\"
+linked = [\"acme\"]
+";
+
+#[test]
+fn minimal_config_gets_documented_defaults() {
+    let c = parse(PROJECT).unwrap();
+    assert_eq!(c.schedule, DEFAULT_SCHEDULE);
+    assert_eq!(c.projects[0].branch, "main");
+    assert_eq!(c.projects[0].policy_file, DEFAULT_POLICY_FILE);
+    assert_eq!(c.projects[0].initial_sync, InitialSync::Baseline);
+    assert_eq!(c.flag, FeatureFlag::On);
+}
+
+#[test]
+fn unknown_key_names_file_line_column_and_key() {
+    let e = errors(&format!("{PROJECT}colour = \"blue\"\n"));
+    assert!(e.starts_with("/etc/pa/config.toml:6:1: unknown field `colour`"), "{e}");
+}
+
+#[test]
+fn five_field_cron_gets_seconds_and_bad_cron_is_located() {
+    let c = parse(&format!("schedule = \"*/10 * * * *\"\n{PROJECT}")).unwrap();
+    assert_eq!(c.schedule, "0 */10 * * * *");
+    let e = errors(&format!("schedule = \"every day\"\n{PROJECT}"));
+    assert!(e.starts_with("/etc/pa/config.toml:1:12: `schedule`"), "{e}");
+    let e = errors(&format!("schedule = \"0 61 * * * *\"\n{PROJECT}"));
+    assert!(e.contains("not a valid cron expression"), "{e}");
+}
+
+#[test]
+fn missing_secret_is_an_error_naming_the_variable_but_not_a_value() {
+    let e = errors(&format!("{PROJECT}token_env = \"POLICY_AUDIT_TEST_SURELY_UNSET\"\n"));
+    assert!(e.contains("config.toml:6:13") && e.contains("POLICY_AUDIT_TEST_SURELY_UNSET is not set"), "{e}");
+}
+
+#[test]
+fn secret_from_file_is_redacted_in_debug() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "s3cr3t-value\n").unwrap();
+    let c = Config::parse(&dir.path().join("config.toml"), &format!("{PROJECT}token_file = \"token\"\n")).unwrap();
+    assert_eq!(c.projects[0].token.as_ref().unwrap().expose(), "s3cr3t-value");
+    assert!(!format!("{c:?}").contains("s3cr3t"));
+}
+
+#[test]
+fn same_url_and_branch_twice_is_merged_with_a_warning() {
+    let text = format!("{PROJECT}{}", PROJECT.replace("[\"acme\"]", "[\"acme/web/shop\", \"acme\"]"));
+    let c = parse(&text).unwrap();
+    assert_eq!(c.projects.len(), 1);
+    assert_eq!(c.projects[0].linked, ["acme", "acme/web/shop"]);
+    assert!(c.warnings[0].contains("configured twice"), "{:?}", c.warnings);
+}
+
+#[test]
+fn same_repository_under_two_paths_and_duplicate_paths_are_errors() {
+    let other_path = PROJECT.replace("acme/security-policies\"", "acme/other\"");
+    let e = errors(&format!("{PROJECT}{other_path}"));
+    assert!(e.contains("same url and branch as project \"acme/security-policies\""), "{e}");
+    let other_url = PROJECT.replace("security-policies.git", "other.git");
+    let e = errors(&format!("{PROJECT}{other_url}"));
+    assert!(e.contains("duplicate project path \"acme/security-policies\""), "{e}");
+}
+
+#[test]
+fn relative_state_dir_and_local_url_are_anchored_at_the_config_file() {
+    let c = parse("state_dir = \"st\"\n[[projects]]\npath = \"a/b\"\nurl = \"repos/spp\"\n").unwrap();
+    assert_eq!(c.state_dir, Path::new("/etc/pa/st"));
+    assert_eq!(c.projects[0].url, "/etc/pa/repos/spp");
+}
+
+#[test]
+fn flag_forms() {
+    let c = parse("[feature_flags]\nsecurity_policy_audit_events = { actors = [\"a/b\"], percentage_of_actors = 25 }\n").unwrap();
+    assert!(c.flag.enabled_for("a/b"));
+    assert!(parse("[feature_flags]\nsecurity_policy_audit_events = false\n").unwrap().flag == FeatureFlag::Off);
+    let e = errors("[feature_flags]\nsecurity_policy_audit_events = \"yes\"\n");
+    assert!(e.starts_with("/etc/pa/config.toml:2:32:"), "{e}");
+    let e = errors("[feature_flags]\nsecurity_policy_audit_events = { percent = 3 }\n");
+    assert!(e.contains("unknown field `percent`"), "{e}");
+}
+
+#[test]
+fn destination_checks() {
+    let d = "[[destinations]]\nname = \"siem\"\nurl = \"https://siem.example.com/x\"\n";
+    let c = parse(&format!("{d}event_types = [\"security_policy_create\"]\nnamespaces = [\"acme/\"]\ntimeout = \"3s\"\n")).unwrap();
+    let dest = &c.destinations[0];
+    assert_eq!(dest.timeout, Duration::from_secs(3));
+    assert!(dest.wants(EventType::Create, &["acme/web"]));
+    assert!(!dest.wants(EventType::Delete, &["acme/web"]));
+    assert!(!dest.wants(EventType::Create, &["acme-corp"]));
+    assert!(errors(&format!("{d}event_types = [\"policy_create\"]\n")).contains("unknown event type \"policy_create\""));
+    assert!(errors(&format!("{d}headers = {{ \"Bad Header\" = \"x\" }}\n")).contains("not a valid HTTP header name"));
+    assert!(errors(&format!("{d}headers = {{ \"Content-Type\" = \"x\" }}\n")).contains("set by policy-audit"));
+    let many: Vec<String> = (0..21).map(|i| format!("\"X-H{i}\" = \"v\"")).collect();
+    assert!(errors(&format!("{d}headers = {{ {} }}\n", many.join(", "))).contains("at most 20"));
+    assert!(errors(&format!("{d}max_age = \"forever\"\n")).contains("`max_age`"));
+    assert!(errors(&format!("{d}{d}")).contains("duplicate destination name"));
+    unsafe { std::env::set_var("POLICY_AUDIT_TEST_TOKEN", "t") };
+    let insecure = "[[destinations]]\nname = \"s\"\nurl = \"http://siem.example.com/x\"\nverification_token_env = \"POLICY_AUDIT_TEST_TOKEN\"\n";
+    assert!(errors(insecure).contains("plain http"));
+    assert!(parse(&format!("{insecure}allow_insecure_http = true\n")).is_ok());
+    assert!(parse(&insecure.replace("siem.example.com", "127.0.0.1:8080")).is_ok());
+}
+
+#[test]
+fn several_errors_are_all_reported() {
+    let e = errors("schedule = \"x\"\ntimezone = \"Mars/Base\"\n[[projects]]\npath = \"/bad\"\nurl = \"ftp://x\"\n");
+    assert_eq!(e.lines().count(), 3, "{e}");
+}

@@ -1,0 +1,9 @@
+//! policy-audit: an audit trail for GitLab security policies kept as code.
+//!
+//! The pipeline, one module per stage: `repo` (fetch, walk) -> `policy` (parse, diff) ->
+//! `event` (GitLab's schema) -> `store` (sled) -> `stream` (delivery). `reconcile` drives one
+//! project through it; `cli` and `daemon` are the ways in.
+
+pub mod config;
+pub mod event;
+pub mod policy;
