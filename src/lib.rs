@@ -4,6 +4,11 @@
 //! `event` (GitLab's schema) -> `store` (sled) -> `stream` (delivery). `reconcile` drives one
 //! project through it; `cli` and `daemon` are the ways in.
 
+pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod event;
 pub mod policy;
+pub mod reconcile;
+pub mod repo;
+pub mod store;

@@ -1,0 +1,206 @@
+//! The command line (SPEC §5): clap definitions and one small function per command. Every
+//! command returns an [`Output`] instead of printing, so the same code answers in-process and
+//! through the daemon's control socket.
+
+use crate::config::Config;
+use crate::store::Store;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+mod events;
+mod reconcile;
+mod status;
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_UNUSABLE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(name = "policy-audit", version, about = "Audit trail for GitLab security policies kept as code")]
+pub struct Cli {
+    /// Config file [default: $POLICY_AUDIT_CONFIG, else ./config.toml]
+    #[arg(long, global = true, env = "POLICY_AUDIT_CONFIG", default_value = "config.toml")]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Subcommand, Serialize, Deserialize)]
+pub enum Command {
+    /// Reconcile now and deliver what is due
+    Reconcile(ReconcileArgs),
+    /// List stored events, oldest first
+    Events(EventsArgs),
+    /// Show per project and per destination state
+    Status(StatusArgs),
+    /// Validate the config (and that secrets resolve) without touching state
+    CheckConfig,
+    /// Self-contained walkthrough on a sample policy project in a temporary folder
+    Demo,
+}
+
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+pub struct ReconcileArgs {
+    /// Only these projects (SPP paths); repeatable
+    #[arg(long = "project", value_name = "PATH")]
+    pub projects: Vec<String>,
+    /// Replay the whole first-parent history (already stored events are not stored twice)
+    #[arg(long)]
+    pub backfill: bool,
+    /// Store events but do not deliver them now
+    #[arg(long)]
+    pub no_deliver: bool,
+    /// Print the summary as JSON
+    #[arg(long)]
+    pub json: bool,
+    /// Print time spent per phase (fetch, walk, parse, diff, store)
+    #[arg(long)]
+    pub timings: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+    Jsonl,
+    Csv,
+}
+
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+pub struct EventsArgs {
+    /// Only events of these projects (SPP paths); repeatable
+    #[arg(long = "project", value_name = "PATH")]
+    pub projects: Vec<String>,
+    /// Only these event types (e.g. security_policy_update, or just update); repeatable
+    #[arg(long = "type", value_name = "T")]
+    pub types: Vec<String>,
+    /// Only events about this policy name
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Only events whose author name or email contains TEXT (case-insensitive)
+    #[arg(long, value_name = "TEXT")]
+    pub author: Option<String>,
+    /// Only events at or after T (RFC 3339 or YYYY-MM-DD)
+    #[arg(long, value_name = "T")]
+    pub since: Option<String>,
+    /// Only events at or before T (RFC 3339 or YYYY-MM-DD, inclusive of that day)
+    #[arg(long, value_name = "T")]
+    pub until: Option<String>,
+    /// Only the N most recent matching events
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+pub struct StatusArgs {
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a command prints and how it exits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+    pub code: u8,
+}
+
+impl Output {
+    pub fn unusable(message: impl std::fmt::Display) -> Output {
+        Output { stderr: format!("error: {message}\n"), code: EXIT_UNUSABLE, ..Output::default() }
+    }
+
+    pub fn err_line(&mut self, line: impl std::fmt::Display) {
+        let _ = writeln!(self.stderr, "{line}");
+    }
+
+    pub fn out_line(&mut self, line: impl std::fmt::Display) {
+        let _ = writeln!(self.stdout, "{line}");
+    }
+}
+
+pub fn parse_args() -> Cli {
+    Cli::parse()
+}
+
+/// Logs go to stderr (journald under systemd), level from `RUST_LOG`, default warnings only.
+pub fn init_logging(_cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+pub fn run(cli: Cli) -> Output {
+    match &cli.command {
+        Command::Demo => crate::demo::run(),
+        Command::CheckConfig => check_config(&cli),
+        command => {
+            let config = match load_config(&cli) {
+                Ok(c) => c,
+                Err(out) => return out,
+            };
+            let mut out = Output::default();
+            for w in &config.warnings {
+                out.err_line(format!("warning: {w}"));
+            }
+            let store = match Store::open(&config.db_dir()) {
+                Ok(s) => s,
+                Err(e) => {
+                    out.stderr.push_str(&Output::unusable(format!("{e:#}")).stderr);
+                    out.code = EXIT_UNUSABLE;
+                    return out;
+                }
+            };
+            let result = execute(&config, &store, command);
+            out.stdout.push_str(&result.stdout);
+            out.stderr.push_str(&result.stderr);
+            out.code = result.code;
+            out
+        }
+    }
+}
+
+/// Runs a command that needs the store.
+pub fn execute(config: &Config, store: &Store, command: &Command) -> Output {
+    match command {
+        Command::Reconcile(args) => reconcile::run(config, store, args),
+        Command::Events(args) => events::run(store, args),
+        Command::Status(args) => status::run(config, store, args),
+        Command::CheckConfig | Command::Demo => Output::unusable("internal: command does not use the store"),
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config, Output> {
+    Config::load(&cli.config).map_err(|e| {
+        let mut out = Output { code: EXIT_UNUSABLE, ..Output::default() };
+        for line in &e.errors {
+            out.err_line(format!("error: {line}"));
+        }
+        out
+    })
+}
+
+fn check_config(cli: &Cli) -> Output {
+    let config = match load_config(cli) {
+        Ok(c) => c,
+        Err(out) => return out,
+    };
+    let mut out = Output::default();
+    for w in &config.warnings {
+        out.err_line(format!("warning: {w}"));
+    }
+    out.out_line(format!(
+        "{}: ok ({} project(s), {} destination(s), schedule \"{}\" {}, state in {})",
+        cli.config.display(),
+        config.projects.len(),
+        config.destinations.len(),
+        config.schedule,
+        config.timezone,
+        config.state_dir.display()
+    ));
+    out
+}

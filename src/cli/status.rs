@@ -1,0 +1,86 @@
+//! `policy-audit status`: per project cursor, last success, last error and flag state; per
+//! destination pending and dead deliveries. Never shows a secret.
+
+use super::{Output, StatusArgs};
+use crate::config::Config;
+use crate::store::Store;
+use serde_json::json;
+
+pub fn run(config: &Config, store: &Store, args: &StatusArgs) -> Output {
+    match collect(config, store) {
+        Ok(report) if args.json => Output { stdout: serde_json::to_string_pretty(&report).unwrap_or_default() + "\n", ..Output::default() },
+        Ok(report) => Output { stdout: text(&report), ..Output::default() },
+        Err(e) => Output::unusable(format!("{e:#}")),
+    }
+}
+
+fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> {
+    let mut projects = Vec::new();
+    for p in &config.projects {
+        let cursor = store.cursor(&p.path)?;
+        let status = store.project_status(&p.path)?;
+        projects.push(json!({
+            "path": p.path,
+            "branch": p.branch,
+            "cursor": cursor.as_ref().map(|c| c.commit.clone()),
+            "policies": cursor.as_ref().and_then(|c| c.baseline.as_ref()).map(|b| b.len()),
+            "last_run_at": status.last_run_at,
+            "last_success_at": status.last_success_at,
+            "last_error": status.last_error,
+            "last_error_at": status.last_error_at,
+            "feature_flag": config.flag.describe_for(&p.path),
+        }));
+    }
+    let configured: Vec<&str> = config.projects.iter().map(|p| p.path.as_str()).collect();
+    let unconfigured: Vec<String> = store.synced_projects()?.into_iter().filter(|p| !configured.contains(&p.as_str())).collect();
+    let mut destinations = Vec::new();
+    for d in &config.destinations {
+        destinations.push(destination(store, &d.name)?);
+    }
+    Ok(json!({
+        "events": store.event_count(),
+        "projects": projects,
+        "unconfigured_projects_with_state": unconfigured,
+        "destinations": destinations,
+    }))
+}
+
+fn destination(store: &Store, name: &str) -> anyhow::Result<serde_json::Value> {
+    let pending = store.pending(Some(name))?;
+    let dead = store.dead(Some(name))?;
+    let last_error = pending.iter().chain(&dead).filter_map(|d| d.last_error.clone()).next_back();
+    let oldest = pending.iter().map(|d| d.enqueued_at).min();
+    Ok(json!({
+        "name": name,
+        "pending": pending.len(),
+        "dead": dead.len(),
+        "oldest_pending_enqueued_at": oldest.and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok()).map(crate::event::rfc3339_millis),
+        "last_error": last_error,
+    }))
+}
+
+fn text(report: &serde_json::Value) -> String {
+    let mut s = format!("events stored: {}\n", report["events"]);
+    let str_of = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
+    for p in report["projects"].as_array().into_iter().flatten() {
+        let cursor = p["cursor"].as_str().map(|c| c.get(..12).unwrap_or(c).to_string()).unwrap_or_else(|| "never synced".into());
+        s.push_str(&format!("project {} ({})\n", str_of(&p["path"]), str_of(&p["branch"])));
+        s.push_str(&format!("  cursor:        {cursor}\n"));
+        s.push_str(&format!("  last success:  {}\n", str_of(&p["last_success_at"])));
+        if !p["last_error"].is_null() {
+            s.push_str(&format!("  last error:    {} ({})\n", str_of(&p["last_error"]), str_of(&p["last_error_at"])));
+        }
+        s.push_str(&format!("  feature flag:  {}\n", str_of(&p["feature_flag"])));
+    }
+    for u in report["unconfigured_projects_with_state"].as_array().into_iter().flatten() {
+        s.push_str(&format!("project {} has state but is no longer configured\n", str_of(u)));
+    }
+    for d in report["destinations"].as_array().into_iter().flatten() {
+        s.push_str(&format!("destination {}: {} pending, {} dead", str_of(&d["name"]), d["pending"], d["dead"]));
+        if !d["last_error"].is_null() {
+            s.push_str(&format!(", last error: {}", str_of(&d["last_error"])));
+        }
+        s.push('\n');
+    }
+    s
+}

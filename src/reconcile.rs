@@ -1,0 +1,374 @@
+//! One project's reconcile: fetch, walk the new first-parent steps, diff each step's policy
+//! file against the last valid state, build the events, store them with the new cursor.
+//!
+//! Invariants:
+//! - idempotent: the cursor moves only in the store transaction that holds the events, and event
+//!   ids are deterministic, so a run interrupted anywhere is repeated with the same result;
+//! - a step is a commit that changes the policy file's blob; an invalid or missing file emits one
+//!   `security_policy_yaml_invalidated` and keeps the last valid state as the baseline;
+//! - authors come from the step commit only, never from a later one.
+
+use crate::config::{Config, InitialSync, Project};
+use crate::event::{AuditEvent, EventType, StepContext};
+use crate::policy::{self, LimitState, PolicySet, diff, limit_breaches};
+use crate::repo::{self, Commit, Mirror, PolicyBlob, PolicyPath};
+use crate::store::{Cursor, Store};
+use anyhow::{Context, Result};
+use gix::ObjectId;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// What the caller asks of a reconcile.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Replay the whole first-parent history (first sync or not); already stored events are
+    /// recognised by id and not stored twice.
+    pub backfill: bool,
+    /// Show a progress bar for long walks (on a terminal).
+    pub progress: bool,
+}
+
+/// Time spent per phase, for `--timings` and the performance work.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub fetch_ms: f64,
+    pub walk_ms: f64,
+    pub parse_ms: f64,
+    pub diff_ms: f64,
+    pub store_ms: f64,
+}
+
+/// The result of one project's reconcile.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub project: String,
+    /// "baseline" / "backfill" on a first sync.
+    pub first_sync: Option<String>,
+    pub from: Option<String>,
+    pub to: String,
+    /// First-parent commits walked.
+    pub commits: usize,
+    /// Commits that changed the policy file.
+    pub steps: usize,
+    /// Events built, per event type.
+    pub events: BTreeMap<String, usize>,
+    /// Events newly stored (fewer than built when a replay met already stored ids).
+    pub stored: usize,
+    pub flag_enabled: bool,
+    pub history_rewritten: bool,
+    pub timings: Timings,
+}
+
+impl Summary {
+    pub fn event_total(&self) -> usize {
+        self.events.values().sum()
+    }
+}
+
+/// The directory of a project's mirror: readable name plus a hash, so paths never collide.
+pub fn mirror_dir(config: &Config, project: &Project) -> PathBuf {
+    let readable: String = project.path.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    config.mirrors_dir().join(format!("{readable}-{:08x}.git", crc32fast::hash(project.path.as_bytes())))
+}
+
+/// Reconciles one project. `now` is the clock (passed in so tests control `detected_at`).
+pub fn reconcile_project(config: &Config, store: &Store, project: &Project, options: &Options, now: jiff::Timestamp) -> Result<Summary> {
+    let mut summary = Summary { project: project.path.clone(), flag_enabled: config.flag.enabled_for(&project.path), ..Summary::default() };
+    let started = Instant::now();
+    let mirror = Mirror::open_or_init(&mirror_dir(config, project), &project.branch)?;
+    let tip = repo::fetch(&mirror, &project.url, project.token.as_ref(), config.fetch_timeout)?.tip;
+    summary.timings.fetch_ms = ms(started.elapsed());
+    summary.to = tip.to_string();
+
+    let cursor = store.cursor(&project.path)?;
+    summary.from = cursor.as_ref().map(|c| c.commit.clone());
+    let backfill = options.backfill || (cursor.is_none() && project.initial_sync == InitialSync::Backfill);
+    if let Some(c) = &cursor
+        && c.commit == summary.to
+        && !backfill
+    {
+        return Ok(summary); // nothing new: no walk at all
+    }
+
+    let mut walker = Walker::new(config, project, &mirror, &mut summary, options.progress);
+    let (state, plan) = match (&cursor, backfill) {
+        (_, true) => (State::before_history(), Plan::Steps(mirror.first_parent_steps(tip, None)?)),
+        (None, false) => (walker.baseline_at(tip)?, Plan::Nothing),
+        (Some(c), false) => {
+            let since = ObjectId::from_hex(c.commit.as_bytes()).ok();
+            match since {
+                Some(since) if mirror.has_commit(since) && mirror.is_ancestor(since, tip)? => {
+                    (State::from_cursor(c), Plan::Steps(mirror.first_parent_steps(tip, Some(since))?))
+                }
+                _ => (State::from_cursor(c), Plan::Rewritten(tip)),
+            }
+        }
+    };
+    if cursor.is_none() {
+        walker.summary.first_sync = Some(if backfill { "backfill" } else { "baseline" }.into());
+    }
+    let emit = walker.summary.flag_enabled;
+    let (state, events) = match plan {
+        Plan::Nothing => (state, Vec::new()),
+        Plan::Steps(steps) => walker.walk(state, &steps, emit, now)?,
+        Plan::Rewritten(tip) => walker.rewritten(state, tip, emit, now)?,
+    };
+    for e in &events {
+        *summary.events.entry(e.event_type.name().to_string()).or_default() += 1;
+    }
+    let stored_at = Instant::now();
+    let new_cursor = Cursor { commit: tip.to_string(), blob: state.blob, baseline: state.baseline, limits: state.limits };
+    let destinations_for = |e: &AuditEvent| destinations_for(config, e);
+    summary.stored = store.commit_reconcile(&project.path, &new_cursor, &events, &destinations_for, now.as_millisecond())?;
+    summary.timings.store_ms = ms(stored_at.elapsed());
+    Ok(summary)
+}
+
+/// The destinations whose filters accept an event.
+pub fn destinations_for(config: &Config, event: &AuditEvent) -> Vec<String> {
+    let mut paths: Vec<&str> = vec![event.entity_path.as_str()];
+    paths.extend(event.details.linked_namespaces.iter().map(String::as_str));
+    config.destinations.iter().filter(|d| d.wants(event.event_type, &paths)).map(|d| d.name.clone()).collect()
+}
+
+enum Plan {
+    /// First sync in baseline mode: record the state, emit nothing.
+    Nothing,
+    Steps(Vec<ObjectId>),
+    /// The last synced commit is gone from the branch's history: one step to the tip.
+    Rewritten(ObjectId),
+}
+
+/// The diff state carried from step to step (and stored in the cursor).
+struct State {
+    blob: String,
+    baseline: Option<PolicySet>,
+    limits: LimitState,
+}
+
+impl State {
+    fn before_history() -> State {
+        State { blob: String::new(), baseline: Some(PolicySet::default()), limits: LimitState::new() }
+    }
+
+    fn from_cursor(c: &Cursor) -> State {
+        State { blob: c.blob.clone(), baseline: c.baseline.clone(), limits: c.limits.clone() }
+    }
+}
+
+fn blob_key(blob: &PolicyBlob) -> String {
+    match blob {
+        PolicyBlob::Missing => String::new(),
+        PolicyBlob::File(id) => id.to_string(),
+        PolicyBlob::NotAFile(kind, id) => format!("{kind}:{id}"),
+    }
+}
+
+struct Walker<'a> {
+    config: &'a Config,
+    project: &'a Project,
+    mirror: &'a Mirror,
+    summary: &'a mut Summary,
+    path: PolicyPath,
+    /// Parsed files by blob id: a reverted file is not parsed twice. Bounded.
+    parsed: HashMap<ObjectId, Result<PolicySet, String>>,
+    progress: bool,
+}
+
+const PARSE_CACHE_ENTRIES: usize = 64;
+
+impl<'a> Walker<'a> {
+    fn new(config: &'a Config, project: &'a Project, mirror: &'a Mirror, summary: &'a mut Summary, progress: bool) -> Self {
+        Walker { config, project, mirror, summary, path: PolicyPath::new(&project.policy_file), parsed: HashMap::new(), progress }
+    }
+
+    /// The state at `tip` for a baseline: the file there, or when it is invalid the last valid
+    /// version before it, so the first change after the baseline is diffed correctly.
+    fn baseline_at(&mut self, tip: ObjectId) -> Result<State> {
+        let commit = self.mirror.commit(tip)?;
+        let blob = self.path.lookup(self.mirror, commit.tree)?;
+        let mut state = State { blob: blob_key(&blob), baseline: None, limits: LimitState::new() };
+        let mut at = Some(commit);
+        while let Some(c) = at {
+            let blob = self.path.lookup(self.mirror, c.tree)?;
+            if let Ok(set) = self.load(&blob) {
+                state.limits = limit_map(&set, self.project);
+                state.baseline = Some(set);
+                break;
+            }
+            at = c.first_parent.map(|p| self.mirror.commit(p)).transpose()?;
+        }
+        Ok(state)
+    }
+
+    fn walk(&mut self, mut state: State, steps: &[ObjectId], emit: bool, now: jiff::Timestamp) -> Result<(State, Vec<AuditEvent>)> {
+        let bar = self.progress_bar(steps.len());
+        let mut events = Vec::new();
+        for id in steps {
+            bar.inc(1);
+            let walk_started = Instant::now();
+            self.summary.commits += 1;
+            let commit = self.mirror.commit(*id)?;
+            let blob = self.path.lookup(self.mirror, commit.tree)?;
+            self.summary.timings.walk_ms += ms(walk_started.elapsed());
+            let key = blob_key(&blob);
+            if key == state.blob {
+                continue;
+            }
+            self.summary.steps += 1;
+            state.blob = key;
+            let previous = commit.first_parent.map(|p| p.to_string());
+            self.step(&mut state, &commit, &blob, previous.as_deref(), false, emit, now, &mut events)?;
+        }
+        bar.finish_and_clear();
+        Ok((state, events))
+    }
+
+    fn rewritten(&mut self, mut state: State, tip: ObjectId, emit: bool, now: jiff::Timestamp) -> Result<(State, Vec<AuditEvent>)> {
+        let mut events = Vec::new();
+        self.summary.history_rewritten = true;
+        self.summary.commits = 1;
+        let commit = self.mirror.commit(tip)?;
+        let blob = self.path.lookup(self.mirror, commit.tree)?;
+        let key = blob_key(&blob);
+        let previous = self.summary.from.clone();
+        // A rewrite that leaves the file's content as it was changes nothing to report.
+        if key != state.blob {
+            self.summary.steps = 1;
+            state.blob = key;
+            self.step(&mut state, &commit, &blob, previous.as_deref(), true, emit, now, &mut events)?;
+        }
+        Ok((state, events))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn step(&mut self, state: &mut State, commit: &Commit, blob: &PolicyBlob, previous: Option<&str>, rewritten: bool, emit: bool, now: jiff::Timestamp, events: &mut Vec<AuditEvent>) -> Result<()> {
+        let parse_started = Instant::now();
+        let loaded = self.load(blob);
+        self.summary.timings.parse_ms += ms(parse_started.elapsed());
+        let diff_started = Instant::now();
+        let sha = commit.id.to_string();
+        let ctx = StepContext {
+            project: self.project,
+            sha: &sha,
+            previous_sha: previous,
+            author_name: &commit.author_name,
+            author_email: &commit.author_email,
+            author_id: self.config.author_id(&commit.author_email),
+            committed_at: commit.committed_at,
+            message: &commit.message,
+            detected_at: now,
+            history_rewritten: rewritten,
+        };
+        match loaded {
+            Err(reason) => {
+                if emit {
+                    events.push(ctx.invalidated_event(&reason));
+                }
+            }
+            Ok(set) => {
+                let empty = PolicySet::default();
+                let before = state.baseline.as_ref().unwrap_or(&empty);
+                if emit {
+                    events.extend(diff(before, &set).iter().map(|c| ctx.change_event(c)));
+                }
+                let breaches = limit_breaches(&set, &self.project.limits);
+                for b in &breaches {
+                    if emit && state.limits.get(&b.policy_type) != Some(&b.skipped) {
+                        events.push(ctx.limit_event(b));
+                    }
+                }
+                state.limits = breaches.into_iter().map(|b| (b.policy_type, b.skipped)).collect();
+                state.baseline = Some(set);
+            }
+        }
+        self.summary.timings.diff_ms += ms(diff_started.elapsed());
+        Ok(())
+    }
+
+    /// The policy set in a blob, or why it is invalid (missing, not a file, too big, bad YAML).
+    fn load(&mut self, blob: &PolicyBlob) -> Result<PolicySet, String> {
+        let file = &self.project.policy_file;
+        let id = match blob {
+            PolicyBlob::Missing => return Err(format!("{file} does not exist")),
+            PolicyBlob::NotAFile(kind, _) => return Err(format!("{file} is {kind}, not a file")),
+            PolicyBlob::File(id) => *id,
+        };
+        if let Some(cached) = self.parsed.get(&id) {
+            return cached.clone();
+        }
+        let result = self.read_and_parse(id);
+        if self.parsed.len() >= PARSE_CACHE_ENTRIES {
+            self.parsed.clear();
+        }
+        self.parsed.insert(id, result.clone());
+        result
+    }
+
+    fn read_and_parse(&self, id: ObjectId) -> Result<PolicySet, String> {
+        let file = &self.project.policy_file;
+        let max = self.config.max_policy_file_bytes;
+        let size = self.mirror.blob_size(id).map_err(|e| format!("{file}: {e:#}"))?;
+        if size > max {
+            return Err(format!("{file} is {size} bytes, over the limit of {max} bytes (max_policy_file_bytes)"));
+        }
+        let bytes = self.mirror.read_blob(id).map_err(|e| format!("{file}: {e:#}"))?;
+        policy::parse(&bytes).map_err(|e| e.reason)
+    }
+
+    fn progress_bar(&self, len: usize) -> indicatif::ProgressBar {
+        use std::io::IsTerminal;
+        if !self.progress || len < 100 || !std::io::stderr().is_terminal() {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = indicatif::ProgressBar::new(len as u64);
+        let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} commits ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        bar.set_style(style.progress_chars("=> "));
+        bar.set_prefix(self.project.path.clone());
+        bar
+    }
+}
+
+fn limit_map(set: &PolicySet, project: &Project) -> LimitState {
+    limit_breaches(set, &project.limits).into_iter().map(|b| (b.policy_type, b.skipped)).collect()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Convenience for callers that count events by type.
+pub fn count(events: &[AuditEvent], t: EventType) -> usize {
+    events.iter().filter(|e| e.event_type == t).count()
+}
+
+/// Runs the reconcile of each project, one after the other; a failure is recorded for that
+/// project and the others go on.
+pub fn reconcile_all(config: &Config, store: &Store, projects: &[&Project], options: &Options, now: impl Fn() -> jiff::Timestamp) -> Vec<(String, Result<Summary>)> {
+    projects
+        .iter()
+        .map(|p| {
+            let result = reconcile_project(config, store, p, options, now()).with_context(|| format!("project {}", p.path));
+            let mut status = store.project_status(&p.path).unwrap_or_default();
+            let at = crate::event::rfc3339_millis(now());
+            status.last_run_at = Some(at.clone());
+            match &result {
+                Ok(_) => {
+                    status.last_success_at = Some(at);
+                    status.last_error = None;
+                }
+                Err(e) => {
+                    status.last_error = Some(format!("{e:#}"));
+                    status.last_error_at = Some(at);
+                }
+            }
+            if let Err(e) = store.set_project_status(&p.path, &status) {
+                tracing::warn!(project = %p.path, error = %format!("{e:#}"), "cannot record project status");
+            }
+            (p.path.clone(), result)
+        })
+        .collect()
+}

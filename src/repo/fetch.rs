@@ -1,0 +1,119 @@
+//! Fetching the tracked branch into a mirror, with a deadline and without persisting
+//! credentials.
+
+use super::Mirror;
+use crate::config::Secret;
+use anyhow::{Context, Result, anyhow, bail};
+use gix::ObjectId;
+use gix::remote::Direction;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchOutcome {
+    /// The tip of the tracked branch as the remote advertised it.
+    pub tip: ObjectId,
+}
+
+/// Fetches `branch` from `url` into the mirror's `refs/remotes/origin/<branch>`.
+///
+/// The fetch runs on its own thread; when `deadline` passes it is told to stop and this returns
+/// an error at once, so a server that stalls cannot hold up the other projects.
+pub fn fetch(mirror: &Mirror, url: &str, token: Option<&Secret>, deadline: Duration) -> Result<FetchOutcome> {
+    let repo = mirror.repo.clone();
+    let branch = mirror.branch.clone();
+    let url_owned = url.to_string();
+    let token = token.map(|t| t.expose().to_string());
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&interrupt);
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("fetch".into())
+        .spawn(move || {
+            let _ = tx.send(fetch_blocking(repo, &url_owned, &branch, token, deadline, &flag));
+        })
+        .context("cannot start fetch thread")?;
+    match rx.recv_timeout(deadline) {
+        Ok(result) => result.with_context(|| format!("fetch of branch {:?} from {} failed", mirror.branch, redact_url(url))),
+        Err(_) => {
+            interrupt.store(true, Ordering::SeqCst);
+            bail!("fetch from {} did not finish within {}", redact_url(url), humantime::format_duration(deadline))
+        }
+    }
+}
+
+fn fetch_blocking(mut repo: gix::Repository, url: &str, branch: &str, token: Option<String>, deadline: Duration, interrupt: &AtomicBool) -> Result<FetchOutcome> {
+    let secs = deadline.as_secs().max(1);
+    {
+        // In memory only: a slow HTTP transfer is abandoned like a stalled one.
+        let mut config = repo.config_snapshot_mut();
+        config
+            .append_config(
+                [
+                    "http.lowSpeedLimit=1".to_string(),
+                    format!("http.lowSpeedTime={secs}"),
+                    format!("gitoxide.http.connectTimeout={}", secs * 1000),
+                    "credential.helper=".to_string(),
+                    "core.askPass=".to_string(),
+                ],
+                gix::config::Source::Api,
+            )
+            .map_err(|e| anyhow!("{e}"))?;
+        config.commit().map_err(|e| anyhow!("{e}"))?;
+    }
+    let refspec = format!("+refs/heads/{branch}:refs/remotes/origin/{branch}");
+    let remote = repo
+        .remote_at(url)
+        .map_err(|e| anyhow!("invalid repository url: {e}"))?
+        .with_refspecs([refspec.as_str()], Direction::Fetch)
+        .map_err(|e| anyhow!("invalid refspec {refspec}: {e}"))?
+        .with_fetch_tags(gix::remote::fetch::Tags::None);
+    let connection = remote.connect(Direction::Fetch).map_err(|e| anyhow!("cannot connect: {e}"))?;
+    // Never prompt and never consult credential helpers: the configured token or nothing.
+    let connection = connection.with_credentials(move |action| match (&action, &token) {
+        (gix::credentials::helper::Action::Get(ctx), Some(token)) => Ok(Some(gix::credentials::protocol::Outcome {
+            identity: gix::sec::identity::Account { username: "oauth2".into(), password: token.clone(), oauth_refresh_token: None },
+            next: ctx.clone().into(),
+        })),
+        _ => Ok(None),
+    });
+    let outcome = connection
+        .prepare_fetch(gix::progress::Discard, Default::default())
+        .map_err(|e| anyhow!("{e}"))?
+        .receive(gix::progress::Discard, interrupt)
+        .map_err(|e| anyhow!("{e}"))?;
+    let wanted = format!("refs/heads/{branch}");
+    let tip = outcome
+        .ref_map
+        .mappings
+        .iter()
+        .find(|m| m.remote.as_name().is_some_and(|n| n == wanted.as_bytes()))
+        .and_then(|m| m.remote.as_id().map(|id| id.to_owned()));
+    match tip {
+        Some(tip) => Ok(FetchOutcome { tip }),
+        None => bail!("branch {branch:?} does not exist in the repository"),
+    }
+}
+
+/// The URL with any `user:password@` removed, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
+            let host = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credentials_are_removed_from_urls() {
+        assert_eq!(super::redact_url("https://oauth2:glpat-x@gitlab.example.com/a/b.git"), "https://gitlab.example.com/a/b.git");
+        assert_eq!(super::redact_url("/srv/repos/spp"), "/srv/repos/spp");
+    }
+}

@@ -1,0 +1,256 @@
+//! The durable state, in sled: per-project cursors, the events, and the delivery outbox.
+//!
+//! Invariants:
+//! - a project's cursor only advances in the transaction that stores the events it implies and
+//!   their outbox entries ([`Store::commit_reconcile`]), and that transaction is flushed to disk
+//!   before the call returns: a crash loses nothing and a replay duplicates nothing;
+//! - an event id is stored at most once (`event_ids`), so replaying a step is harmless;
+//! - events are numbered by a gap-free sequence in the order they were stored.
+
+use crate::event::{AuditEvent, EventType};
+use crate::policy::{LimitState, PolicySet};
+use anyhow::{Context, Result, anyhow};
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use std::path::Path;
+
+/// Where a project was left at its last successful reconcile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// The last synced commit of the tracked branch.
+    pub commit: String,
+    /// The policy file's blob at `commit` ("" when missing), to detect the next change.
+    pub blob: String,
+    /// The last valid policy state (None until the file was valid once).
+    pub baseline: Option<PolicySet>,
+    /// Skipped policy names per type at the last limit check.
+    #[serde(default)]
+    pub limits: LimitState,
+}
+
+/// A pending or dead delivery of one event to one destination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub destination: String,
+    pub seq: u64,
+    pub event_id: String,
+    pub event_type: EventType,
+    pub attempts: u32,
+    /// Unix milliseconds.
+    pub enqueued_at: i64,
+    pub next_attempt_at: i64,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+}
+
+/// Per-project bookkeeping for `status`; not part of the audit trail.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProjectStatus {
+    pub last_run_at: Option<String>,
+    pub last_success_at: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+}
+
+/// What to list from the stored events.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    pub projects: Vec<String>,
+    pub event_types: Vec<EventType>,
+    pub policy: Option<String>,
+    /// Case-insensitive substring of author name or email.
+    pub author: Option<String>,
+    /// RFC 3339 bounds on `created_at`, inclusive.
+    pub since: Option<String>,
+    pub until: Option<String>,
+    /// The most recent N matching events.
+    pub limit: Option<usize>,
+}
+
+pub struct Store {
+    db: sled::Db,
+    cursors: sled::Tree,
+    events: sled::Tree,
+    event_ids: sled::Tree,
+    outbox: sled::Tree,
+    dead: sled::Tree,
+    meta: sled::Tree,
+    status: sled::Tree,
+}
+
+const NEXT_SEQ: &[u8] = b"next_seq";
+
+impl Store {
+    /// Opens (or creates) the database in `dir`. Fails with a clear message when another
+    /// process holds it: sled admits one process.
+    pub fn open(dir: &Path) -> Result<Store> {
+        create_private_dir(dir)?;
+        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => anyhow!(
+                "the state database {} is in use by another policy-audit process (is the daemon running? then it answers through its control socket)",
+                dir.display()
+            ),
+            other => anyhow!("cannot open the state database {}: {other}", dir.display()),
+        })?;
+        let tree = |name: &str| db.open_tree(name).with_context(|| format!("cannot open tree {name} in {}", dir.display()));
+        Ok(Store {
+            cursors: tree("cursors")?,
+            events: tree("events")?,
+            event_ids: tree("event_ids")?,
+            outbox: tree("outbox")?,
+            dead: tree("dead")?,
+            meta: tree("meta")?,
+            status: tree("status")?,
+            db,
+        })
+    }
+
+    pub fn cursor(&self, project: &str) -> Result<Option<Cursor>> {
+        self.cursors.get(project)?.map(|v| decode(&v, "cursor")).transpose()
+    }
+
+    /// Stores a reconcile's events with one outbox entry per destination that wants each, and
+    /// the new cursor, in one transaction; flushed before returning. Events whose id is
+    /// already stored are skipped. Returns how many events were new.
+    pub fn commit_reconcile(&self, project: &str, cursor: &Cursor, events: &[AuditEvent], destinations_for: &dyn Fn(&AuditEvent) -> Vec<String>, now_ms: i64) -> Result<usize> {
+        let cursor_bytes = serde_json::to_vec(cursor)?;
+        let encoded: Vec<(Vec<u8>, Vec<String>)> = events
+            .iter()
+            .map(|e| Ok((serde_json::to_vec(e)?, destinations_for(e))))
+            .collect::<Result<_>>()?;
+        let result = (&self.cursors, &self.events, &self.event_ids, &self.outbox, &self.meta).transaction(|(cursors, tx_events, ids, outbox, meta)| {
+            let mut seq = meta.get(NEXT_SEQ)?.map(|v| be_u64(&v)).unwrap_or(0);
+            let mut stored = 0;
+            for (event, (bytes, dests)) in events.iter().zip(&encoded) {
+                if ids.get(event.id.as_bytes())?.is_some() {
+                    continue;
+                }
+                ids.insert(event.id.as_bytes(), &seq.to_be_bytes())?;
+                tx_events.insert(&seq.to_be_bytes(), bytes.as_slice())?;
+                for dest in dests {
+                    let delivery = Delivery {
+                        destination: dest.clone(),
+                        seq,
+                        event_id: event.id.clone(),
+                        event_type: event.event_type,
+                        attempts: 0,
+                        enqueued_at: now_ms,
+                        next_attempt_at: now_ms,
+                        last_status: None,
+                        last_error: None,
+                    };
+                    let value = serde_json::to_vec(&delivery).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                    outbox.insert(delivery_key(dest, seq), value)?;
+                }
+                seq += 1;
+                stored += 1;
+            }
+            meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
+            cursors.insert(project.as_bytes(), cursor_bytes.as_slice())?;
+            Ok(stored)
+        });
+        let stored = result.map_err(|e: TransactionError<String>| anyhow!("store transaction for {project} failed: {e}"))?;
+        self.db.flush().context("cannot flush the state database")?;
+        Ok(stored)
+    }
+
+    pub fn project_status(&self, project: &str) -> Result<ProjectStatus> {
+        Ok(self.status.get(project)?.map(|v| decode(&v, "status")).transpose()?.unwrap_or_default())
+    }
+
+    pub fn set_project_status(&self, project: &str, status: &ProjectStatus) -> Result<()> {
+        self.status.insert(project, serde_json::to_vec(status)?)?;
+        self.db.flush().context("cannot flush the state database")?;
+        Ok(())
+    }
+
+    /// Projects that have a cursor (including ones no longer configured).
+    pub fn synced_projects(&self) -> Result<Vec<String>> {
+        self.cursors.iter().keys().map(|k| Ok(String::from_utf8_lossy(&k?).into_owned())).collect()
+    }
+
+    pub fn event_count(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn event(&self, seq: u64) -> Result<Option<AuditEvent>> {
+        self.events.get(seq.to_be_bytes())?.map(|v| decode(&v, "event")).transpose()
+    }
+
+    /// Matching events, oldest first (by `created_at`, then by storage order).
+    pub fn events(&self, q: &EventQuery) -> Result<Vec<AuditEvent>> {
+        let mut out = Vec::new();
+        for item in self.events.iter() {
+            let (_, v) = item?;
+            let e: AuditEvent = decode(&v, "event")?;
+            if q.matches(&e) {
+                out.push(e);
+            }
+        }
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        if let Some(n) = q.limit {
+            let skip = out.len().saturating_sub(n);
+            out.drain(..skip);
+        }
+        Ok(out)
+    }
+
+    pub fn pending(&self, destination: Option<&str>) -> Result<Vec<Delivery>> {
+        scan(&self.outbox, destination)
+    }
+
+    pub fn dead(&self, destination: Option<&str>) -> Result<Vec<Delivery>> {
+        scan(&self.dead, destination)
+    }
+}
+
+impl EventQuery {
+    fn matches(&self, e: &AuditEvent) -> bool {
+        let author = self.author.as_ref().map(|a| a.to_lowercase());
+        (self.projects.is_empty() || self.projects.iter().any(|p| p == &e.entity_path))
+            && (self.event_types.is_empty() || self.event_types.contains(&e.event_type))
+            && self.policy.as_ref().is_none_or(|p| e.details.policy_name.as_deref() == Some(p.as_str()))
+            && author.is_none_or(|a| e.author_name.to_lowercase().contains(&a) || e.details.author_email.to_lowercase().contains(&a))
+            && self.since.as_ref().is_none_or(|s| e.created_at.as_str() >= s.as_str())
+            && self.until.as_ref().is_none_or(|u| e.created_at.as_str() <= u.as_str())
+    }
+}
+
+fn scan(tree: &sled::Tree, destination: Option<&str>) -> Result<Vec<Delivery>> {
+    let iter = match destination {
+        Some(d) => tree.scan_prefix(destination_prefix(d)),
+        None => tree.iter(),
+    };
+    iter.values().map(|v| decode(&v?, "delivery")).collect()
+}
+
+pub(crate) fn destination_prefix(destination: &str) -> Vec<u8> {
+    let mut k = destination.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+pub(crate) fn delivery_key(destination: &str, seq: u64) -> Vec<u8> {
+    let mut k = destination_prefix(destination);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(bytes).with_context(|| format!("corrupt {what} record in the state database"))
+}
+
+/// Creates `dir` (and parents) readable by the owner only: it holds mirrors and the trail.
+/// An existing directory keeps its mode (systemd's `StateDirectoryMode=` decides there).
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    Ok(())
+}

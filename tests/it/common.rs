@@ -1,0 +1,101 @@
+//! Shared test plumbing: a temp workspace, git with pinned identities, the binary under test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_policy-audit");
+
+/// A temporary folder holding a policy repository, a state dir and a config.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub fn new() -> Workspace {
+        Workspace { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `git init -b main` a repository under `rel`.
+    pub fn init_repo(&self, rel: &str) -> PathBuf {
+        let repo = self.path(rel);
+        std::fs::create_dir_all(&repo).expect("mkdir repo");
+        git(&repo, &["init", "-q", "-b", "main"]);
+        repo
+    }
+
+    pub fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let p = self.path(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    /// Runs `policy-audit --config <config> <args>`.
+    pub fn run(&self, config: &Path, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env_remove("POLICY_AUDIT_CONFIG")
+            .env_remove("RUST_LOG")
+            .env("HOME", self.dir.path())
+            .output()
+            .expect("run policy-audit")
+    }
+}
+
+/// Runs git with no user or system config, so the machine's settings cannot leak in.
+pub fn git_command(repo: &Path) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.current_dir(repo)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("HOME", repo)
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE");
+    cmd
+}
+
+pub fn git(repo: &Path, args: &[&str]) -> String {
+    let out = git_command(repo).args(args).output().expect("run git");
+    assert!(out.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Commits everything in `repo` as `name <email>` at `date` (author and committer).
+pub fn commit(repo: &Path, name: &str, email: &str, date: &str, message: &str) -> String {
+    git(repo, &["add", "-A"]);
+    let out = git_command(repo)
+        .args(["-c", "commit.gpgsign=false", "commit", "-q", "--allow-empty", "-m", message])
+        .env("GIT_AUTHOR_NAME", name)
+        .env("GIT_AUTHOR_EMAIL", email)
+        .env("GIT_AUTHOR_DATE", date)
+        .env("GIT_COMMITTER_NAME", name)
+        .env("GIT_COMMITTER_EMAIL", email)
+        .env("GIT_COMMITTER_DATE", date)
+        .output()
+        .expect("git commit");
+    assert!(out.status.success(), "commit failed: {}", String::from_utf8_lossy(&out.stderr));
+    git(repo, &["rev-parse", "HEAD"]).trim().to_string()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// All stored events as JSON values, via the CLI.
+pub fn events_json(ws: &Workspace, config: &Path) -> Vec<serde_json::Value> {
+    let out = ws.run(config, &["events", "--format", "json"]);
+    assert!(out.status.success(), "events failed: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("events --format json is a JSON array")
+}

@@ -1,0 +1,7 @@
+//! The one integration-test binary: runs the real `policy-audit` executable against real git
+//! repositories and a real sled directory in per-test temporary folders.
+
+mod cli;
+mod common;
+mod corpus;
+mod fixtures;
