@@ -204,3 +204,13 @@ fn check_config(cli: &Cli) -> Output {
     ));
     out
 }
+
+/// The one-line summary `reconcile` prints for a project.
+pub fn describe_summary(summary: &crate::reconcile::Summary) -> String {
+    reconcile::describe(summary)
+}
+
+/// Events rendered as `events --format` does.
+pub fn render_events(events: &[crate::event::AuditEvent], format: Format) -> String {
+    events::render(events, format)
+}

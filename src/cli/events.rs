@@ -82,6 +82,7 @@ fn table(events: &[AuditEvent]) -> String {
             if e.details.history_rewritten {
                 what.push_str(" (history rewritten)");
             }
+            let what = clip(&what, 90);
             [
                 e.created_at.clone(),
                 e.entity_path.clone(),
@@ -115,6 +116,16 @@ fn table(events: &[AuditEvent]) -> String {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
     }
     out
+}
+
+/// Keeps table cells readable; the full text is in the JSON formats.
+fn clip(text: &str, max_chars: usize) -> String {
+    if text.chars().count() <= max_chars {
+        return text.to_string();
+    }
+    let mut s: String = text.chars().take(max_chars - 1).collect();
+    s.push('…');
+    s
 }
 
 fn csv(events: &[AuditEvent]) -> String {
