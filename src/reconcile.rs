@@ -69,22 +69,52 @@ impl Summary {
 
 /// The directory of a project's mirror: readable name plus a hash, so paths never collide.
 pub fn mirror_dir(config: &Config, project: &Project) -> PathBuf {
-    let readable: String = project.path.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
-    config.mirrors_dir().join(format!("{readable}-{:08x}.git", crc32fast::hash(project.path.as_bytes())))
+    let readable: String = project
+        .path
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    config.mirrors_dir().join(format!(
+        "{readable}-{:08x}.git",
+        crc32fast::hash(project.path.as_bytes())
+    ))
 }
 
 /// Reconciles one project. `now` is the clock (passed in so tests control `detected_at`).
-pub fn reconcile_project(config: &Config, store: &Store, project: &Project, options: &Options, now: jiff::Timestamp) -> Result<Summary> {
-    let mut summary = Summary { project: project.path.clone(), flag_enabled: config.flag.enabled_for(&project.path), ..Summary::default() };
+pub fn reconcile_project(
+    config: &Config,
+    store: &Store,
+    project: &Project,
+    options: &Options,
+    now: jiff::Timestamp,
+) -> Result<Summary> {
+    let mut summary = Summary {
+        project: project.path.clone(),
+        flag_enabled: config.flag.enabled_for(&project.path),
+        ..Summary::default()
+    };
     let started = Instant::now();
     let mirror = Mirror::open_or_init(&mirror_dir(config, project), &project.branch)?;
-    let tip = repo::fetch(&mirror, &project.url, project.token.as_ref(), config.fetch_timeout)?.tip;
+    let tip = repo::fetch(
+        &mirror,
+        &project.url,
+        project.token.as_ref(),
+        config.fetch_timeout,
+    )?
+    .tip;
     summary.timings.fetch_ms = ms(started.elapsed());
     summary.to = tip.to_string();
 
     let cursor = store.cursor(&project.path)?;
     summary.from = cursor.as_ref().map(|c| c.commit.clone());
-    let backfill = options.backfill || (cursor.is_none() && project.initial_sync == InitialSync::Backfill);
+    let backfill =
+        options.backfill || (cursor.is_none() && project.initial_sync == InitialSync::Backfill);
     if let Some(c) = &cursor
         && c.commit == summary.to
         && !backfill
@@ -94,14 +124,18 @@ pub fn reconcile_project(config: &Config, store: &Store, project: &Project, opti
 
     let mut walker = Walker::new(config, project, &mirror, &mut summary, options.progress);
     let (state, plan) = match (&cursor, backfill) {
-        (_, true) => (State::before_history(), Plan::Steps(mirror.first_parent_steps(tip, None)?)),
+        (_, true) => (
+            State::before_history(),
+            Plan::Steps(mirror.first_parent_steps(tip, None)?),
+        ),
         (None, false) => (walker.baseline_at(tip)?, Plan::Nothing),
         (Some(c), false) => {
             let since = ObjectId::from_hex(c.commit.as_bytes()).ok();
             match since {
-                Some(since) if mirror.has_commit(since) && mirror.is_ancestor(since, tip)? => {
-                    (State::from_cursor(c), Plan::Steps(mirror.first_parent_steps(tip, Some(since))?))
-                }
+                Some(since) if mirror.has_commit(since) && mirror.is_ancestor(since, tip)? => (
+                    State::from_cursor(c),
+                    Plan::Steps(mirror.first_parent_steps(tip, Some(since))?),
+                ),
                 _ => (State::from_cursor(c), Plan::Rewritten(tip)),
             }
         }
@@ -116,12 +150,26 @@ pub fn reconcile_project(config: &Config, store: &Store, project: &Project, opti
         Plan::Rewritten(tip) => walker.rewritten(state, tip, emit, now)?,
     };
     for e in &events {
-        *summary.events.entry(e.event_type.name().to_string()).or_default() += 1;
+        *summary
+            .events
+            .entry(e.event_type.name().to_string())
+            .or_default() += 1;
     }
     let stored_at = Instant::now();
-    let new_cursor = Cursor { commit: tip.to_string(), blob: state.blob, baseline: state.baseline, limits: state.limits };
+    let new_cursor = Cursor {
+        commit: tip.to_string(),
+        blob: state.blob,
+        baseline: state.baseline,
+        limits: state.limits,
+    };
     let destinations_for = |e: &AuditEvent| destinations_for(config, e);
-    summary.stored = store.commit_reconcile(&project.path, &new_cursor, &events, &destinations_for, now.as_millisecond())?;
+    summary.stored = store.commit_reconcile(
+        &project.path,
+        &new_cursor,
+        &events,
+        &destinations_for,
+        now.as_millisecond(),
+    )?;
     summary.timings.store_ms = ms(stored_at.elapsed());
     Ok(summary)
 }
@@ -130,7 +178,12 @@ pub fn reconcile_project(config: &Config, store: &Store, project: &Project, opti
 pub fn destinations_for(config: &Config, event: &AuditEvent) -> Vec<String> {
     let mut paths: Vec<&str> = vec![event.entity_path.as_str()];
     paths.extend(event.details.linked_namespaces.iter().map(String::as_str));
-    config.destinations.iter().filter(|d| d.wants(event.event_type, &paths)).map(|d| d.name.clone()).collect()
+    config
+        .destinations
+        .iter()
+        .filter(|d| d.wants(event.event_type, &paths))
+        .map(|d| d.name.clone())
+        .collect()
 }
 
 enum Plan {
@@ -150,11 +203,19 @@ struct State {
 
 impl State {
     fn before_history() -> State {
-        State { blob: String::new(), baseline: Some(PolicySet::default()), limits: LimitState::new() }
+        State {
+            blob: String::new(),
+            baseline: Some(PolicySet::default()),
+            limits: LimitState::new(),
+        }
     }
 
     fn from_cursor(c: &Cursor) -> State {
-        State { blob: c.blob.clone(), baseline: c.baseline.clone(), limits: c.limits.clone() }
+        State {
+            blob: c.blob.clone(),
+            baseline: c.baseline.clone(),
+            limits: c.limits.clone(),
+        }
     }
 }
 
@@ -180,8 +241,22 @@ struct Walker<'a> {
 const PARSE_CACHE_ENTRIES: usize = 64;
 
 impl<'a> Walker<'a> {
-    fn new(config: &'a Config, project: &'a Project, mirror: &'a Mirror, summary: &'a mut Summary, progress: bool) -> Self {
-        Walker { config, project, mirror, summary, path: PolicyPath::new(&project.policy_file), parsed: HashMap::new(), progress }
+    fn new(
+        config: &'a Config,
+        project: &'a Project,
+        mirror: &'a Mirror,
+        summary: &'a mut Summary,
+        progress: bool,
+    ) -> Self {
+        Walker {
+            config,
+            project,
+            mirror,
+            summary,
+            path: PolicyPath::new(&project.policy_file),
+            parsed: HashMap::new(),
+            progress,
+        }
     }
 
     /// The state at `tip` for a baseline: the file there, or when it is invalid the last valid
@@ -189,7 +264,11 @@ impl<'a> Walker<'a> {
     fn baseline_at(&mut self, tip: ObjectId) -> Result<State> {
         let commit = self.mirror.commit(tip)?;
         let blob = self.path.lookup(self.mirror, commit.tree)?;
-        let mut state = State { blob: blob_key(&blob), baseline: None, limits: LimitState::new() };
+        let mut state = State {
+            blob: blob_key(&blob),
+            baseline: None,
+            limits: LimitState::new(),
+        };
         let mut at = Some(commit);
         while let Some(c) = at {
             let blob = self.path.lookup(self.mirror, c.tree)?;
@@ -203,7 +282,13 @@ impl<'a> Walker<'a> {
         Ok(state)
     }
 
-    fn walk(&mut self, mut state: State, steps: &[ObjectId], emit: bool, now: jiff::Timestamp) -> Result<(State, Vec<AuditEvent>)> {
+    fn walk(
+        &mut self,
+        mut state: State,
+        steps: &[ObjectId],
+        emit: bool,
+        now: jiff::Timestamp,
+    ) -> Result<(State, Vec<AuditEvent>)> {
         let bar = self.progress_bar(steps.len());
         let mut events = Vec::new();
         for id in steps {
@@ -220,13 +305,28 @@ impl<'a> Walker<'a> {
             self.summary.steps += 1;
             state.blob = key;
             let previous = commit.first_parent.map(|p| p.to_string());
-            self.step(&mut state, &commit, &blob, previous.as_deref(), false, emit, now, &mut events)?;
+            self.step(
+                &mut state,
+                &commit,
+                &blob,
+                previous.as_deref(),
+                false,
+                emit,
+                now,
+                &mut events,
+            )?;
         }
         bar.finish_and_clear();
         Ok((state, events))
     }
 
-    fn rewritten(&mut self, mut state: State, tip: ObjectId, emit: bool, now: jiff::Timestamp) -> Result<(State, Vec<AuditEvent>)> {
+    fn rewritten(
+        &mut self,
+        mut state: State,
+        tip: ObjectId,
+        emit: bool,
+        now: jiff::Timestamp,
+    ) -> Result<(State, Vec<AuditEvent>)> {
         let mut events = Vec::new();
         self.summary.history_rewritten = true;
         self.summary.commits = 1;
@@ -238,13 +338,32 @@ impl<'a> Walker<'a> {
         if key != state.blob {
             self.summary.steps = 1;
             state.blob = key;
-            self.step(&mut state, &commit, &blob, previous.as_deref(), true, emit, now, &mut events)?;
+            self.step(
+                &mut state,
+                &commit,
+                &blob,
+                previous.as_deref(),
+                true,
+                emit,
+                now,
+                &mut events,
+            )?;
         }
         Ok((state, events))
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn step(&mut self, state: &mut State, commit: &Commit, blob: &PolicyBlob, previous: Option<&str>, rewritten: bool, emit: bool, now: jiff::Timestamp, events: &mut Vec<AuditEvent>) -> Result<()> {
+    fn step(
+        &mut self,
+        state: &mut State,
+        commit: &Commit,
+        blob: &PolicyBlob,
+        previous: Option<&str>,
+        rewritten: bool,
+        emit: bool,
+        now: jiff::Timestamp,
+        events: &mut Vec<AuditEvent>,
+    ) -> Result<()> {
         let parse_started = Instant::now();
         let loaded = self.load(blob);
         self.summary.timings.parse_ms += ms(parse_started.elapsed());
@@ -280,7 +399,10 @@ impl<'a> Walker<'a> {
                         events.push(ctx.limit_event(b));
                     }
                 }
-                state.limits = breaches.into_iter().map(|b| (b.policy_type, b.skipped)).collect();
+                state.limits = breaches
+                    .into_iter()
+                    .map(|b| (b.policy_type, b.skipped))
+                    .collect();
                 state.baseline = Some(set);
             }
         }
@@ -310,11 +432,19 @@ impl<'a> Walker<'a> {
     fn read_and_parse(&self, id: ObjectId) -> Result<PolicySet, String> {
         let file = &self.project.policy_file;
         let max = self.config.max_policy_file_bytes;
-        let size = self.mirror.blob_size(id).map_err(|e| format!("{file}: {e:#}"))?;
+        let size = self
+            .mirror
+            .blob_size(id)
+            .map_err(|e| format!("{file}: {e:#}"))?;
         if size > max {
-            return Err(format!("{file} is {size} bytes, over the limit of {max} bytes (max_policy_file_bytes)"));
+            return Err(format!(
+                "{file} is {size} bytes, over the limit of {max} bytes (max_policy_file_bytes)"
+            ));
         }
-        let bytes = self.mirror.read_blob(id).map_err(|e| format!("{file}: {e:#}"))?;
+        let bytes = self
+            .mirror
+            .read_blob(id)
+            .map_err(|e| format!("{file}: {e:#}"))?;
         policy::parse(&bytes).map_err(|e| e.reason)
     }
 
@@ -324,8 +454,10 @@ impl<'a> Walker<'a> {
             return indicatif::ProgressBar::hidden();
         }
         let bar = indicatif::ProgressBar::new(len as u64);
-        let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} commits ({eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} commits ({eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
         bar.set_style(style.progress_chars("=> "));
         bar.set_prefix(self.project.path.clone());
         bar
@@ -333,7 +465,10 @@ impl<'a> Walker<'a> {
 }
 
 fn limit_map(set: &PolicySet, project: &Project) -> LimitState {
-    limit_breaches(set, &project.limits).into_iter().map(|b| (b.policy_type, b.skipped)).collect()
+    limit_breaches(set, &project.limits)
+        .into_iter()
+        .map(|b| (b.policy_type, b.skipped))
+        .collect()
 }
 
 fn ms(d: Duration) -> f64 {
@@ -347,7 +482,13 @@ pub fn count(events: &[AuditEvent], t: EventType) -> usize {
 
 /// Runs the reconcile of each project, one after the other; a failure is recorded for that
 /// project and the others go on.
-pub fn reconcile_all(config: &Config, store: &Store, projects: &[&Project], options: &Options, now: impl Fn() -> jiff::Timestamp) -> Vec<(String, Result<Summary>)> {
+pub fn reconcile_all(
+    config: &Config,
+    store: &Store,
+    projects: &[&Project],
+    options: &Options,
+    now: impl Fn() -> jiff::Timestamp,
+) -> Vec<(String, Result<Summary>)> {
     projects
         .iter()
         .map(|p| {

@@ -93,7 +93,10 @@ impl Store {
             ),
             other => anyhow!("cannot open the state database {}: {other}", dir.display()),
         })?;
-        let tree = |name: &str| db.open_tree(name).with_context(|| format!("cannot open tree {name} in {}", dir.display()));
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .with_context(|| format!("cannot open tree {name} in {}", dir.display()))
+        };
         Ok(Store {
             cursors: tree("cursors")?,
             events: tree("events")?,
@@ -107,56 +110,81 @@ impl Store {
     }
 
     pub fn cursor(&self, project: &str) -> Result<Option<Cursor>> {
-        self.cursors.get(project)?.map(|v| decode(&v, "cursor")).transpose()
+        self.cursors
+            .get(project)?
+            .map(|v| decode(&v, "cursor"))
+            .transpose()
     }
 
     /// Stores a reconcile's events with one outbox entry per destination that wants each, and
     /// the new cursor, in one transaction; flushed before returning. Events whose id is
     /// already stored are skipped. Returns how many events were new.
-    pub fn commit_reconcile(&self, project: &str, cursor: &Cursor, events: &[AuditEvent], destinations_for: &dyn Fn(&AuditEvent) -> Vec<String>, now_ms: i64) -> Result<usize> {
+    pub fn commit_reconcile(
+        &self,
+        project: &str,
+        cursor: &Cursor,
+        events: &[AuditEvent],
+        destinations_for: &dyn Fn(&AuditEvent) -> Vec<String>,
+        now_ms: i64,
+    ) -> Result<usize> {
         let cursor_bytes = serde_json::to_vec(cursor)?;
         let encoded: Vec<(Vec<u8>, Vec<String>)> = events
             .iter()
             .map(|e| Ok((serde_json::to_vec(e)?, destinations_for(e))))
             .collect::<Result<_>>()?;
-        let result = (&self.cursors, &self.events, &self.event_ids, &self.outbox, &self.meta).transaction(|(cursors, tx_events, ids, outbox, meta)| {
-            let mut seq = meta.get(NEXT_SEQ)?.map(|v| be_u64(&v)).unwrap_or(0);
-            let mut stored = 0;
-            for (event, (bytes, dests)) in events.iter().zip(&encoded) {
-                if ids.get(event.id.as_bytes())?.is_some() {
-                    continue;
+        let result = (
+            &self.cursors,
+            &self.events,
+            &self.event_ids,
+            &self.outbox,
+            &self.meta,
+        )
+            .transaction(|(cursors, tx_events, ids, outbox, meta)| {
+                let mut seq = meta.get(NEXT_SEQ)?.map(|v| be_u64(&v)).unwrap_or(0);
+                let mut stored = 0;
+                for (event, (bytes, dests)) in events.iter().zip(&encoded) {
+                    if ids.get(event.id.as_bytes())?.is_some() {
+                        continue;
+                    }
+                    ids.insert(event.id.as_bytes(), &seq.to_be_bytes())?;
+                    tx_events.insert(&seq.to_be_bytes(), bytes.as_slice())?;
+                    for dest in dests {
+                        let delivery = Delivery {
+                            destination: dest.clone(),
+                            seq,
+                            event_id: event.id.clone(),
+                            event_type: event.event_type,
+                            attempts: 0,
+                            enqueued_at: now_ms,
+                            next_attempt_at: now_ms,
+                            last_status: None,
+                            last_error: None,
+                        };
+                        let value = serde_json::to_vec(&delivery)
+                            .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                        outbox.insert(delivery_key(dest, seq), value)?;
+                    }
+                    seq += 1;
+                    stored += 1;
                 }
-                ids.insert(event.id.as_bytes(), &seq.to_be_bytes())?;
-                tx_events.insert(&seq.to_be_bytes(), bytes.as_slice())?;
-                for dest in dests {
-                    let delivery = Delivery {
-                        destination: dest.clone(),
-                        seq,
-                        event_id: event.id.clone(),
-                        event_type: event.event_type,
-                        attempts: 0,
-                        enqueued_at: now_ms,
-                        next_attempt_at: now_ms,
-                        last_status: None,
-                        last_error: None,
-                    };
-                    let value = serde_json::to_vec(&delivery).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                    outbox.insert(delivery_key(dest, seq), value)?;
-                }
-                seq += 1;
-                stored += 1;
-            }
-            meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
-            cursors.insert(project.as_bytes(), cursor_bytes.as_slice())?;
-            Ok(stored)
-        });
-        let stored = result.map_err(|e: TransactionError<String>| anyhow!("store transaction for {project} failed: {e}"))?;
+                meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
+                cursors.insert(project.as_bytes(), cursor_bytes.as_slice())?;
+                Ok(stored)
+            });
+        let stored = result.map_err(|e: TransactionError<String>| {
+            anyhow!("store transaction for {project} failed: {e}")
+        })?;
         self.db.flush().context("cannot flush the state database")?;
         Ok(stored)
     }
 
     pub fn project_status(&self, project: &str) -> Result<ProjectStatus> {
-        Ok(self.status.get(project)?.map(|v| decode(&v, "status")).transpose()?.unwrap_or_default())
+        Ok(self
+            .status
+            .get(project)?
+            .map(|v| decode(&v, "status"))
+            .transpose()?
+            .unwrap_or_default())
     }
 
     pub fn set_project_status(&self, project: &str, status: &ProjectStatus) -> Result<()> {
@@ -167,7 +195,11 @@ impl Store {
 
     /// Projects that have a cursor (including ones no longer configured).
     pub fn synced_projects(&self) -> Result<Vec<String>> {
-        self.cursors.iter().keys().map(|k| Ok(String::from_utf8_lossy(&k?).into_owned())).collect()
+        self.cursors
+            .iter()
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
+            .collect()
     }
 
     pub fn event_count(&self) -> usize {
@@ -175,7 +207,10 @@ impl Store {
     }
 
     pub fn event(&self, seq: u64) -> Result<Option<AuditEvent>> {
-        self.events.get(seq.to_be_bytes())?.map(|v| decode(&v, "event")).transpose()
+        self.events
+            .get(seq.to_be_bytes())?
+            .map(|v| decode(&v, "event"))
+            .transpose()
     }
 
     /// Matching events, oldest first (by `created_at`, then by storage order).
@@ -210,10 +245,22 @@ impl EventQuery {
         let author = self.author.as_ref().map(|a| a.to_lowercase());
         (self.projects.is_empty() || self.projects.iter().any(|p| p == &e.entity_path))
             && (self.event_types.is_empty() || self.event_types.contains(&e.event_type))
-            && self.policy.as_ref().is_none_or(|p| e.details.policy_name.as_deref() == Some(p.as_str()))
-            && author.is_none_or(|a| e.author_name.to_lowercase().contains(&a) || e.details.author_email.to_lowercase().contains(&a))
-            && self.since.as_ref().is_none_or(|s| e.created_at.as_str() >= s.as_str())
-            && self.until.as_ref().is_none_or(|u| e.created_at.as_str() <= u.as_str())
+            && self
+                .policy
+                .as_ref()
+                .is_none_or(|p| e.details.policy_name.as_deref() == Some(p.as_str()))
+            && author.is_none_or(|a| {
+                e.author_name.to_lowercase().contains(&a)
+                    || e.details.author_email.to_lowercase().contains(&a)
+            })
+            && self
+                .since
+                .as_ref()
+                .is_none_or(|s| e.created_at.as_str() >= s.as_str())
+            && self
+                .until
+                .as_ref()
+                .is_none_or(|u| e.created_at.as_str() <= u.as_str())
     }
 }
 
@@ -242,7 +289,8 @@ fn be_u64(bytes: &[u8]) -> u64 {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
-    serde_json::from_slice(bytes).with_context(|| format!("corrupt {what} record in the state database"))
+    serde_json::from_slice(bytes)
+        .with_context(|| format!("corrupt {what} record in the state database"))
 }
 
 /// Creates `dir` (and parents) readable by the owner only: it holds mirrors and the trail.
@@ -250,7 +298,11 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T>
 pub fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if !dir.exists() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     Ok(())
 }

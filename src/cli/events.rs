@@ -7,10 +7,19 @@ use crate::store::{EventQuery, Store};
 pub fn run(store: &Store, args: &EventsArgs) -> Output {
     let query = match query_of(args) {
         Ok(q) => q,
-        Err(e) => return Output { stderr: format!("error: {e}\n"), code: EXIT_UNUSABLE, ..Output::default() },
+        Err(e) => {
+            return Output {
+                stderr: format!("error: {e}\n"),
+                code: EXIT_UNUSABLE,
+                ..Output::default()
+            };
+        }
     };
     match store.events(&query) {
-        Ok(events) => Output { stdout: render(&events, args.format), ..Output::default() },
+        Ok(events) => Output {
+            stdout: render(&events, args.format),
+            ..Output::default()
+        },
         Err(e) => Output::unusable(format!("{e:#}")),
     }
 }
@@ -18,9 +27,17 @@ pub fn run(store: &Store, args: &EventsArgs) -> Output {
 fn query_of(args: &EventsArgs) -> Result<EventQuery, String> {
     let mut event_types = Vec::new();
     for t in &args.types {
-        let full = if t.starts_with("security_policy_") { t.clone() } else { format!("security_policy_{t}") };
-        let parsed = EventType::from_name(&full)
-            .ok_or_else(|| format!("--type {t:?} is not an event type (one of: {})", EventType::ALL.map(EventType::name).join(", ")))?;
+        let full = if t.starts_with("security_policy_") {
+            t.clone()
+        } else {
+            format!("security_policy_{t}")
+        };
+        let parsed = EventType::from_name(&full).ok_or_else(|| {
+            format!(
+                "--type {t:?} is not an event type (one of: {})",
+                EventType::ALL.map(EventType::name).join(", ")
+            )
+        })?;
         event_types.push(parsed);
     }
     Ok(EventQuery {
@@ -28,8 +45,16 @@ fn query_of(args: &EventsArgs) -> Result<EventQuery, String> {
         event_types,
         policy: args.policy.clone(),
         author: args.author.clone(),
-        since: args.since.as_deref().map(|s| time_bound(s, false)).transpose()?,
-        until: args.until.as_deref().map(|s| time_bound(s, true)).transpose()?,
+        since: args
+            .since
+            .as_deref()
+            .map(|s| time_bound(s, false))
+            .transpose()?,
+        until: args
+            .until
+            .as_deref()
+            .map(|s| time_bound(s, true))
+            .transpose()?,
         limit: args.limit,
     })
 }
@@ -40,15 +65,26 @@ fn time_bound(text: &str, end_of_day: bool) -> Result<String, String> {
         return Ok(rfc3339_millis(ts));
     }
     let date: jiff::civil::Date = text.parse().map_err(|_| format!("{text:?} is not a time (use RFC 3339 like 2024-03-01T10:00:00Z, or a date like 2024-03-01)"))?;
-    let time = if end_of_day { jiff::civil::time(23, 59, 59, 999_000_000) } else { jiff::civil::time(0, 0, 0, 0) };
-    let ts = date.to_datetime(time).to_zoned_datetime(jiff::tz::TimeZone::UTC).map_err(|e| e.to_string())?.timestamp();
+    let time = if end_of_day {
+        jiff::civil::time(23, 59, 59, 999_000_000)
+    } else {
+        jiff::civil::time(0, 0, 0, 0)
+    };
+    let ts = date
+        .to_datetime(time)
+        .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+        .map_err(|e| e.to_string())?
+        .timestamp();
     Ok(rfc3339_millis(ts))
 }
 
 pub fn render(events: &[AuditEvent], format: Format) -> String {
     match format {
         Format::Json => serde_json::to_string_pretty(events).unwrap_or_default() + "\n",
-        Format::Jsonl => events.iter().map(|e| serde_json::to_string(e).unwrap_or_default() + "\n").collect(),
+        Format::Jsonl => events
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap_or_default() + "\n")
+            .collect(),
         Format::Csv => csv(events),
         Format::Table => table(events),
     }
@@ -61,7 +97,14 @@ fn kind(e: &AuditEvent) -> &str {
 fn what(e: &AuditEvent) -> String {
     match (&e.details.policy_type, &e.details.policy_name) {
         (Some(t), Some(n)) => format!("{t} \"{n}\""),
-        (Some(t), None) => format!("{t}: skipped {}", e.details.active_skipped_policies_names.as_deref().unwrap_or_default().join(", ")),
+        (Some(t), None) => format!(
+            "{t}: skipped {}",
+            e.details
+                .active_skipped_policies_names
+                .as_deref()
+                .unwrap_or_default()
+                .join(", ")
+        ),
         _ => e.details.invalid_reason.clone().unwrap_or_default(),
     }
 }
@@ -73,7 +116,12 @@ fn table(events: &[AuditEvent]) -> String {
     let rows: Vec<[String; 6]> = events
         .iter()
         .map(|e| {
-            let mr = e.details.merge_request.as_ref().map(|m| format!(" !{}", m.iid)).unwrap_or_default();
+            let mr = e
+                .details
+                .merge_request
+                .as_ref()
+                .map(|m| format!(" !{}", m.iid))
+                .unwrap_or_default();
             let mut what = what(e);
             if let Some(changes) = &e.details.changes {
                 let paths: Vec<&str> = changes.iter().map(|c| c.path.as_str()).collect();
@@ -89,7 +137,11 @@ fn table(events: &[AuditEvent]) -> String {
                 kind(e).to_string(),
                 what,
                 format!("{} <{}>", e.author_name, e.details.author_email),
-                format!("{}{mr}", &e.details.security_policy_project_commit_sha[..8.min(e.details.security_policy_project_commit_sha.len())]),
+                format!(
+                    "{}{mr}",
+                    &e.details.security_policy_project_commit_sha
+                        [..8.min(e.details.security_policy_project_commit_sha.len())]
+                ),
             ]
         })
         .collect();
@@ -131,11 +183,26 @@ fn clip(text: &str, max_chars: usize) -> String {
 fn csv(events: &[AuditEvent]) -> String {
     let mut w = csv::Writer::from_writer(Vec::new());
     let _ = w.write_record([
-        "id", "created_at", "event_type", "entity_path", "policy_type", "policy_name", "author_name", "author_email", "author_id", "commit_sha", "merge_request", "custom_message",
+        "id",
+        "created_at",
+        "event_type",
+        "entity_path",
+        "policy_type",
+        "policy_name",
+        "author_name",
+        "author_email",
+        "author_id",
+        "commit_sha",
+        "merge_request",
+        "custom_message",
     ]);
     for e in events {
         let d = &e.details;
-        let mr = d.merge_request.as_ref().map(|m| format!("{}!{}", m.project, m.iid)).unwrap_or_default();
+        let mr = d
+            .merge_request
+            .as_ref()
+            .map(|m| format!("{}!{}", m.project, m.iid))
+            .unwrap_or_default();
         let _ = w.write_record([
             e.id.as_str(),
             &e.created_at,

@@ -8,8 +8,14 @@ use serde_json::json;
 
 pub fn run(config: &Config, store: &Store, args: &StatusArgs) -> Output {
     match collect(config, store) {
-        Ok(report) if args.json => Output { stdout: serde_json::to_string_pretty(&report).unwrap_or_default() + "\n", ..Output::default() },
-        Ok(report) => Output { stdout: text(&report), ..Output::default() },
+        Ok(report) if args.json => Output {
+            stdout: serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+            ..Output::default()
+        },
+        Ok(report) => Output {
+            stdout: text(&report),
+            ..Output::default()
+        },
         Err(e) => Output::unusable(format!("{e:#}")),
     }
 }
@@ -32,7 +38,11 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
         }));
     }
     let configured: Vec<&str> = config.projects.iter().map(|p| p.path.as_str()).collect();
-    let unconfigured: Vec<String> = store.synced_projects()?.into_iter().filter(|p| !configured.contains(&p.as_str())).collect();
+    let unconfigured: Vec<String> = store
+        .synced_projects()?
+        .into_iter()
+        .filter(|p| !configured.contains(&p.as_str()))
+        .collect();
     let mut destinations = Vec::new();
     for d in &config.destinations {
         destinations.push(destination(store, &d.name)?);
@@ -48,7 +58,11 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
 fn destination(store: &Store, name: &str) -> anyhow::Result<serde_json::Value> {
     let pending = store.pending(Some(name))?;
     let dead = store.dead(Some(name))?;
-    let last_error = pending.iter().chain(&dead).filter_map(|d| d.last_error.clone()).next_back();
+    let last_error = pending
+        .iter()
+        .chain(&dead)
+        .filter_map(|d| d.last_error.clone())
+        .next_back();
     let oldest = pending.iter().map(|d| d.enqueued_at).min();
     Ok(json!({
         "name": name,
@@ -61,22 +75,52 @@ fn destination(store: &Store, name: &str) -> anyhow::Result<serde_json::Value> {
 
 fn text(report: &serde_json::Value) -> String {
     let mut s = format!("events stored: {}\n", report["events"]);
-    let str_of = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
+    let str_of =
+        |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
     for p in report["projects"].as_array().into_iter().flatten() {
-        let cursor = p["cursor"].as_str().map(|c| c.get(..12).unwrap_or(c).to_string()).unwrap_or_else(|| "never synced".into());
-        s.push_str(&format!("project {} ({})\n", str_of(&p["path"]), str_of(&p["branch"])));
+        let cursor = p["cursor"]
+            .as_str()
+            .map(|c| c.get(..12).unwrap_or(c).to_string())
+            .unwrap_or_else(|| "never synced".into());
+        s.push_str(&format!(
+            "project {} ({})\n",
+            str_of(&p["path"]),
+            str_of(&p["branch"])
+        ));
         s.push_str(&format!("  cursor:        {cursor}\n"));
-        s.push_str(&format!("  last success:  {}\n", str_of(&p["last_success_at"])));
+        s.push_str(&format!(
+            "  last success:  {}\n",
+            str_of(&p["last_success_at"])
+        ));
         if !p["last_error"].is_null() {
-            s.push_str(&format!("  last error:    {} ({})\n", str_of(&p["last_error"]), str_of(&p["last_error_at"])));
+            s.push_str(&format!(
+                "  last error:    {} ({})\n",
+                str_of(&p["last_error"]),
+                str_of(&p["last_error_at"])
+            ));
         }
-        s.push_str(&format!("  feature flag:  {}\n", str_of(&p["feature_flag"])));
+        s.push_str(&format!(
+            "  feature flag:  {}\n",
+            str_of(&p["feature_flag"])
+        ));
     }
-    for u in report["unconfigured_projects_with_state"].as_array().into_iter().flatten() {
-        s.push_str(&format!("project {} has state but is no longer configured\n", str_of(u)));
+    for u in report["unconfigured_projects_with_state"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        s.push_str(&format!(
+            "project {} has state but is no longer configured\n",
+            str_of(u)
+        ));
     }
     for d in report["destinations"].as_array().into_iter().flatten() {
-        s.push_str(&format!("destination {}: {} pending, {} dead", str_of(&d["name"]), d["pending"], d["dead"]));
+        s.push_str(&format!(
+            "destination {}: {} pending, {} dead",
+            str_of(&d["name"]),
+            d["pending"],
+            d["dead"]
+        ));
         if !d["last_error"].is_null() {
             s.push_str(&format!(", last error: {}", str_of(&d["last_error"])));
         }

@@ -21,7 +21,12 @@ pub struct FetchOutcome {
 ///
 /// The fetch runs on its own thread; when `deadline` passes it is told to stop and this returns
 /// an error at once, so a server that stalls cannot hold up the other projects.
-pub fn fetch(mirror: &Mirror, url: &str, token: Option<&Secret>, deadline: Duration) -> Result<FetchOutcome> {
+pub fn fetch(
+    mirror: &Mirror,
+    url: &str,
+    token: Option<&Secret>,
+    deadline: Duration,
+) -> Result<FetchOutcome> {
     let repo = mirror.repo.clone();
     let branch = mirror.branch.clone();
     let url_owned = url.to_string();
@@ -32,19 +37,38 @@ pub fn fetch(mirror: &Mirror, url: &str, token: Option<&Secret>, deadline: Durat
     std::thread::Builder::new()
         .name("fetch".into())
         .spawn(move || {
-            let _ = tx.send(fetch_blocking(repo, &url_owned, &branch, token, deadline, &flag));
+            let _ = tx.send(fetch_blocking(
+                repo, &url_owned, &branch, token, deadline, &flag,
+            ));
         })
         .context("cannot start fetch thread")?;
     match rx.recv_timeout(deadline) {
-        Ok(result) => result.with_context(|| format!("fetch of branch {:?} from {} failed", mirror.branch, redact_url(url))),
+        Ok(result) => result.with_context(|| {
+            format!(
+                "fetch of branch {:?} from {} failed",
+                mirror.branch,
+                redact_url(url)
+            )
+        }),
         Err(_) => {
             interrupt.store(true, Ordering::SeqCst);
-            bail!("fetch from {} did not finish within {}", redact_url(url), humantime::format_duration(deadline))
+            bail!(
+                "fetch from {} did not finish within {}",
+                redact_url(url),
+                humantime::format_duration(deadline)
+            )
         }
     }
 }
 
-fn fetch_blocking(mut repo: gix::Repository, url: &str, branch: &str, token: Option<String>, deadline: Duration, interrupt: &AtomicBool) -> Result<FetchOutcome> {
+fn fetch_blocking(
+    mut repo: gix::Repository,
+    url: &str,
+    branch: &str,
+    token: Option<String>,
+    deadline: Duration,
+    interrupt: &AtomicBool,
+) -> Result<FetchOutcome> {
     let secs = deadline.as_secs().max(1);
     {
         // In memory only: a slow HTTP transfer is abandoned like a stalled one.
@@ -70,13 +94,21 @@ fn fetch_blocking(mut repo: gix::Repository, url: &str, branch: &str, token: Opt
         .with_refspecs([refspec.as_str()], Direction::Fetch)
         .map_err(|e| anyhow!("invalid refspec {refspec}: {e}"))?
         .with_fetch_tags(gix::remote::fetch::Tags::None);
-    let connection = remote.connect(Direction::Fetch).map_err(|e| anyhow!("cannot connect: {e}"))?;
+    let connection = remote
+        .connect(Direction::Fetch)
+        .map_err(|e| anyhow!("cannot connect: {e}"))?;
     // Never prompt and never consult credential helpers: the configured token or nothing.
     let connection = connection.with_credentials(move |action| match (&action, &token) {
-        (gix::credentials::helper::Action::Get(ctx), Some(token)) => Ok(Some(gix::credentials::protocol::Outcome {
-            identity: gix::sec::identity::Account { username: "oauth2".into(), password: token.clone(), oauth_refresh_token: None },
-            next: ctx.clone().into(),
-        })),
+        (gix::credentials::helper::Action::Get(ctx), Some(token)) => {
+            Ok(Some(gix::credentials::protocol::Outcome {
+                identity: gix::sec::identity::Account {
+                    username: "oauth2".into(),
+                    password: token.clone(),
+                    oauth_refresh_token: None,
+                },
+                next: ctx.clone().into(),
+            }))
+        }
         _ => Ok(None),
     });
     let outcome = connection
@@ -101,8 +133,14 @@ fn fetch_blocking(mut repo: gix::Repository, url: &str, branch: &str, token: Opt
 pub fn redact_url(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => {
-            let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
-            let host = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
+            let (authority, path) = rest
+                .split_once('/')
+                .map(|(a, p)| (a, format!("/{p}")))
+                .unwrap_or((rest, String::new()));
+            let host = authority
+                .rsplit_once('@')
+                .map(|(_, h)| h)
+                .unwrap_or(authority);
             format!("{scheme}://{host}{path}")
         }
         None => url.to_string(),
@@ -113,7 +151,10 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     #[test]
     fn credentials_are_removed_from_urls() {
-        assert_eq!(super::redact_url("https://oauth2:glpat-x@gitlab.example.com/a/b.git"), "https://gitlab.example.com/a/b.git");
+        assert_eq!(
+            super::redact_url("https://oauth2:glpat-x@gitlab.example.com/a/b.git"),
+            "https://gitlab.example.com/a/b.git"
+        );
         assert_eq!(super::redact_url("/srv/repos/spp"), "/srv/repos/spp");
     }
 }

@@ -1,1 +1,362 @@
+//! The command line as a user meets it: exit codes, error lines, output formats, filters.
 
+use crate::common::{Workspace, commit, events_json, stderr, stdout};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const POLICY: &str = ".gitlab/security-policies/policy.yml";
+
+fn policy(approvals: u32, extra: &str) -> String {
+    format!(
+        "approval_policy:\n- name: Critical\n  enabled: true\n  rules:\n  - {{type: scan_finding, branches: [main]}}\n  actions:\n  - {{type: require_approval, approvals_required: {approvals}}}\n{extra}"
+    )
+}
+
+/// A repository with three policy commits by two authors, and a config that backfills it.
+fn backfilled(ws: &Workspace) -> (PathBuf, PathBuf) {
+    let repo = ws.init_repo("spp");
+    ws.write(&format!("spp/{POLICY}"), &policy(1, ""));
+    commit(
+        &repo,
+        "Alice",
+        "alice@example.com",
+        "2024-01-01T10:00:00Z",
+        "create",
+    );
+    ws.write(
+        &format!("spp/{POLICY}"),
+        &policy(2, "scan_execution_policy:\n- {name: DAST, enabled: true}\n"),
+    );
+    commit(
+        &repo,
+        "Bob",
+        "bob@example.com",
+        "2024-02-01T10:00:00Z",
+        "update and add DAST",
+    );
+    ws.write(&format!("spp/{POLICY}"), &policy(2, ""));
+    commit(
+        &repo,
+        "Alice",
+        "alice@example.com",
+        "2024-03-01T10:00:00Z",
+        "drop DAST\n\nSee merge request acme/spp!4",
+    );
+    let config = ws.write(
+        "config.toml",
+        &format!("state_dir = \"state\"\n[authors]\n\"alice@example.com\" = 42\n[[projects]]\npath = \"acme/spp\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n", repo.display()),
+    );
+    let out = ws.run(&config, &["reconcile"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    (repo, config)
+}
+
+fn check_config_error(text: &str) -> String {
+    let ws = Workspace::new();
+    let config = ws.write("config.toml", text);
+    let out = ws.run(&config, &["check-config"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "check-config should exit 2; stderr: {}",
+        stderr(&out)
+    );
+    assert!(stdout(&out).is_empty());
+    stderr(&out).replace(&config.display().to_string(), "config.toml")
+}
+
+#[test]
+fn check_config_rejects_bad_configs_with_location_and_key() {
+    let e =
+        check_config_error("schedule = \"0 */5 * * * *\"\nstate_dir = \"s\"\ncolour = \"red\"\n");
+    assert!(
+        e.starts_with("error: config.toml:3:1: unknown field `colour`"),
+        "{e}"
+    );
+    let e = check_config_error("schedule = \"61 * * * *\"\n");
+    assert!(
+        e.starts_with("error: config.toml:1:12: `schedule`") && e.contains("not a valid cron"),
+        "{e}"
+    );
+    let e = check_config_error(
+        "[[projects]]\npath = \"a/b\"\nurl = \"/tmp/x\"\ntoken_env = \"POLICY_AUDIT_IT_UNSET_TOKEN\"\n",
+    );
+    assert!(e.starts_with("error: config.toml:4:13: a/b: `token_env`: environment variable POLICY_AUDIT_IT_UNSET_TOKEN is not set"), "{e}");
+}
+
+#[test]
+fn check_config_accepts_the_shipped_example() {
+    let ws = Workspace::new();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+    let out = ws.run(&example, &["check-config"]);
+    assert!(
+        out.status.success(),
+        "config.toml must pass check-config: {}",
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains(": ok ("));
+}
+
+#[test]
+fn a_failing_project_does_not_stop_the_others_and_exits_1() {
+    let ws = Workspace::new();
+    let (repo, _) = backfilled(&ws);
+    let config = ws.write(
+        "config2.toml",
+        &format!(
+            "state_dir = \"state2\"\n[[projects]]\npath = \"acme/gone\"\nurl = \"{}\"\n[[projects]]\npath = \"acme/spp\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+            ws.path("does-not-exist").display(),
+            repo.display()
+        ),
+    );
+    let out = ws.run(&config, &["reconcile"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("error: project acme/gone:"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("acme/spp: 3 commit(s), 3 policy change step(s), 4 event(s) stored"),
+        "{}",
+        stdout(&out)
+    );
+    let status = ws.run(&config, &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).expect("status json");
+    let gone = &status["projects"][0];
+    assert_eq!(gone["path"], "acme/gone");
+    assert!(gone["last_error"].as_str().is_some_and(|e| !e.is_empty()));
+    assert!(gone["cursor"].is_null());
+    assert!(status["projects"][1]["last_error"].is_null());
+}
+
+#[test]
+fn unknown_project_argument_exits_2() {
+    let ws = Workspace::new();
+    let (_, config) = backfilled(&ws);
+    let out = ws.run(&config, &["reconcile", "--project", "acme/nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("project \"acme/nope\" is not in"));
+}
+
+#[test]
+fn events_json_is_gitlab_shaped_and_attributed() {
+    let ws = Workspace::new();
+    let (repo, config) = backfilled(&ws);
+    let events = events_json(&ws, &config);
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "security_policy_create",
+            "security_policy_create",
+            "security_policy_update",
+            "security_policy_delete"
+        ]
+    );
+    let head = crate::common::git(&repo, &["rev-parse", "HEAD"]);
+    let delete = &events[3];
+    assert_eq!(delete["author_name"], "Alice");
+    assert_eq!(delete["author_id"], 42);
+    assert_eq!(delete["entity_type"], "Project");
+    assert_eq!(delete["entity_path"], "acme/spp");
+    assert_eq!(delete["target_type"], "Security::Policy");
+    assert_eq!(delete["target_details"], "DAST");
+    assert_eq!(delete["ip_address"], "");
+    assert_eq!(delete["created_at"], "2024-03-01T10:00:00.000Z");
+    assert_eq!(
+        delete["details"]["custom_message"],
+        "Deleted security policy with the name: \"DAST\""
+    );
+    assert_eq!(
+        delete["details"]["security_policy_project_commit_sha"],
+        head.trim()
+    );
+    assert_eq!(delete["details"]["merge_request"]["iid"], 4);
+    let update = &events[2];
+    assert_eq!(update["author_id"], -4, "bob is not in [authors]");
+    assert_eq!(
+        update["details"]["changes"][0]["path"],
+        "actions[0].approvals_required"
+    );
+    assert_eq!(update["details"]["changes"][0]["before"], 1);
+    assert_eq!(update["details"]["changes"][0]["after"], 2);
+}
+
+#[test]
+fn events_filters_and_formats() {
+    let ws = Workspace::new();
+    let (_, config) = backfilled(&ws);
+    let run = |args: &[&str]| {
+        let out = ws.run(&config, args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    assert_eq!(run(&["events", "--format", "jsonl"]).lines().count(), 4);
+    assert_eq!(
+        run(&["events", "--format", "jsonl", "--type", "create"])
+            .lines()
+            .count(),
+        2
+    );
+    assert_eq!(
+        run(&["events", "--format", "jsonl", "--policy", "DAST"])
+            .lines()
+            .count(),
+        2
+    );
+    assert_eq!(
+        run(&["events", "--format", "jsonl", "--author", "BOB@"])
+            .lines()
+            .count(),
+        2
+    );
+    assert_eq!(
+        run(&[
+            "events",
+            "--format",
+            "jsonl",
+            "--since",
+            "2024-02-01",
+            "--until",
+            "2024-02-01"
+        ])
+        .lines()
+        .count(),
+        2
+    );
+    assert_eq!(
+        run(&[
+            "events",
+            "--format",
+            "jsonl",
+            "--until",
+            "2024-01-31T23:59:59Z"
+        ])
+        .lines()
+        .count(),
+        1
+    );
+    let last: Value =
+        serde_json::from_str(run(&["events", "--format", "jsonl", "--limit", "1"]).trim())
+            .expect("one json line");
+    assert_eq!(
+        last["event_type"], "security_policy_delete",
+        "--limit keeps the most recent"
+    );
+    let csv = run(&["events", "--format", "csv"]);
+    assert!(
+        csv.starts_with("id,created_at,event_type,entity_path,policy_type,policy_name,author_name")
+    );
+    assert_eq!(csv.lines().count(), 5);
+    let table = run(&["events"]);
+    assert!(table.lines().next().is_some_and(|h| h.starts_with("TIME")));
+    assert!(
+        table.contains("delete")
+            && table.contains("scan_execution_policy \"DAST\"")
+            && table.contains("!4")
+    );
+    let bad = ws.run(&config, &["events", "--type", "renamed"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let bad = ws.run(&config, &["events", "--since", "last tuesday"]);
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[test]
+fn second_reconcile_and_repeated_backfill_store_nothing_new() {
+    let ws = Workspace::new();
+    let (_, config) = backfilled(&ws);
+    let out = ws.run(&config, &["reconcile"]);
+    assert!(
+        stdout(&out).contains("acme/spp: up to date"),
+        "{}",
+        stdout(&out)
+    );
+    let out = ws.run(&config, &["reconcile", "--backfill"]);
+    assert!(out.status.success());
+    assert!(
+        stdout(&out).contains("0 event(s) stored") && stdout(&out).contains("4 already stored"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(events_json(&ws, &config).len(), 4);
+}
+
+#[test]
+fn backfill_flag_adds_history_to_a_baselined_project() {
+    let ws = Workspace::new();
+    let (repo, _) = backfilled(&ws);
+    let config = ws.write(
+        "base.toml",
+        &format!(
+            "state_dir = \"base-state\"\n[[projects]]\npath = \"acme/spp\"\nurl = \"{}\"\n",
+            repo.display()
+        ),
+    );
+    let out = ws.run(&config, &["reconcile"]);
+    assert!(
+        stdout(&out).contains("first sync, baseline recorded"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(events_json(&ws, &config).is_empty());
+    let out = ws.run(&config, &["reconcile", "--backfill", "--json", "--timings"]);
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("json summary");
+    assert_eq!(summary[0]["stored"], 4);
+    for phase in ["fetch_ms", "walk_ms", "parse_ms", "diff_ms", "store_ms"] {
+        assert!(summary[0]["timings"][phase].is_number(), "timings.{phase}");
+    }
+    assert_eq!(events_json(&ws, &config).len(), 4);
+}
+
+#[test]
+fn timings_are_printed_per_phase() {
+    let ws = Workspace::new();
+    let (repo, _) = backfilled(&ws);
+    let config = ws.write("t.toml", &format!("state_dir = \"t\"\n[[projects]]\npath = \"acme/spp\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n", repo.display()));
+    let out = ws.run(&config, &["reconcile", "--timings"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("timings: fetch ") && text.contains(" ms, store "),
+        "{text}"
+    );
+}
+
+#[test]
+fn status_reports_cursor_and_flag() {
+    let ws = Workspace::new();
+    let (repo, config) = backfilled(&ws);
+    let out = ws.run(&config, &["status"]);
+    let text = stdout(&out);
+    let head = crate::common::git(&repo, &["rev-parse", "HEAD"]);
+    assert!(text.contains("events stored: 4"), "{text}");
+    assert!(
+        text.contains(&format!("cursor:        {}", &head[..12])),
+        "{text}"
+    );
+    assert!(text.contains("feature flag:  on (globally)"), "{text}");
+}
+
+#[test]
+fn demo_prints_a_trail() {
+    let ws = Workspace::new();
+    let out = ws.run(&ws.path("absent.toml"), &["demo"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for needle in [
+        "yaml_invalidated",
+        "Merge branch 'license-policy'",
+        "!7",
+        "delete",
+        "scan_execution_policy \"Nightly DAST on main\"",
+        "up to date",
+    ] {
+        assert!(
+            text.contains(needle),
+            "demo output lacks {needle:?}:\n{text}"
+        );
+    }
+}
