@@ -399,6 +399,14 @@ impl Checker<'_> {
             );
         }
         let token = self.secret(&path, "token", &raw.token_env, &raw.token_file, base);
+        let has_token = raw.token_env.is_some() || raw.token_file.is_some();
+        self.check_plain_http(
+            &raw.url,
+            &format!("project {path:?}"),
+            "token",
+            has_token,
+            raw.allow_insecure_http,
+        );
         let limits = raw.limits.as_ref().map(limits_of).unwrap_or_default();
         let mut linked: Vec<String> = Vec::new();
         for ns in &raw.linked {
@@ -441,6 +449,27 @@ impl Checker<'_> {
             return None;
         }
         Some(base.join(url).to_string_lossy().into_owned())
+    }
+
+    /// A secret goes over plain http only to a loopback address, or when the user says so.
+    fn check_plain_http(
+        &mut self,
+        url: &Spanned<String>,
+        who: &str,
+        what: &str,
+        has_secret: bool,
+        allowed: bool,
+    ) {
+        let plain = url.get_ref().trim().starts_with("http://");
+        let loopback = http_host(url.get_ref().trim())
+            .as_deref()
+            .is_some_and(is_loopback_host);
+        if has_secret && plain && !loopback && !allowed {
+            self.error_at(
+                url,
+                format!("{who}: the {what} would be sent over plain http to a non-loopback host; use https, or set `allow_insecure_http = true`"),
+            );
+        }
     }
 
     fn secret(
@@ -511,13 +540,13 @@ impl Checker<'_> {
                 || raw.verification_token_file.is_some()
                 || raw.signing_secret_env.is_some()
                 || raw.signing_secret_file.is_some();
-            if has_secret
-                && url.starts_with("http://")
-                && !host.as_deref().is_some_and(is_loopback_host)
-                && !raw.allow_insecure_http
-            {
-                self.error_at(&raw.url, format!("{who}: a token or signing secret would be sent over plain http to a non-loopback host; use https, or set `allow_insecure_http = true`"));
-            }
+            self.check_plain_http(
+                &raw.url,
+                &who,
+                "token or signing secret",
+                has_secret,
+                raw.allow_insecure_http,
+            );
             let mut event_types = Vec::new();
             for t in &raw.event_types {
                 match EventType::from_name(t.get_ref()) {

@@ -52,6 +52,8 @@ pub struct RawProject {
     pub token_file: Option<Spanned<String>>,
     pub initial_sync: Option<InitialSync>,
     pub limits: Option<RawLimits>,
+    #[serde(default)]
+    pub allow_insecure_http: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]

@@ -168,3 +168,13 @@ fn several_errors_are_all_reported() {
     );
     assert_eq!(e.lines().count(), 3, "{e}");
 }
+
+#[test]
+fn a_project_token_over_plain_http_needs_loopback_or_consent() {
+    unsafe { std::env::set_var("POLICY_AUDIT_TEST_GL_TOKEN", "t") };
+    let p = "[[projects]]\npath = \"a/b\"\nurl = \"http://gitlab.example.com/a/b.git\"\ntoken_env = \"POLICY_AUDIT_TEST_GL_TOKEN\"\n";
+    assert!(errors(p).contains("project \"a/b\": the token would be sent over plain http"));
+    assert!(parse(&format!("{p}allow_insecure_http = true\n")).is_ok());
+    assert!(parse(&p.replace("gitlab.example.com", "127.0.0.1:8080")).is_ok());
+    assert!(parse(&p.replace("http://", "https://")).is_ok());
+}

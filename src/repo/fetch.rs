@@ -84,19 +84,21 @@ fn fetch_blocking(
                 ],
                 gix::config::Source::Api,
             )
-            .map_err(|e| anyhow!("{e}"))?;
-        config.commit().map_err(|e| anyhow!("{e}"))?;
+            .map_err(anyhow::Error::new)?;
+        config.commit().map_err(anyhow::Error::new)?;
     }
     let refspec = format!("+refs/heads/{branch}:refs/remotes/origin/{branch}");
     let remote = repo
         .remote_at(url)
-        .map_err(|e| anyhow!("invalid repository url: {e}"))?
+        .map_err(anyhow::Error::new)
+        .context("invalid repository url")?
         .with_refspecs([refspec.as_str()], Direction::Fetch)
         .map_err(|e| anyhow!("invalid refspec {refspec}: {e}"))?
         .with_fetch_tags(gix::remote::fetch::Tags::None);
     let connection = remote
         .connect(Direction::Fetch)
-        .map_err(|e| anyhow!("cannot connect: {e}"))?;
+        .map_err(anyhow::Error::new)
+        .context("cannot connect")?;
     // Never prompt and never consult credential helpers: the configured token or nothing.
     let connection = connection.with_credentials(move |action| match (&action, &token) {
         (gix::credentials::helper::Action::Get(ctx), Some(token)) => {
@@ -113,9 +115,9 @@ fn fetch_blocking(
     });
     let outcome = connection
         .prepare_fetch(gix::progress::Discard, Default::default())
-        .map_err(|e| anyhow!("{e}"))?
+        .map_err(anyhow::Error::new)?
         .receive(gix::progress::Discard, interrupt)
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(anyhow::Error::new)?;
     let wanted = format!("refs/heads/{branch}");
     let tip = outcome
         .ref_map

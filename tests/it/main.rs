@@ -5,3 +5,5 @@ mod cli;
 mod common;
 mod corpus;
 mod fixtures;
+mod git_http;
+mod repo_urls;
