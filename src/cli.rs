@@ -141,10 +141,13 @@ pub fn parse_args() -> Cli {
     Cli::parse()
 }
 
-/// Logs go to stderr (journald under systemd), level from `RUST_LOG`, default warnings only.
-pub fn init_logging(_cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+/// Logs go to stderr (journald under systemd); the level comes from `RUST_LOG`, else the
+/// config's `log_level`, else warnings only.
+pub fn init_logging(config_level: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::try_new(config_level.unwrap_or("warn"))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -154,13 +157,20 @@ pub fn init_logging(_cli: &Cli) {
 
 pub fn run(cli: Cli) -> Output {
     match &cli.command {
-        Command::Demo => crate::demo::run(),
-        Command::CheckConfig => check_config(&cli),
+        Command::Demo => {
+            init_logging(None);
+            crate::demo::run()
+        }
+        Command::CheckConfig => {
+            init_logging(None);
+            check_config(&cli)
+        }
         command => {
             let config = match load_config(&cli) {
                 Ok(c) => c,
                 Err(out) => return out,
             };
+            init_logging(config.log_level.as_deref());
             let mut out = Output::default();
             for w in &config.warnings {
                 out.err_line(format!("warning: {w}"));

@@ -12,3 +12,4 @@ pub mod policy;
 pub mod reconcile;
 pub mod repo;
 pub mod store;
+pub mod stream;

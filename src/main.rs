@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = policy_audit::cli::parse_args();
-    policy_audit::cli::init_logging(&cli);
     let output = policy_audit::cli::run(cli);
     // A closed pipe (`policy-audit events | head`) is not an error.
     let _ = std::io::stdout().write_all(output.stdout.as_bytes());

@@ -58,6 +58,8 @@ pub struct Summary {
     pub stored: usize,
     pub flag_enabled: bool,
     pub history_rewritten: bool,
+    /// The whole first-parent history was replayed.
+    pub backfill: bool,
     pub timings: Timings,
 }
 
@@ -122,6 +124,7 @@ pub fn reconcile_project(
         return Ok(summary); // nothing new: no walk at all
     }
 
+    summary.backfill = backfill;
     let mut walker = Walker::new(config, project, &mirror, &mut summary, options.progress);
     let (state, plan) = match (&cursor, backfill) {
         (_, true) => (
@@ -395,7 +398,7 @@ impl<'a> Walker<'a> {
                 }
                 let breaches = limit_breaches(&set, &self.project.limits);
                 for b in &breaches {
-                    if emit && state.limits.get(&b.policy_type) != Some(&b.skipped) {
+                    if emit && !same_names(state.limits.get(&b.policy_type), &b.skipped) {
                         events.push(ctx.limit_event(b));
                     }
                 }
@@ -464,6 +467,16 @@ impl<'a> Walker<'a> {
     }
 }
 
+/// The skipped policies are a set: the same names in another order are no change.
+fn same_names(before: Option<&Vec<String>>, after: &[String]) -> bool {
+    let Some(before) = before else { return false };
+    let mut a: Vec<&String> = before.iter().collect();
+    let mut b: Vec<&String> = after.iter().collect();
+    a.sort();
+    b.sort();
+    a == b
+}
+
 fn limit_map(set: &PolicySet, project: &Project) -> LimitState {
     limit_breaches(set, &project.limits)
         .into_iter()
@@ -512,4 +525,17 @@ pub fn reconcile_all(
             (p.path.clone(), result)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_names;
+
+    #[test]
+    fn skipped_policies_compare_as_a_set() {
+        let before = vec!["b".to_string(), "c".to_string()];
+        assert!(same_names(Some(&before), &["c".into(), "b".into()]));
+        assert!(!same_names(Some(&before), &["b".into()]));
+        assert!(!same_names(None, &["b".into()]));
+    }
 }

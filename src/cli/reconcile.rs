@@ -89,7 +89,7 @@ pub fn describe(s: &Summary) -> String {
         return format!("{}: up to date at {}", s.project, short(&s.to));
     }
     let range = match &s.from {
-        Some(from) if s.first_sync.is_none() => format!("{}..{}", short(from), short(&s.to)),
+        Some(from) if !s.backfill => format!("{}..{}", short(from), short(&s.to)),
         _ => format!("root..{}", short(&s.to)),
     };
     let counts: Vec<String> = s

@@ -1,7 +1,8 @@
 //! The `security_policy_audit_events` feature flag, gated per actor (the SPP path) the way
 //! GitLab's Flipper gates are: globally, for listed actors, or for a stable percentage of actors.
 
-/// The flag's name: part of the percentage hash, so the same actors are chosen as in Flipper.
+/// The flag's name: part of the percentage hash (Flipper's formula; the actor here is the SPP
+/// path, where GitLab would use `Project:<id>`, so the chosen projects differ from GitLab's).
 pub const FLAG_NAME: &str = "security_policy_audit_events";
 
 #[derive(Debug, Clone, PartialEq)]

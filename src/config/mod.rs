@@ -83,6 +83,9 @@ pub struct Destination {
     pub timeout: Duration,
     pub max_attempts: u32,
     pub max_age: Duration,
+    /// Backoff ceiling after the first failure; doubles per attempt up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
 }
 
 impl Destination {
@@ -252,9 +255,16 @@ impl Checker<'_> {
                 PathBuf::new()
             }
             Some(dir) => base.join(dir.get_ref()),
-            // Under systemd, StateDirectory= sets $STATE_DIRECTORY.
-            None => std::env::var_os("STATE_DIRECTORY")
-                .map(PathBuf::from)
+            // Under systemd, StateDirectory= sets $STATE_DIRECTORY (a ':'-separated list; ours
+            // is the first).
+            None => std::env::var("STATE_DIRECTORY")
+                .ok()
+                .and_then(|v| {
+                    v.split(':')
+                        .next()
+                        .filter(|d| !d.is_empty())
+                        .map(PathBuf::from)
+                })
                 .unwrap_or_else(|| base.join("state")),
         };
         let fetch_timeout = self.duration(
@@ -287,6 +297,17 @@ impl Checker<'_> {
             .collect();
         let projects = self.projects(raw.projects, &base);
         let destinations = self.destinations(raw.destinations, &base);
+        if let Some(level) = &raw.log_level
+            && tracing_subscriber::EnvFilter::try_new(level.get_ref()).is_err()
+        {
+            self.error_at(
+                level,
+                format!(
+                    "`log_level` = {:?} is not a level (error, warn, info, debug, trace) or filter",
+                    level.get_ref()
+                ),
+            );
+        }
         let log_level = raw.log_level.map(Spanned::into_inner);
         Some(Config {
             source: self.file.to_path_buf(),
@@ -564,6 +585,13 @@ impl Checker<'_> {
             let headers = self.headers(&who, raw.headers.as_ref());
             let timeout = self.duration(&raw.timeout, "timeout", Duration::from_secs(10));
             let max_age = self.duration(&raw.max_age, "max_age", Duration::from_secs(24 * 3600));
+            let backoff_initial = self.duration(
+                &raw.backoff_initial,
+                "backoff_initial",
+                Duration::from_secs(1),
+            );
+            let backoff_max =
+                self.duration(&raw.backoff_max, "backoff_max", Duration::from_secs(300));
             let max_attempts = match &raw.max_attempts {
                 Some(n) if *n.get_ref() == 0 => {
                     self.error_at(n, format!("{who}: `max_attempts` must be at least 1"));
@@ -588,6 +616,8 @@ impl Checker<'_> {
                 timeout,
                 max_attempts,
                 max_age,
+                backoff_initial,
+                backoff_max,
             });
         }
         out

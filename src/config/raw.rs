@@ -94,6 +94,8 @@ pub struct RawDestination {
     pub timeout: Option<Spanned<String>>,
     pub max_attempts: Option<Spanned<u32>>,
     pub max_age: Option<Spanned<String>>,
+    pub backoff_initial: Option<Spanned<String>>,
+    pub backoff_max: Option<Spanned<String>>,
     #[serde(default)]
     pub allow_insecure_http: bool,
 }

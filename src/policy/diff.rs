@@ -41,7 +41,7 @@ pub struct Change {
     pub occurrence: usize,
     /// The policy after the change (before it, for a delete).
     pub policy: Policy,
-    /// Update only: the changed fields, sorted by path, at most [`MAX_FIELD_CHANGES`].
+    /// Update only: the changed fields in document order (keys sorted), at most [`MAX_FIELD_CHANGES`].
     pub fields: Vec<FieldChange>,
     /// Update only: more fields changed than are listed.
     pub fields_truncated: bool,
@@ -124,8 +124,8 @@ fn change(
 /// length item by item; anything else that differs is reported whole at its path.
 fn field_changes(before: &Value, after: &Value) -> (Vec<FieldChange>, bool) {
     let mut out = Vec::new();
+    // Walk order: mapping keys sorted, list items by index (so rules[2] comes before rules[10]).
     walk(String::new(), Some(before), Some(after), &mut out);
-    out.sort_by(|a, b| a.path.cmp(&b.path));
     let truncated = out.len() > MAX_FIELD_CHANGES;
     out.truncate(MAX_FIELD_CHANGES);
     (out, truncated)

@@ -368,6 +368,15 @@ experiments: {pipeline_execution_schedule_policy: {enabled: true}}
     }
 
     #[test]
+    fn canonical_content_serializes_with_sorted_keys() {
+        // Guards against a dependency turning on serde_json's `preserve_order`.
+        let set =
+            parse(b"approval_policy: [{zeta: 1, name: x, alpha: 2, enabled: true}]\n").unwrap();
+        let text = serde_json::to_string(&set.policies[0].content).unwrap();
+        assert_eq!(text, r#"{"alpha":2,"enabled":true,"name":"x","zeta":1}"#);
+    }
+
+    #[test]
     fn accepts_unknown_keys_inside_a_policy() {
         let set = parse(b"approval_policy: [{name: x, enabled: true, new_gitlab_key: {a: 1}}]\n")
             .unwrap();

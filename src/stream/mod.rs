@@ -1,0 +1,189 @@
+//! Delivery of the outbox to HTTP destinations, at least once.
+//!
+//! Invariants:
+//! - an outbox entry leaves the outbox only when its destination answered 2xx, or into the dead
+//!   letters with its reason: nothing stored is dropped on the way out;
+//! - per destination, events go out in the order they were stored: a delivery waiting for its
+//!   retry holds back the ones after it (a dead one does not);
+//! - destinations are served concurrently, so one that is down never delays another.
+
+pub mod http;
+pub mod retry;
+
+use crate::config::{Config, Destination};
+use crate::store::{Delivery, Store};
+use anyhow::Result;
+use rand::SeedableRng;
+use retry::{Decision, backoff, decide};
+use serde::Serialize;
+use std::time::Duration;
+
+/// The time source for delivery decisions; tests pass their own so no test sleeps through a
+/// backoff.
+pub trait Clock: Send + Sync {
+    fn now_ms(&self) -> i64;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        jiff::Timestamp::now().as_millisecond()
+    }
+}
+
+/// What one delivery round did for one destination.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DestinationReport {
+    pub destination: String,
+    pub delivered: usize,
+    /// Attempts that failed and were scheduled again.
+    pub retried: usize,
+    /// Deliveries that went dead in this round.
+    pub dead: usize,
+    /// Entries left in the outbox after the round.
+    pub pending: usize,
+    /// When the first remaining entry is due (unix ms).
+    pub next_attempt_at: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// Delivers every due outbox entry of every configured destination, concurrently across
+/// destinations, in order within each. `seed` feeds the backoff jitter.
+pub fn deliver_due(
+    config: &Config,
+    store: &Store,
+    clock: &dyn Clock,
+    seed: u64,
+) -> Result<Vec<DestinationReport>> {
+    let reports = std::thread::scope(|scope| {
+        let handles: Vec<_> = config
+            .destinations
+            .iter()
+            .map(|d| {
+                let dest_seed = seed ^ u64::from(crc32fast::hash(d.name.as_bytes()));
+                scope.spawn(move || deliver_destination(d, store, clock, dest_seed))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("delivery thread panicked")))
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    store.flush()?;
+    Ok(reports)
+}
+
+fn deliver_destination(
+    dest: &Destination,
+    store: &Store,
+    clock: &dyn Clock,
+    seed: u64,
+) -> Result<DestinationReport> {
+    let sender = http::Sender::new(dest);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut report = DestinationReport {
+        destination: dest.name.clone(),
+        ..DestinationReport::default()
+    };
+    let max_age_ms = i64::try_from(dest.max_age.as_millis()).unwrap_or(i64::MAX);
+    let mut from = 0;
+    while let Some(mut delivery) = store.next_pending(&dest.name, from)? {
+        from = delivery.seq + 1;
+        let now = clock.now_ms();
+        if delivery.next_attempt_at > now {
+            report.next_attempt_at = Some(delivery.next_attempt_at);
+            break; // the head of the line is waiting: keep the order
+        }
+        if now.saturating_sub(delivery.enqueued_at) > max_age_ms {
+            bury(
+                store,
+                &mut delivery,
+                format!(
+                    "not delivered within max_age ({})",
+                    humantime::format_duration(dest.max_age)
+                ),
+                &mut report,
+            )?;
+            continue;
+        }
+        let Some(body) = store.event_bytes(delivery.seq)? else {
+            bury(
+                store,
+                &mut delivery,
+                "the event is missing from the store".into(),
+                &mut report,
+            )?;
+            continue;
+        };
+        let outcome = sender.send(&delivery.event_id, delivery.event_type.name(), &body, now);
+        delivery.attempts += 1;
+        delivery.last_status = outcome.status();
+        match decide(&outcome) {
+            Decision::Success => {
+                store.delivered(&delivery)?;
+                report.delivered += 1;
+            }
+            Decision::Dead { reason } => {
+                tracing::warn!(destination = %dest.name, event = %delivery.event_id, %reason, "delivery is dead");
+                bury(store, &mut delivery, reason, &mut report)?;
+            }
+            Decision::Retry { reason, not_before } => {
+                let wait = backoff(
+                    delivery.attempts,
+                    dest.backoff_initial,
+                    dest.backoff_max,
+                    not_before,
+                    &mut rng,
+                );
+                let due = now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+                if delivery.attempts >= dest.max_attempts {
+                    let reason = format!(
+                        "{reason}; gave up after {} attempts (max_attempts)",
+                        delivery.attempts
+                    );
+                    bury(store, &mut delivery, reason, &mut report)?;
+                    continue;
+                }
+                if due.saturating_sub(delivery.enqueued_at) > max_age_ms {
+                    bury(
+                        store,
+                        &mut delivery,
+                        format!(
+                            "{reason}; the next attempt would be past max_age ({})",
+                            humantime::format_duration(dest.max_age)
+                        ),
+                        &mut report,
+                    )?;
+                    continue;
+                }
+                tracing::info!(destination = %dest.name, event = %delivery.event_id, %reason, attempts = delivery.attempts, retry_in = %humantime::format_duration(Duration::from_millis(wait.as_millis() as u64)), "delivery will be retried");
+                delivery.next_attempt_at = due;
+                delivery.last_error = Some(reason.clone());
+                store.reschedule(&delivery)?;
+                report.retried += 1;
+                report.last_error = Some(reason);
+                report.next_attempt_at = Some(due);
+                break; // keep the order: later events wait for this one
+            }
+        }
+    }
+    report.pending = store.pending(Some(&dest.name))?.len();
+    Ok(report)
+}
+
+fn bury(
+    store: &Store,
+    delivery: &mut Delivery,
+    reason: String,
+    report: &mut DestinationReport,
+) -> Result<()> {
+    delivery.last_error = Some(reason.clone());
+    store.bury(delivery)?;
+    report.dead += 1;
+    report.last_error = Some(reason);
+    Ok(())
+}
