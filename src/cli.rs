@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+mod deliveries;
 mod events;
 mod reconcile;
 mod status;
@@ -44,6 +45,8 @@ pub enum Command {
     Events(EventsArgs),
     /// Show per project and per destination state
     Status(StatusArgs),
+    /// List pending or dead deliveries; `deliveries retry` re-queues dead ones
+    Deliveries(DeliveriesArgs),
     /// Validate the config (and that secrets resolve) without touching state
     CheckConfig,
     /// Self-contained walkthrough on a sample policy project in a temporary folder
@@ -103,6 +106,32 @@ pub struct EventsArgs {
     pub limit: Option<usize>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+}
+
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+pub struct DeliveriesArgs {
+    #[command(subcommand)]
+    pub action: Option<DeliveriesAction>,
+    /// Only this destination
+    #[arg(long, global = true, value_name = "NAME")]
+    pub destination: Option<String>,
+    /// Only pending or only dead deliveries [default: both]
+    #[arg(long, value_enum)]
+    pub state: Option<DeliveryState>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Subcommand, Serialize, Deserialize)]
+pub enum DeliveriesAction {
+    /// Put dead deliveries back in the queue (attempts reset) and deliver what is due
+    Retry,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum DeliveryState {
+    Pending,
+    Dead,
 }
 
 #[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
@@ -199,10 +228,31 @@ pub fn execute(config: &Config, store: &Store, command: &Command) -> Output {
         Command::Reconcile(args) => reconcile::run(config, store, args),
         Command::Events(args) => events::run(store, args),
         Command::Status(args) => status::run(config, store, args),
+        Command::Deliveries(args) => deliveries::run(config, store, args),
         Command::CheckConfig | Command::Demo => {
             Output::unusable("internal: command does not use the store")
         }
     }
+}
+
+/// Deliveries queued for destinations the config no longer has. Reads the store only when it
+/// exists and no other process holds it (check-config never creates or waits for state).
+fn orphaned_deliveries(config: &Config) -> Vec<String> {
+    if !config.db_dir().join("conf").exists() {
+        return Vec::new();
+    }
+    let Ok(store) = Store::open(&config.db_dir()) else {
+        return Vec::new();
+    };
+    let names = status::removed_destinations(config, &store).unwrap_or_default();
+    names
+        .into_iter()
+        .map(|name| {
+            let pending = store.pending(Some(&name)).map(|p| p.len()).unwrap_or(0);
+            let dead = store.dead(Some(&name)).map(|p| p.len()).unwrap_or(0);
+            format!("destination {name:?} is no longer configured but has {pending} pending and {dead} dead deliveries in the state; they are kept, not delivered")
+        })
+        .collect()
 }
 
 fn load_config(cli: &Cli) -> Result<Config, Output> {
@@ -225,6 +275,9 @@ fn check_config(cli: &Cli) -> Output {
     };
     let mut out = Output::default();
     for w in &config.warnings {
+        out.err_line(format!("warning: {w}"));
+    }
+    for w in orphaned_deliveries(&config) {
         out.err_line(format!("warning: {w}"));
     }
     out.out_line(format!(

@@ -61,8 +61,19 @@ pub fn run(config: &Config, store: &Store, args: &ReconcileArgs) -> Output {
             }
         }
     }
+    let mut deliveries = Vec::new();
+    if !args.no_deliver {
+        let mut delivery_out = Output::default();
+        deliveries = super::deliveries::deliver_now(config, store, &mut delivery_out);
+        if !args.json {
+            out.stdout.push_str(&delivery_out.stdout);
+        }
+        out.stderr.push_str(&delivery_out.stderr);
+        out.code = out.code.max(delivery_out.code);
+    }
     if args.json {
-        out.out_line(serde_json::to_string_pretty(&json_rows).unwrap_or_default());
+        let summary = json!({"projects": json_rows, "deliveries": deliveries});
+        out.out_line(serde_json::to_string_pretty(&summary).unwrap_or_default());
     }
     out
 }

@@ -47,12 +47,34 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
     for d in &config.destinations {
         destinations.push(destination(store, &d.name)?);
     }
+    // Deliveries of a destination that was removed from the config are kept, and shown here.
+    let mut removed = Vec::new();
+    for name in removed_destinations(config, store)? {
+        let mut d = destination(store, &name)?;
+        d["removed_from_config"] = json!(true);
+        removed.push(d);
+    }
     Ok(json!({
         "events": store.event_count(),
         "projects": projects,
         "unconfigured_projects_with_state": unconfigured,
         "destinations": destinations,
+        "removed_destinations": removed,
     }))
+}
+
+/// Names with deliveries in the store but no `[[destinations]]` entry.
+pub fn removed_destinations(config: &Config, store: &Store) -> anyhow::Result<Vec<String>> {
+    let configured: Vec<&str> = config
+        .destinations
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    Ok(store
+        .destinations_with_entries()?
+        .into_iter()
+        .filter(|n| !configured.contains(&n.as_str()))
+        .collect())
 }
 
 fn destination(store: &Store, name: &str) -> anyhow::Result<serde_json::Value> {
@@ -74,20 +96,22 @@ fn destination(store: &Store, name: &str) -> anyhow::Result<serde_json::Value> {
 }
 
 fn text(report: &serde_json::Value) -> String {
-    let mut s = format!("events stored: {}\n", report["events"]);
     let str_of =
         |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
+    let mut s = format!("events stored: {}\n", report["events"]);
     for p in report["projects"].as_array().into_iter().flatten() {
         let cursor = p["cursor"]
             .as_str()
-            .map(|c| c.get(..12).unwrap_or(c).to_string())
-            .unwrap_or_else(|| "never synced".into());
+            .map(|c| c.get(..12).unwrap_or(c).to_string());
         s.push_str(&format!(
             "project {} ({})\n",
             str_of(&p["path"]),
             str_of(&p["branch"])
         ));
-        s.push_str(&format!("  cursor:        {cursor}\n"));
+        s.push_str(&format!(
+            "  cursor:        {}\n",
+            cursor.unwrap_or_else(|| "never synced".into())
+        ));
         s.push_str(&format!(
             "  last success:  {}\n",
             str_of(&p["last_success_at"])
@@ -114,13 +138,28 @@ fn text(report: &serde_json::Value) -> String {
             str_of(u)
         ));
     }
-    for d in report["destinations"].as_array().into_iter().flatten() {
+    let removed = report["removed_destinations"]
+        .as_array()
+        .into_iter()
+        .flatten();
+    for d in report["destinations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(removed)
+    {
         s.push_str(&format!(
             "destination {}: {} pending, {} dead",
             str_of(&d["name"]),
             d["pending"],
             d["dead"]
         ));
+        if d["removed_from_config"] == json!(true) {
+            s.push_str(" (no longer in the config: kept, not delivered)");
+        }
+        if let Some(oldest) = d["oldest_pending_enqueued_at"].as_str() {
+            s.push_str(&format!(", oldest pending since {oldest}"));
+        }
         if !d["last_error"].is_null() {
             s.push_str(&format!(", last error: {}", str_of(&d["last_error"])));
         }

@@ -70,13 +70,20 @@ impl Sender {
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_retry_after(v, now_ms));
+                // A response cut off mid-body is no acknowledgement: try again (receivers dedupe
+                // on the event id).
                 let mut sink = Vec::new();
-                let _ = response
+                let body = response
                     .body_mut()
                     .as_reader()
                     .take(MAX_RESPONSE_BYTES)
                     .read_to_end(&mut sink);
-                Outcome::Status { code, retry_after }
+                match body {
+                    Ok(_) => Outcome::Status { code, retry_after },
+                    Err(e) => Outcome::Transport {
+                        reason: format!("HTTP {code} but the response broke off: {e}"),
+                    },
+                }
             }
             Err(
                 e @ (ureq::Error::BadUri(_)

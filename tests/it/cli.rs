@@ -305,9 +305,10 @@ fn backfill_flag_adds_history_to_a_baselined_project() {
     assert!(events_json(&ws, &config).is_empty());
     let out = ws.run(&config, &["reconcile", "--backfill", "--json", "--timings"]);
     let summary: Value = serde_json::from_slice(&out.stdout).expect("json summary");
-    assert_eq!(summary[0]["stored"], 4);
+    let project = &summary["projects"][0];
+    assert_eq!(project["stored"], 4);
     for phase in ["fetch_ms", "walk_ms", "parse_ms", "diff_ms", "store_ms"] {
-        assert!(summary[0]["timings"][phase].is_number(), "timings.{phase}");
+        assert!(project["timings"][phase].is_number(), "timings.{phase}");
     }
     assert_eq!(events_json(&ws, &config).len(), 4);
 }

@@ -6,4 +6,6 @@ mod common;
 mod corpus;
 mod fixtures;
 mod git_http;
+mod receiver;
 mod repo_urls;
+mod streaming;

@@ -1,0 +1,162 @@
+//! `policy-audit deliveries`: the outbox and dead letters per destination; `deliveries retry`
+//! re-queues dead entries and delivers what is due. Also the delivery summary `reconcile` prints.
+
+use super::{DeliveriesAction, DeliveriesArgs, DeliveryState, EXIT_FAILED, EXIT_UNUSABLE, Output};
+use crate::config::Config;
+use crate::event::rfc3339_millis;
+use crate::store::{Delivery, Store};
+use crate::stream::{Clock, DestinationReport, SystemClock, deliver_due};
+
+pub fn run(config: &Config, store: &Store, args: &DeliveriesArgs) -> Output {
+    if let Some(name) = &args.destination
+        && !config.destinations.iter().any(|d| &d.name == name)
+        && !store
+            .destinations_with_entries()
+            .unwrap_or_default()
+            .contains(name)
+    {
+        return Output::unusable(format!(
+            "destination {name:?} is not in {} and has no deliveries",
+            config.source.display()
+        ));
+    }
+    match &args.action {
+        Some(DeliveriesAction::Retry) => retry(config, store, args.destination.as_deref()),
+        None => list(store, args),
+    }
+}
+
+fn retry(config: &Config, store: &Store, destination: Option<&str>) -> Output {
+    let mut out = Output::default();
+    match store.requeue_dead(destination, SystemClock.now_ms()) {
+        Ok(n) => out.out_line(format!(
+            "re-queued {n} dead deliver{}",
+            if n == 1 { "y" } else { "ies" }
+        )),
+        Err(e) => return Output::unusable(format!("{e:#}")),
+    }
+    deliver_now(config, store, &mut out);
+    out
+}
+
+fn list(store: &Store, args: &DeliveriesArgs) -> Output {
+    let dest = args.destination.as_deref();
+    let mut rows: Vec<(&str, Delivery)> = Vec::new();
+    let want = |s: DeliveryState| args.state.is_none_or(|w| w == s);
+    let result = (|| -> anyhow::Result<()> {
+        if want(DeliveryState::Pending) {
+            rows.extend(store.pending(dest)?.into_iter().map(|d| ("pending", d)));
+        }
+        if want(DeliveryState::Dead) {
+            rows.extend(store.dead(dest)?.into_iter().map(|d| ("dead", d)));
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        return Output::unusable(format!("{e:#}"));
+    }
+    if args.json {
+        let items: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(state, d)| {
+                let mut v = serde_json::to_value(d).unwrap_or_default();
+                v["state"] = serde_json::json!(state);
+                v
+            })
+            .collect();
+        return Output {
+            stdout: serde_json::to_string_pretty(&items).unwrap_or_default() + "\n",
+            ..Output::default()
+        };
+    }
+    if rows.is_empty() {
+        return Output {
+            stdout: "no deliveries\n".into(),
+            ..Output::default()
+        };
+    }
+    let mut text = format!(
+        "{:<16} {:<8} {:<36} {:<33} {:>8}  {:<24}  LAST ERROR\n",
+        "DESTINATION", "STATE", "EVENT", "TYPE", "ATTEMPTS", "NEXT ATTEMPT"
+    );
+    for (state, d) in &rows {
+        let next = if *state == "dead" {
+            "-".to_string()
+        } else {
+            time(d.next_attempt_at)
+        };
+        text.push_str(&format!(
+            "{:<16} {:<8} {:<36} {:<33} {:>8}  {:<24}  {}\n",
+            d.destination,
+            state,
+            d.event_id,
+            d.event_type.name(),
+            d.attempts,
+            next,
+            d.last_error.as_deref().unwrap_or("-")
+        ));
+    }
+    Output {
+        stdout: text,
+        ..Output::default()
+    }
+}
+
+fn time(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(rfc3339_millis)
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+/// Delivers what is due and prints one line per destination; a delivery that went dead makes
+/// the command fail (exit 1), one queued for retry does not.
+pub fn deliver_now(config: &Config, store: &Store, out: &mut Output) -> Vec<DestinationReport> {
+    if config.destinations.is_empty() {
+        return Vec::new();
+    }
+    let seed = SystemClock.now_ms() as u64;
+    match deliver_due(config, store, &SystemClock, seed) {
+        Ok(reports) => {
+            for r in &reports {
+                out.out_line(describe(r));
+                if r.dead > 0 {
+                    out.err_line(format!(
+                        "error: destination {}: {} deliver{} went dead: {}",
+                        r.destination,
+                        r.dead,
+                        if r.dead == 1 { "y" } else { "ies" },
+                        r.last_error.as_deref().unwrap_or("unknown reason")
+                    ));
+                    out.code = out.code.max(EXIT_FAILED);
+                }
+            }
+            reports
+        }
+        Err(e) => {
+            out.err_line(format!("error: delivery failed: {e:#}"));
+            out.code = EXIT_UNUSABLE;
+            Vec::new()
+        }
+    }
+}
+
+pub fn describe(r: &DestinationReport) -> String {
+    let mut line = format!("destination {}: {} delivered", r.destination, r.delivered);
+    if r.pending > 0 {
+        let next = r
+            .next_attempt_at
+            .map(|t| format!(", next attempt at {}", time(t)))
+            .unwrap_or_default();
+        let why = r
+            .last_error
+            .as_ref()
+            .filter(|_| r.retried > 0)
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default();
+        line.push_str(&format!(", {} queued for retry{next}{why}", r.pending));
+    }
+    if r.dead > 0 {
+        line.push_str(&format!(", {} dead", r.dead));
+    }
+    line
+}
