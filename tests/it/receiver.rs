@@ -45,7 +45,6 @@ impl Request {
 pub struct Receiver {
     pub port: u16,
     requests: Arc<Mutex<Vec<Request>>>,
-    script: Arc<Mutex<VecDeque<Reply>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -96,10 +95,6 @@ impl Receiver {
             .iter()
             .map(|r| r.json()["id"].as_str().unwrap_or_default().to_string())
             .collect()
-    }
-
-    pub fn push(&self, reply: Reply) {
-        self.script.lock().expect("lock").push_back(reply);
     }
 }
 
