@@ -76,7 +76,6 @@ impl Receiver {
         Receiver {
             port,
             requests,
-            script,
             stop,
         }
     }
