@@ -297,6 +297,15 @@ pub fn describe_summary(summary: &crate::reconcile::Summary) -> String {
     reconcile::describe(summary)
 }
 
+/// Delivers what is due, as `reconcile` does after storing.
+pub fn deliver_now(
+    config: &Config,
+    store: &Store,
+    out: &mut Output,
+) -> Vec<crate::stream::DestinationReport> {
+    deliveries::deliver_now(config, store, out)
+}
+
 /// Events rendered as `events --format` does.
 pub fn render_events(events: &[crate::event::AuditEvent], format: Format) -> String {
     events::render(events, format)

@@ -12,6 +12,10 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
 
+mod receiver;
+
+const DEMO_SECRET: &str = "whsec_ZGVtby1zaWduaW5nLXNlY3JldC1mb3ItcG9saWN5LWF1ZGl0";
+
 const POLICY: &str = ".gitlab/security-policies/policy.yml";
 
 pub fn run() -> Output {
@@ -43,12 +47,18 @@ fn walkthrough() -> Result<String> {
         writeln!(out, "   {line}")?;
     }
 
+    let key = crate::stream::http::signing_key(&crate::config::Secret::new(DEMO_SECRET));
+    let receiver =
+        receiver::LocalReceiver::start(key).context("cannot start the demo's local receiver")?;
+    std::fs::write(tmp.path().join("signing-secret"), DEMO_SECRET)?;
     let config_text = format!(
         "state_dir = \"state\"\n\
          [authors]\n\"alice@acme.example\" = 42\n\n\
          [[projects]]\npath = \"acme/security-policies\"\nid = 1234\nurl = \"{}\"\nbranch = \"main\"\n\
-         linked = [\"acme\", \"acme/web/shop\"]\ninitial_sync = \"backfill\"\n",
-        repo.display()
+         linked = [\"acme\", \"acme/web/shop\"]\ninitial_sync = \"backfill\"\n\n\
+         [[destinations]]\nname = \"local-siem\"\nurl = \"{}\"\nsigning_secret_file = \"signing-secret\"\n",
+        repo.display(),
+        receiver.url
     );
     let config_path = tmp.path().join("config.toml");
     std::fs::write(&config_path, &config_text)?;
@@ -97,7 +107,32 @@ fn walkthrough() -> Result<String> {
 
     writeln!(
         out,
-        "\n5. Reconciling again: nothing new, nothing stored twice"
+        "\n5. Streaming to a local receiver at {} (as a SIEM would receive them)",
+        receiver.url
+    )?;
+    let mut delivery = Output::default();
+    crate::cli::deliver_now(&config, &store, &mut delivery);
+    for line in delivery.stdout.lines() {
+        writeln!(out, "   {line}")?;
+    }
+    let got = receiver.received();
+    let verified = got.iter().filter(|r| r.signature_ok).count();
+    writeln!(
+        out,
+        "   the receiver got {} POSTs, {verified} with a valid Standard Webhooks signature:",
+        got.len()
+    )?;
+    let mut kinds: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for r in &got {
+        *kinds.entry(r.event_type.as_str()).or_default() += 1;
+    }
+    for (kind, n) in kinds {
+        writeln!(out, "     {n} x {kind}")?;
+    }
+
+    writeln!(
+        out,
+        "\n6. Reconciling again: nothing new, nothing stored twice"
     )?;
     for (_, result) in reconcile_all(
         &config,
