@@ -351,6 +351,8 @@ fn demo_prints_a_trail() {
         "yaml_invalidated",
         "Merge branch 'license-policy'",
         "!7",
+        "destination local-siem: 8 delivered",
+        "8 POSTs, 8 with a valid Standard Webhooks signature",
         "delete",
         "scan_execution_policy \"Nightly DAST on main\"",
         "up to date",
