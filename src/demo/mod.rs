@@ -14,6 +14,8 @@ use std::process::Command;
 
 mod receiver;
 
+pub use receiver::LocalReceiver;
+
 const DEMO_SECRET: &str = "whsec_ZGVtby1zaWduaW5nLXNlY3JldC1mb3ItcG9saWN5LWF1ZGl0";
 
 const POLICY: &str = ".gitlab/security-policies/policy.yml";
@@ -48,8 +50,7 @@ fn walkthrough() -> Result<String> {
     }
 
     let key = crate::stream::http::signing_key(&crate::config::Secret::new(DEMO_SECRET));
-    let receiver =
-        receiver::LocalReceiver::start(key).context("cannot start the demo's local receiver")?;
+    let receiver = LocalReceiver::start(key).context("cannot start the demo's local receiver")?;
     std::fs::write(tmp.path().join("signing-secret"), DEMO_SECRET)?;
     let config_text = format!(
         "state_dir = \"state\"\n\
