@@ -19,19 +19,10 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_UNUSABLE: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "policy-audit",
-    version,
-    about = "Audit trail for GitLab security policies kept as code"
-)]
+#[command(name = "policy-audit", version, about = "Audit trail for GitLab security policies kept as code")]
 pub struct Cli {
     /// Config file [default: $POLICY_AUDIT_CONFIG, else ./config.toml]
-    #[arg(
-        long,
-        global = true,
-        env = "POLICY_AUDIT_CONFIG",
-        default_value = "config.toml"
-    )]
+    #[arg(long, global = true, env = "POLICY_AUDIT_CONFIG", default_value = "config.toml")]
     pub config: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -150,11 +141,7 @@ pub struct Output {
 
 impl Output {
     pub fn unusable(message: impl std::fmt::Display) -> Output {
-        Output {
-            stderr: format!("error: {message}\n"),
-            code: EXIT_UNUSABLE,
-            ..Output::default()
-        }
+        Output { stderr: format!("error: {message}\n"), code: EXIT_UNUSABLE, ..Output::default() }
     }
 
     pub fn err_line(&mut self, line: impl std::fmt::Display) {
@@ -177,11 +164,8 @@ pub fn init_logging(config_level: Option<&str>) {
         tracing_subscriber::EnvFilter::try_new(config_level.unwrap_or("warn"))
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
     });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
 pub fn run(cli: Cli) -> Output {
@@ -207,8 +191,7 @@ pub fn run(cli: Cli) -> Output {
             let store = match Store::open(&config.db_dir()) {
                 Ok(s) => s,
                 Err(e) => {
-                    out.stderr
-                        .push_str(&Output::unusable(format!("{e:#}")).stderr);
+                    out.stderr.push_str(&Output::unusable(format!("{e:#}")).stderr);
                     out.code = EXIT_UNUSABLE;
                     return out;
                 }
@@ -229,9 +212,7 @@ pub fn execute(config: &Config, store: &Store, command: &Command) -> Output {
         Command::Events(args) => events::run(store, args),
         Command::Status(args) => status::run(config, store, args),
         Command::Deliveries(args) => deliveries::run(config, store, args),
-        Command::CheckConfig | Command::Demo => {
-            Output::unusable("internal: command does not use the store")
-        }
+        Command::CheckConfig | Command::Demo => Output::unusable("internal: command does not use the store"),
     }
 }
 
@@ -257,10 +238,7 @@ fn orphaned_deliveries(config: &Config) -> Vec<String> {
 
 fn load_config(cli: &Cli) -> Result<Config, Output> {
     Config::load(&cli.config).map_err(|e| {
-        let mut out = Output {
-            code: EXIT_UNUSABLE,
-            ..Output::default()
-        };
+        let mut out = Output { code: EXIT_UNUSABLE, ..Output::default() };
         for line in &e.errors {
             out.err_line(format!("error: {line}"));
         }
@@ -298,11 +276,7 @@ pub fn describe_summary(summary: &crate::reconcile::Summary) -> String {
 }
 
 /// Delivers what is due, as `reconcile` does after storing.
-pub fn deliver_now(
-    config: &Config,
-    store: &Store,
-    out: &mut Output,
-) -> Vec<crate::stream::DestinationReport> {
+pub fn deliver_now(config: &Config, store: &Store, out: &mut Output) -> Vec<crate::stream::DestinationReport> {
     deliveries::deliver_now(config, store, out)
 }
 

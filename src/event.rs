@@ -27,13 +27,8 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 5] = [
-        EventType::Create,
-        EventType::Update,
-        EventType::Delete,
-        EventType::YamlInvalidated,
-        EventType::LimitExceeded,
-    ];
+    pub const ALL: [EventType; 5] =
+        [EventType::Create, EventType::Update, EventType::Delete, EventType::YamlInvalidated, EventType::LimitExceeded];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -159,11 +154,7 @@ impl StepContext<'_> {
             change.policy_type.key(),
             &change.name,
         );
-        let Policy {
-            policy_type,
-            enabled,
-            ..
-        } = &change.policy;
+        let Policy { policy_type, enabled, .. } = &change.policy;
         let d = &mut event.details;
         d.policy_name = Some(change.name.clone());
         d.policy_type = Some(policy_type.key().to_string());
@@ -178,15 +169,8 @@ impl StepContext<'_> {
 
     pub fn invalidated_event(&self, reason: &str) -> AuditEvent {
         let path = self.project.path.clone();
-        let mut event = self.event(
-            EventType::YamlInvalidated,
-            INVALIDATED_MESSAGE.to_string(),
-            "Project",
-            path,
-            "0",
-            "",
-            "",
-        );
+        let mut event =
+            self.event(EventType::YamlInvalidated, INVALIDATED_MESSAGE.to_string(), "Project", path, "0", "", "");
         event.details.invalid_reason = Some(reason.to_string());
         event
     }
@@ -198,15 +182,8 @@ impl StepContext<'_> {
             limit.limit
         );
         let path = self.project.path.clone();
-        let mut event = self.event(
-            EventType::LimitExceeded,
-            message,
-            "Project",
-            path,
-            "0",
-            limit.policy_type.key(),
-            "",
-        );
+        let mut event =
+            self.event(EventType::LimitExceeded, message, "Project", path, "0", limit.policy_type.key(), "");
         let d = &mut event.details;
         d.policy_type = Some(limit.policy_type.key().to_string());
         d.policy_type_limit = Some(limit.limit);
@@ -229,14 +206,7 @@ impl StepContext<'_> {
     ) -> AuditEvent {
         let p = self.project;
         AuditEvent {
-            id: event_id(
-                &p.path,
-                self.sha,
-                event_type,
-                policy_type,
-                policy_name,
-                occurrence,
-            ),
+            id: event_id(&p.path, self.sha, event_type, policy_type, policy_name, occurrence),
             event_type,
             entity_type: "Project".into(),
             entity_id: p.id,
@@ -246,8 +216,7 @@ impl StepContext<'_> {
             author_name: self.author_name.into(),
             author_id: self.author_id.unwrap_or(UNKNOWN_AUTHOR_ID),
             created_at: rfc3339_millis(
-                jiff::Timestamp::from_second(self.committed_at)
-                    .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+                jiff::Timestamp::from_second(self.committed_at).unwrap_or(jiff::Timestamp::UNIX_EPOCH),
             ),
             ip_address: String::new(),
             details: Details {
@@ -305,14 +274,7 @@ pub fn event_id(
     b[6] = (b[6] & 0x0f) | 0x80;
     b[8] = (b[8] & 0x3f) | 0x80;
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
 }
 
 /// `2024-03-01T10:00:00.000Z`
@@ -327,10 +289,7 @@ pub fn merge_request(message: &str) -> Option<MergeRequest> {
         let rest = line.trim().strip_prefix("See merge request ")?;
         let (project, iid) = rest.rsplit_once('!')?;
         let iid = iid.trim_end_matches('.').parse().ok()?;
-        (!project.is_empty()).then(|| MergeRequest {
-            project: project.to_string(),
-            iid,
-        })
+        (!project.is_empty()).then(|| MergeRequest { project: project.to_string(), iid })
     })
 }
 
@@ -341,73 +300,20 @@ mod tests {
     #[test]
     fn merge_request_line_is_parsed() {
         let msg = "Merge branch 'x' into 'main'\n\nAdd policy\n\nSee merge request acme/security-policies!12";
-        assert_eq!(
-            merge_request(msg),
-            Some(MergeRequest {
-                project: "acme/security-policies".into(),
-                iid: 12
-            })
-        );
+        assert_eq!(merge_request(msg), Some(MergeRequest { project: "acme/security-policies".into(), iid: 12 }));
         assert_eq!(merge_request("fix: See merge request nothing"), None);
         assert_eq!(merge_request("plain commit"), None);
     }
 
     #[test]
     fn ids_are_deterministic_uuid_shaped_and_distinct() {
-        let a = event_id(
-            "acme/spp",
-            "abc",
-            EventType::Create,
-            "approval_policy",
-            "x",
-            "0",
-        );
-        assert_eq!(
-            a,
-            event_id(
-                "acme/spp",
-                "abc",
-                EventType::Create,
-                "approval_policy",
-                "x",
-                "0"
-            )
-        );
+        let a = event_id("acme/spp", "abc", EventType::Create, "approval_policy", "x", "0");
+        assert_eq!(a, event_id("acme/spp", "abc", EventType::Create, "approval_policy", "x", "0"));
         assert_eq!(a.len(), 36);
         assert_eq!(&a[14..15], "8");
-        assert_ne!(
-            a,
-            event_id(
-                "acme/spp",
-                "abc",
-                EventType::Delete,
-                "approval_policy",
-                "x",
-                "0"
-            )
-        );
-        assert_ne!(
-            a,
-            event_id(
-                "acme/spp",
-                "abc",
-                EventType::Create,
-                "approval_policy",
-                "x",
-                "1"
-            )
-        );
-        assert_ne!(
-            a,
-            event_id(
-                "acme/spp",
-                "abd",
-                EventType::Create,
-                "approval_policy",
-                "x",
-                "0"
-            )
-        );
+        assert_ne!(a, event_id("acme/spp", "abc", EventType::Delete, "approval_policy", "x", "0"));
+        assert_ne!(a, event_id("acme/spp", "abc", EventType::Create, "approval_policy", "x", "1"));
+        assert_ne!(a, event_id("acme/spp", "abd", EventType::Create, "approval_policy", "x", "0"));
     }
 
     #[test]

@@ -71,21 +71,9 @@ impl Summary {
 
 /// The directory of a project's mirror: readable name plus a hash, so paths never collide.
 pub fn mirror_dir(config: &Config, project: &Project) -> PathBuf {
-    let readable: String = project
-        .path
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    config.mirrors_dir().join(format!(
-        "{readable}-{:08x}.git",
-        crc32fast::hash(project.path.as_bytes())
-    ))
+    let readable: String =
+        project.path.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    config.mirrors_dir().join(format!("{readable}-{:08x}.git", crc32fast::hash(project.path.as_bytes())))
 }
 
 /// Reconciles one project. `now` is the clock (passed in so tests control `detected_at`).
@@ -103,20 +91,13 @@ pub fn reconcile_project(
     };
     let started = Instant::now();
     let mirror = Mirror::open_or_init(&mirror_dir(config, project), &project.branch)?;
-    let tip = repo::fetch(
-        &mirror,
-        &project.url,
-        project.token.as_ref(),
-        config.fetch_timeout,
-    )?
-    .tip;
+    let tip = repo::fetch(&mirror, &project.url, project.token.as_ref(), config.fetch_timeout)?.tip;
     summary.timings.fetch_ms = ms(started.elapsed());
     summary.to = tip.to_string();
 
     let cursor = store.cursor(&project.path)?;
     summary.from = cursor.as_ref().map(|c| c.commit.clone());
-    let backfill =
-        options.backfill || (cursor.is_none() && project.initial_sync == InitialSync::Backfill);
+    let backfill = options.backfill || (cursor.is_none() && project.initial_sync == InitialSync::Backfill);
     if let Some(c) = &cursor
         && c.commit == summary.to
         && !backfill
@@ -127,18 +108,14 @@ pub fn reconcile_project(
     summary.backfill = backfill;
     let mut walker = Walker::new(config, project, &mirror, &mut summary, options.progress);
     let (state, plan) = match (&cursor, backfill) {
-        (_, true) => (
-            State::before_history(),
-            Plan::Steps(mirror.first_parent_steps(tip, None)?),
-        ),
+        (_, true) => (State::before_history(), Plan::Steps(mirror.first_parent_steps(tip, None)?)),
         (None, false) => (walker.baseline_at(tip)?, Plan::Nothing),
         (Some(c), false) => {
             let since = ObjectId::from_hex(c.commit.as_bytes()).ok();
             match since {
-                Some(since) if mirror.has_commit(since) && mirror.is_ancestor(since, tip)? => (
-                    State::from_cursor(c),
-                    Plan::Steps(mirror.first_parent_steps(tip, Some(since))?),
-                ),
+                Some(since) if mirror.has_commit(since) && mirror.is_ancestor(since, tip)? => {
+                    (State::from_cursor(c), Plan::Steps(mirror.first_parent_steps(tip, Some(since))?))
+                }
                 _ => (State::from_cursor(c), Plan::Rewritten(tip)),
             }
         }
@@ -153,26 +130,14 @@ pub fn reconcile_project(
         Plan::Rewritten(tip) => walker.rewritten(state, tip, emit, now)?,
     };
     for e in &events {
-        *summary
-            .events
-            .entry(e.event_type.name().to_string())
-            .or_default() += 1;
+        *summary.events.entry(e.event_type.name().to_string()).or_default() += 1;
     }
     let stored_at = Instant::now();
-    let new_cursor = Cursor {
-        commit: tip.to_string(),
-        blob: state.blob,
-        baseline: state.baseline,
-        limits: state.limits,
-    };
+    let new_cursor =
+        Cursor { commit: tip.to_string(), blob: state.blob, baseline: state.baseline, limits: state.limits };
     let destinations_for = |e: &AuditEvent| destinations_for(config, e);
-    summary.stored = store.commit_reconcile(
-        &project.path,
-        &new_cursor,
-        &events,
-        &destinations_for,
-        now.as_millisecond(),
-    )?;
+    summary.stored =
+        store.commit_reconcile(&project.path, &new_cursor, &events, &destinations_for, now.as_millisecond())?;
     summary.timings.store_ms = ms(stored_at.elapsed());
     Ok(summary)
 }
@@ -181,12 +146,7 @@ pub fn reconcile_project(
 pub fn destinations_for(config: &Config, event: &AuditEvent) -> Vec<String> {
     let mut paths: Vec<&str> = vec![event.entity_path.as_str()];
     paths.extend(event.details.linked_namespaces.iter().map(String::as_str));
-    config
-        .destinations
-        .iter()
-        .filter(|d| d.wants(event.event_type, &paths))
-        .map(|d| d.name.clone())
-        .collect()
+    config.destinations.iter().filter(|d| d.wants(event.event_type, &paths)).map(|d| d.name.clone()).collect()
 }
 
 enum Plan {
@@ -206,19 +166,11 @@ struct State {
 
 impl State {
     fn before_history() -> State {
-        State {
-            blob: String::new(),
-            baseline: Some(PolicySet::default()),
-            limits: LimitState::new(),
-        }
+        State { blob: String::new(), baseline: Some(PolicySet::default()), limits: LimitState::new() }
     }
 
     fn from_cursor(c: &Cursor) -> State {
-        State {
-            blob: c.blob.clone(),
-            baseline: c.baseline.clone(),
-            limits: c.limits.clone(),
-        }
+        State { blob: c.blob.clone(), baseline: c.baseline.clone(), limits: c.limits.clone() }
     }
 }
 
@@ -267,11 +219,7 @@ impl<'a> Walker<'a> {
     fn baseline_at(&mut self, tip: ObjectId) -> Result<State> {
         let commit = self.mirror.commit(tip)?;
         let blob = self.path.lookup(self.mirror, commit.tree)?;
-        let mut state = State {
-            blob: blob_key(&blob),
-            baseline: None,
-            limits: LimitState::new(),
-        };
+        let mut state = State { blob: blob_key(&blob), baseline: None, limits: LimitState::new() };
         let mut at = Some(commit);
         while let Some(c) = at {
             let blob = self.path.lookup(self.mirror, c.tree)?;
@@ -308,16 +256,7 @@ impl<'a> Walker<'a> {
             self.summary.steps += 1;
             state.blob = key;
             let previous = commit.first_parent.map(|p| p.to_string());
-            self.step(
-                &mut state,
-                &commit,
-                &blob,
-                previous.as_deref(),
-                false,
-                emit,
-                now,
-                &mut events,
-            )?;
+            self.step(&mut state, &commit, &blob, previous.as_deref(), false, emit, now, &mut events)?;
         }
         bar.finish_and_clear();
         Ok((state, events))
@@ -341,16 +280,7 @@ impl<'a> Walker<'a> {
         if key != state.blob {
             self.summary.steps = 1;
             state.blob = key;
-            self.step(
-                &mut state,
-                &commit,
-                &blob,
-                previous.as_deref(),
-                true,
-                emit,
-                now,
-                &mut events,
-            )?;
+            self.step(&mut state, &commit, &blob, previous.as_deref(), true, emit, now, &mut events)?;
         }
         Ok((state, events))
     }
@@ -402,10 +332,7 @@ impl<'a> Walker<'a> {
                         events.push(ctx.limit_event(b));
                     }
                 }
-                state.limits = breaches
-                    .into_iter()
-                    .map(|b| (b.policy_type, b.skipped))
-                    .collect();
+                state.limits = breaches.into_iter().map(|b| (b.policy_type, b.skipped)).collect();
                 state.baseline = Some(set);
             }
         }
@@ -435,19 +362,11 @@ impl<'a> Walker<'a> {
     fn read_and_parse(&self, id: ObjectId) -> Result<PolicySet, String> {
         let file = &self.project.policy_file;
         let max = self.config.max_policy_file_bytes;
-        let size = self
-            .mirror
-            .blob_size(id)
-            .map_err(|e| format!("{file}: {e:#}"))?;
+        let size = self.mirror.blob_size(id).map_err(|e| format!("{file}: {e:#}"))?;
         if size > max {
-            return Err(format!(
-                "{file} is {size} bytes, over the limit of {max} bytes (max_policy_file_bytes)"
-            ));
+            return Err(format!("{file} is {size} bytes, over the limit of {max} bytes (max_policy_file_bytes)"));
         }
-        let bytes = self
-            .mirror
-            .read_blob(id)
-            .map_err(|e| format!("{file}: {e:#}"))?;
+        let bytes = self.mirror.read_blob(id).map_err(|e| format!("{file}: {e:#}"))?;
         policy::parse(&bytes).map_err(|e| e.reason)
     }
 
@@ -457,10 +376,8 @@ impl<'a> Walker<'a> {
             return indicatif::ProgressBar::hidden();
         }
         let bar = indicatif::ProgressBar::new(len as u64);
-        let style = indicatif::ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} commits ({eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} commits ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
         bar.set_style(style.progress_chars("=> "));
         bar.set_prefix(self.project.path.clone());
         bar
@@ -478,10 +395,7 @@ fn same_names(before: Option<&Vec<String>>, after: &[String]) -> bool {
 }
 
 fn limit_map(set: &PolicySet, project: &Project) -> LimitState {
-    limit_breaches(set, &project.limits)
-        .into_iter()
-        .map(|b| (b.policy_type, b.skipped))
-        .collect()
+    limit_breaches(set, &project.limits).into_iter().map(|b| (b.policy_type, b.skipped)).collect()
 }
 
 fn ms(d: Duration) -> f64 {
@@ -505,7 +419,8 @@ pub fn reconcile_all(
     projects
         .iter()
         .map(|p| {
-            let result = reconcile_project(config, store, p, options, now()).with_context(|| format!("project {}", p.path));
+            let result =
+                reconcile_project(config, store, p, options, now()).with_context(|| format!("project {}", p.path));
             let mut status = store.project_status(&p.path).unwrap_or_default();
             let at = crate::event::rfc3339_millis(now());
             status.last_run_at = Some(at.clone());

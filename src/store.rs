@@ -69,6 +69,11 @@ pub struct EventQuery {
 }
 
 pub struct Store {
+    /// Held for a whole delivery round: two rounds at once could send an event twice or out
+    /// of order.
+    delivery_round: std::sync::Mutex<()>,
+    /// Held for a whole reconcile: two at once would walk the same steps twice.
+    reconcile_run: std::sync::Mutex<()>,
     db: sled::Db,
     cursors: sled::Tree,
     events: sled::Tree,
@@ -93,10 +98,8 @@ impl Store {
             ),
             other => anyhow!("cannot open the state database {}: {other}", dir.display()),
         })?;
-        let tree = |name: &str| {
-            db.open_tree(name)
-                .with_context(|| format!("cannot open tree {name} in {}", dir.display()))
-        };
+        let tree =
+            |name: &str| db.open_tree(name).with_context(|| format!("cannot open tree {name} in {}", dir.display()));
         Ok(Store {
             cursors: tree("cursors")?,
             events: tree("events")?,
@@ -105,15 +108,24 @@ impl Store {
             dead: tree("dead")?,
             meta: tree("meta")?,
             status: tree("status")?,
+            delivery_round: std::sync::Mutex::new(()),
+            reconcile_run: std::sync::Mutex::new(()),
             db,
         })
     }
 
+    /// Serialises delivery rounds on this store.
+    pub fn lock_delivery(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.delivery_round.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Serialises reconciles on this store.
+    pub fn lock_reconcile(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.reconcile_run.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub fn cursor(&self, project: &str) -> Result<Option<Cursor>> {
-        self.cursors
-            .get(project)?
-            .map(|v| decode(&v, "cursor"))
-            .transpose()
+        self.cursors.get(project)?.map(|v| decode(&v, "cursor")).transpose()
     }
 
     /// Stores a reconcile's events with one outbox entry per destination that wants each, and
@@ -128,18 +140,10 @@ impl Store {
         now_ms: i64,
     ) -> Result<usize> {
         let cursor_bytes = serde_json::to_vec(cursor)?;
-        let encoded: Vec<(Vec<u8>, Vec<String>)> = events
-            .iter()
-            .map(|e| Ok((serde_json::to_vec(e)?, destinations_for(e))))
-            .collect::<Result<_>>()?;
-        let result = (
-            &self.cursors,
-            &self.events,
-            &self.event_ids,
-            &self.outbox,
-            &self.meta,
-        )
-            .transaction(|(cursors, tx_events, ids, outbox, meta)| {
+        let encoded: Vec<(Vec<u8>, Vec<String>)> =
+            events.iter().map(|e| Ok((serde_json::to_vec(e)?, destinations_for(e)))).collect::<Result<_>>()?;
+        let result = (&self.cursors, &self.events, &self.event_ids, &self.outbox, &self.meta).transaction(
+            |(cursors, tx_events, ids, outbox, meta)| {
                 let mut seq = meta.get(NEXT_SEQ)?.map(|v| be_u64(&v)).unwrap_or(0);
                 let mut stored = 0;
                 for (event, (bytes, dests)) in events.iter().zip(&encoded) {
@@ -170,21 +174,16 @@ impl Store {
                 meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
                 cursors.insert(project.as_bytes(), cursor_bytes.as_slice())?;
                 Ok(stored)
-            });
-        let stored = result.map_err(|e: TransactionError<String>| {
-            anyhow!("store transaction for {project} failed: {e}")
-        })?;
+            },
+        );
+        let stored =
+            result.map_err(|e: TransactionError<String>| anyhow!("store transaction for {project} failed: {e}"))?;
         self.db.flush().context("cannot flush the state database")?;
         Ok(stored)
     }
 
     pub fn project_status(&self, project: &str) -> Result<ProjectStatus> {
-        Ok(self
-            .status
-            .get(project)?
-            .map(|v| decode(&v, "status"))
-            .transpose()?
-            .unwrap_or_default())
+        Ok(self.status.get(project)?.map(|v| decode(&v, "status")).transpose()?.unwrap_or_default())
     }
 
     pub fn set_project_status(&self, project: &str, status: &ProjectStatus) -> Result<()> {
@@ -195,11 +194,7 @@ impl Store {
 
     /// Projects that have a cursor (including ones no longer configured).
     pub fn synced_projects(&self) -> Result<Vec<String>> {
-        self.cursors
-            .iter()
-            .keys()
-            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
-            .collect()
+        self.cursors.iter().keys().map(|k| Ok(String::from_utf8_lossy(&k?).into_owned())).collect()
     }
 
     pub fn event_count(&self) -> usize {
@@ -207,10 +202,7 @@ impl Store {
     }
 
     pub fn event(&self, seq: u64) -> Result<Option<AuditEvent>> {
-        self.events
-            .get(seq.to_be_bytes())?
-            .map(|v| decode(&v, "event"))
-            .transpose()
+        self.events.get(seq.to_be_bytes())?.map(|v| decode(&v, "event")).transpose()
     }
 
     /// Matching events, oldest first (by `created_at`, then by storage order).
@@ -256,27 +248,19 @@ impl Store {
         match self.outbox.range(start..).next() {
             Some(item) => {
                 let (k, v) = item?;
-                if k.starts_with(&prefix) {
-                    Ok(Some(decode(&v, "delivery")?))
-                } else {
-                    Ok(None)
-                }
+                if k.starts_with(&prefix) { Ok(Some(decode(&v, "delivery")?)) } else { Ok(None) }
             }
             None => Ok(None),
         }
     }
 
     pub fn reschedule(&self, delivery: &Delivery) -> Result<()> {
-        self.outbox.insert(
-            delivery_key(&delivery.destination, delivery.seq),
-            serde_json::to_vec(delivery)?,
-        )?;
+        self.outbox.insert(delivery_key(&delivery.destination, delivery.seq), serde_json::to_vec(delivery)?)?;
         Ok(())
     }
 
     pub fn delivered(&self, delivery: &Delivery) -> Result<()> {
-        self.outbox
-            .remove(delivery_key(&delivery.destination, delivery.seq))?;
+        self.outbox.remove(delivery_key(&delivery.destination, delivery.seq))?;
         Ok(())
     }
 
@@ -290,9 +274,7 @@ impl Store {
                 dead.insert(key.as_slice(), value.as_slice())?;
                 Ok::<_, ConflictableTransactionError<String>>(())
             })
-            .map_err(|e: TransactionError<String>| {
-                anyhow!("cannot move delivery to dead letters: {e}")
-            })
+            .map_err(|e: TransactionError<String>| anyhow!("cannot move delivery to dead letters: {e}"))
     }
 
     /// Puts dead deliveries (of one destination, or all) back into the outbox, due now, with
@@ -348,22 +330,12 @@ impl EventQuery {
         let author = self.author.as_ref().map(|a| a.to_lowercase());
         (self.projects.is_empty() || self.projects.iter().any(|p| p == &e.entity_path))
             && (self.event_types.is_empty() || self.event_types.contains(&e.event_type))
-            && self
-                .policy
-                .as_ref()
-                .is_none_or(|p| e.details.policy_name.as_deref() == Some(p.as_str()))
+            && self.policy.as_ref().is_none_or(|p| e.details.policy_name.as_deref() == Some(p.as_str()))
             && author.is_none_or(|a| {
-                e.author_name.to_lowercase().contains(&a)
-                    || e.details.author_email.to_lowercase().contains(&a)
+                e.author_name.to_lowercase().contains(&a) || e.details.author_email.to_lowercase().contains(&a)
             })
-            && self
-                .since
-                .as_ref()
-                .is_none_or(|s| e.created_at.as_str() >= s.as_str())
-            && self
-                .until
-                .as_ref()
-                .is_none_or(|u| e.created_at.as_str() <= u.as_str())
+            && self.since.as_ref().is_none_or(|s| e.created_at.as_str() >= s.as_str())
+            && self.until.as_ref().is_none_or(|u| e.created_at.as_str() <= u.as_str())
     }
 }
 
@@ -392,8 +364,7 @@ fn be_u64(bytes: &[u8]) -> u64 {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
-    serde_json::from_slice(bytes)
-        .with_context(|| format!("corrupt {what} record in the state database"))
+    serde_json::from_slice(bytes).with_context(|| format!("corrupt {what} record in the state database"))
 }
 
 /// Creates `dir` (and parents) readable by the owner only: it holds mirrors and the trail.

@@ -42,16 +42,12 @@ fn delivery(n: usize) -> anyhow::Result<()> {
          [[destinations]]\nname = \"bench\"\nurl = \"{}\"\nsigning_secret_file = \"secret\"\n",
         receiver.url
     );
-    let config = Config::parse(&tmp.path().join("config.toml"), &text)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = Config::parse(&tmp.path().join("config.toml"), &text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open(&config.db_dir())?;
 
     // Realistic events: one create of a real-sized approval policy, each with its own commit.
     let set = parse(include_bytes!("../../benches/data/approval_policy.yml"))?;
-    let change = diff(&PolicySet::default(), &set)
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("no change"))?;
+    let change = diff(&PolicySet::default(), &set).into_iter().next().ok_or_else(|| anyhow::anyhow!("no change"))?;
     let project = &config.projects[0];
     let started = Instant::now();
     let mut batch = Vec::with_capacity(1000);
@@ -97,14 +93,8 @@ fn delivery(n: usize) -> anyhow::Result<()> {
     let received = receiver.received();
     let verified = received.iter().filter(|r| r.signature_ok).count();
     let received = received.len();
-    println!(
-        "delivery benchmark ({n} events, {body_bytes} bytes each, signed, one destination on 127.0.0.1)"
-    );
-    println!(
-        "  store:    {:>8.0} events/s ({:.2} s)",
-        n as f64 / stored.as_secs_f64(),
-        stored.as_secs_f64()
-    );
+    println!("delivery benchmark ({n} events, {body_bytes} bytes each, signed, one destination on 127.0.0.1)");
+    println!("  store:    {:>8.0} events/s ({:.2} s)", n as f64 / stored.as_secs_f64(), stored.as_secs_f64());
     println!(
         "  delivery: {:>8.0} events/s ({:.2} s, {delivered} delivered, {received} received)",
         delivered as f64 / drained.as_secs_f64(),

@@ -10,10 +10,7 @@ use crate::stream::{Clock, DestinationReport, SystemClock, deliver_due};
 pub fn run(config: &Config, store: &Store, args: &DeliveriesArgs) -> Output {
     if let Some(name) = &args.destination
         && !config.destinations.iter().any(|d| &d.name == name)
-        && !store
-            .destinations_with_entries()
-            .unwrap_or_default()
-            .contains(name)
+        && !store.destinations_with_entries().unwrap_or_default().contains(name)
     {
         return Output::unusable(format!(
             "destination {name:?} is not in {} and has no deliveries",
@@ -29,10 +26,7 @@ pub fn run(config: &Config, store: &Store, args: &DeliveriesArgs) -> Output {
 fn retry(config: &Config, store: &Store, destination: Option<&str>) -> Output {
     let mut out = Output::default();
     match store.requeue_dead(destination, SystemClock.now_ms()) {
-        Ok(n) => out.out_line(format!(
-            "re-queued {n} dead deliver{}",
-            if n == 1 { "y" } else { "ies" }
-        )),
+        Ok(n) => out.out_line(format!("re-queued {n} dead deliver{}", if n == 1 { "y" } else { "ies" })),
         Err(e) => return Output::unusable(format!("{e:#}")),
     }
     deliver_now(config, store, &mut out);
@@ -64,27 +58,17 @@ fn list(store: &Store, args: &DeliveriesArgs) -> Output {
                 v
             })
             .collect();
-        return Output {
-            stdout: serde_json::to_string_pretty(&items).unwrap_or_default() + "\n",
-            ..Output::default()
-        };
+        return Output { stdout: serde_json::to_string_pretty(&items).unwrap_or_default() + "\n", ..Output::default() };
     }
     if rows.is_empty() {
-        return Output {
-            stdout: "no deliveries\n".into(),
-            ..Output::default()
-        };
+        return Output { stdout: "no deliveries\n".into(), ..Output::default() };
     }
     let mut text = format!(
         "{:<16} {:<8} {:<36} {:<33} {:>8}  {:<24}  LAST ERROR\n",
         "DESTINATION", "STATE", "EVENT", "TYPE", "ATTEMPTS", "NEXT ATTEMPT"
     );
     for (state, d) in &rows {
-        let next = if *state == "dead" {
-            "-".to_string()
-        } else {
-            time(d.next_attempt_at)
-        };
+        let next = if *state == "dead" { "-".to_string() } else { time(d.next_attempt_at) };
         text.push_str(&format!(
             "{:<16} {:<8} {:<36} {:<33} {:>8}  {:<24}  {}\n",
             d.destination,
@@ -96,16 +80,11 @@ fn list(store: &Store, args: &DeliveriesArgs) -> Output {
             d.last_error.as_deref().unwrap_or("-")
         ));
     }
-    Output {
-        stdout: text,
-        ..Output::default()
-    }
+    Output { stdout: text, ..Output::default() }
 }
 
 fn time(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms)
-        .map(rfc3339_millis)
-        .unwrap_or_else(|_| ms.to_string())
+    jiff::Timestamp::from_millisecond(ms).map(rfc3339_millis).unwrap_or_else(|_| ms.to_string())
 }
 
 /// Delivers what is due and prints one line per destination; a delivery that went dead makes
@@ -143,16 +122,9 @@ pub fn deliver_now(config: &Config, store: &Store, out: &mut Output) -> Vec<Dest
 pub fn describe(r: &DestinationReport) -> String {
     let mut line = format!("destination {}: {} delivered", r.destination, r.delivered);
     if r.pending > 0 {
-        let next = r
-            .next_attempt_at
-            .map(|t| format!(", next attempt at {}", time(t)))
-            .unwrap_or_default();
-        let why = r
-            .last_error
-            .as_ref()
-            .filter(|_| r.retried > 0)
-            .map(|e| format!(" (last error: {e})"))
-            .unwrap_or_default();
+        let next = r.next_attempt_at.map(|t| format!(", next attempt at {}", time(t))).unwrap_or_default();
+        let why =
+            r.last_error.as_ref().filter(|_| r.retried > 0).map(|e| format!(" (last error: {e})")).unwrap_or_default();
         line.push_str(&format!(", {} queued for retry{next}{why}", r.pending));
     }
     if r.dead > 0 {

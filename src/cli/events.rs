@@ -8,18 +8,11 @@ pub fn run(store: &Store, args: &EventsArgs) -> Output {
     let query = match query_of(args) {
         Ok(q) => q,
         Err(e) => {
-            return Output {
-                stderr: format!("error: {e}\n"),
-                code: EXIT_UNUSABLE,
-                ..Output::default()
-            };
+            return Output { stderr: format!("error: {e}\n"), code: EXIT_UNUSABLE, ..Output::default() };
         }
     };
     match store.events(&query) {
-        Ok(events) => Output {
-            stdout: render(&events, args.format),
-            ..Output::default()
-        },
+        Ok(events) => Output { stdout: render(&events, args.format), ..Output::default() },
         Err(e) => Output::unusable(format!("{e:#}")),
     }
 }
@@ -27,16 +20,9 @@ pub fn run(store: &Store, args: &EventsArgs) -> Output {
 fn query_of(args: &EventsArgs) -> Result<EventQuery, String> {
     let mut event_types = Vec::new();
     for t in &args.types {
-        let full = if t.starts_with("security_policy_") {
-            t.clone()
-        } else {
-            format!("security_policy_{t}")
-        };
+        let full = if t.starts_with("security_policy_") { t.clone() } else { format!("security_policy_{t}") };
         let parsed = EventType::from_name(&full).ok_or_else(|| {
-            format!(
-                "--type {t:?} is not an event type (one of: {})",
-                EventType::ALL.map(EventType::name).join(", ")
-            )
+            format!("--type {t:?} is not an event type (one of: {})", EventType::ALL.map(EventType::name).join(", "))
         })?;
         event_types.push(parsed);
     }
@@ -45,16 +31,8 @@ fn query_of(args: &EventsArgs) -> Result<EventQuery, String> {
         event_types,
         policy: args.policy.clone(),
         author: args.author.clone(),
-        since: args
-            .since
-            .as_deref()
-            .map(|s| time_bound(s, false))
-            .transpose()?,
-        until: args
-            .until
-            .as_deref()
-            .map(|s| time_bound(s, true))
-            .transpose()?,
+        since: args.since.as_deref().map(|s| time_bound(s, false)).transpose()?,
+        until: args.until.as_deref().map(|s| time_bound(s, true)).transpose()?,
         limit: args.limit,
     })
 }
@@ -64,27 +42,18 @@ fn time_bound(text: &str, end_of_day: bool) -> Result<String, String> {
     if let Ok(ts) = text.parse::<jiff::Timestamp>() {
         return Ok(rfc3339_millis(ts));
     }
-    let date: jiff::civil::Date = text.parse().map_err(|_| format!("{text:?} is not a time (use RFC 3339 like 2024-03-01T10:00:00Z, or a date like 2024-03-01)"))?;
-    let time = if end_of_day {
-        jiff::civil::time(23, 59, 59, 999_000_000)
-    } else {
-        jiff::civil::time(0, 0, 0, 0)
-    };
-    let ts = date
-        .to_datetime(time)
-        .to_zoned_datetime(jiff::tz::TimeZone::UTC)
-        .map_err(|e| e.to_string())?
-        .timestamp();
+    let date: jiff::civil::Date = text.parse().map_err(|_| {
+        format!("{text:?} is not a time (use RFC 3339 like 2024-03-01T10:00:00Z, or a date like 2024-03-01)")
+    })?;
+    let time = if end_of_day { jiff::civil::time(23, 59, 59, 999_000_000) } else { jiff::civil::time(0, 0, 0, 0) };
+    let ts = date.to_datetime(time).to_zoned_datetime(jiff::tz::TimeZone::UTC).map_err(|e| e.to_string())?.timestamp();
     Ok(rfc3339_millis(ts))
 }
 
 pub fn render(events: &[AuditEvent], format: Format) -> String {
     match format {
         Format::Json => serde_json::to_string_pretty(events).unwrap_or_default() + "\n",
-        Format::Jsonl => events
-            .iter()
-            .map(|e| serde_json::to_string(e).unwrap_or_default() + "\n")
-            .collect(),
+        Format::Jsonl => events.iter().map(|e| serde_json::to_string(e).unwrap_or_default() + "\n").collect(),
         Format::Csv => csv(events),
         Format::Table => table(events),
     }
@@ -99,11 +68,7 @@ fn what(e: &AuditEvent) -> String {
         (Some(t), Some(n)) => format!("{t} \"{n}\""),
         (Some(t), None) => format!(
             "{t}: skipped {}",
-            e.details
-                .active_skipped_policies_names
-                .as_deref()
-                .unwrap_or_default()
-                .join(", ")
+            e.details.active_skipped_policies_names.as_deref().unwrap_or_default().join(", ")
         ),
         _ => e.details.invalid_reason.clone().unwrap_or_default(),
     }
@@ -116,12 +81,7 @@ fn table(events: &[AuditEvent]) -> String {
     let rows: Vec<[String; 6]> = events
         .iter()
         .map(|e| {
-            let mr = e
-                .details
-                .merge_request
-                .as_ref()
-                .map(|m| format!(" !{}", m.iid))
-                .unwrap_or_default();
+            let mr = e.details.merge_request.as_ref().map(|m| format!(" !{}", m.iid)).unwrap_or_default();
             let mut what = what(e);
             if let Some(changes) = &e.details.changes {
                 let paths: Vec<&str> = changes.iter().map(|c| c.path.as_str()).collect();
@@ -198,11 +158,7 @@ fn csv(events: &[AuditEvent]) -> String {
     ]);
     for e in events {
         let d = &e.details;
-        let mr = d
-            .merge_request
-            .as_ref()
-            .map(|m| format!("{}!{}", m.project, m.iid))
-            .unwrap_or_default();
+        let mr = d.merge_request.as_ref().map(|m| format!("{}!{}", m.project, m.iid)).unwrap_or_default();
         let _ = w.write_record([
             e.id.as_str(),
             &e.created_at,

@@ -17,10 +17,7 @@ pub fn run(config: &Config, store: &Store, args: &ReconcileArgs) -> Output {
             match config.projects.iter().find(|p| &p.path == path) {
                 Some(p) => chosen.push(p),
                 None => {
-                    out.err_line(format!(
-                        "error: project {path:?} is not in {}",
-                        config.source.display()
-                    ));
+                    out.err_line(format!("error: project {path:?} is not in {}", config.source.display()));
                     out.code = EXIT_UNUSABLE;
                 }
             }
@@ -30,10 +27,7 @@ pub fn run(config: &Config, store: &Store, args: &ReconcileArgs) -> Output {
         }
         chosen
     };
-    let options = Options {
-        backfill: args.backfill,
-        progress: !args.json,
-    };
+    let options = Options { backfill: args.backfill, progress: !args.json };
     let results = reconcile_all(config, store, &projects, &options, jiff::Timestamp::now);
     let mut json_rows = Vec::new();
     for (path, result) in &results {
@@ -84,17 +78,9 @@ fn short(sha: &str) -> &str {
 
 /// One readable line per project.
 pub fn describe(s: &Summary) -> String {
-    let flag = if s.flag_enabled {
-        ""
-    } else {
-        " (feature flag off: no events made)"
-    };
+    let flag = if s.flag_enabled { "" } else { " (feature flag off: no events made)" };
     if s.first_sync.as_deref() == Some("baseline") {
-        return format!(
-            "{}: first sync, baseline recorded at {} (no events){flag}",
-            s.project,
-            short(&s.to)
-        );
+        return format!("{}: first sync, baseline recorded at {} (no events){flag}", s.project, short(&s.to));
     }
     if s.commits == 0 && s.first_sync.is_none() {
         return format!("{}: up to date at {}", s.project, short(&s.to));
@@ -103,27 +89,12 @@ pub fn describe(s: &Summary) -> String {
         Some(from) if !s.backfill => format!("{}..{}", short(from), short(&s.to)),
         _ => format!("root..{}", short(&s.to)),
     };
-    let counts: Vec<String> = s
-        .events
-        .iter()
-        .map(|(t, n)| format!("{} {n}", t.trim_start_matches("security_policy_")))
-        .collect();
-    let counts = if counts.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", counts.join(", "))
-    };
+    let counts: Vec<String> =
+        s.events.iter().map(|(t, n)| format!("{} {n}", t.trim_start_matches("security_policy_"))).collect();
+    let counts = if counts.is_empty() { String::new() } else { format!(" ({})", counts.join(", ")) };
     let replayed = s.event_total() - s.stored;
-    let replayed = if replayed > 0 {
-        format!(", {replayed} already stored")
-    } else {
-        String::new()
-    };
-    let rewritten = if s.history_rewritten {
-        " [history rewritten]"
-    } else {
-        ""
-    };
+    let replayed = if replayed > 0 { format!(", {replayed} already stored") } else { String::new() };
+    let rewritten = if s.history_rewritten { " [history rewritten]" } else { "" };
     format!(
         "{}: {} commit(s), {} policy change step(s), {} event(s) stored{counts}{replayed} [{range}]{rewritten}{flag}",
         s.project, s.commits, s.steps, s.stored

@@ -8,14 +8,10 @@ use serde_json::json;
 
 pub fn run(config: &Config, store: &Store, args: &StatusArgs) -> Output {
     match collect(config, store) {
-        Ok(report) if args.json => Output {
-            stdout: serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
-            ..Output::default()
-        },
-        Ok(report) => Output {
-            stdout: text(&report),
-            ..Output::default()
-        },
+        Ok(report) if args.json => {
+            Output { stdout: serde_json::to_string_pretty(&report).unwrap_or_default() + "\n", ..Output::default() }
+        }
+        Ok(report) => Output { stdout: text(&report), ..Output::default() },
         Err(e) => Output::unusable(format!("{e:#}")),
     }
 }
@@ -38,11 +34,8 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
         }));
     }
     let configured: Vec<&str> = config.projects.iter().map(|p| p.path.as_str()).collect();
-    let unconfigured: Vec<String> = store
-        .synced_projects()?
-        .into_iter()
-        .filter(|p| !configured.contains(&p.as_str()))
-        .collect();
+    let unconfigured: Vec<String> =
+        store.synced_projects()?.into_iter().filter(|p| !configured.contains(&p.as_str())).collect();
     let mut destinations = Vec::new();
     for d in &config.destinations {
         destinations.push(destination(store, &d.name)?);
@@ -65,26 +58,14 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
 
 /// Names with deliveries in the store but no `[[destinations]]` entry.
 pub fn removed_destinations(config: &Config, store: &Store) -> anyhow::Result<Vec<String>> {
-    let configured: Vec<&str> = config
-        .destinations
-        .iter()
-        .map(|d| d.name.as_str())
-        .collect();
-    Ok(store
-        .destinations_with_entries()?
-        .into_iter()
-        .filter(|n| !configured.contains(&n.as_str()))
-        .collect())
+    let configured: Vec<&str> = config.destinations.iter().map(|d| d.name.as_str()).collect();
+    Ok(store.destinations_with_entries()?.into_iter().filter(|n| !configured.contains(&n.as_str())).collect())
 }
 
 fn destination(store: &Store, name: &str) -> anyhow::Result<serde_json::Value> {
     let pending = store.pending(Some(name))?;
     let dead = store.dead(Some(name))?;
-    let last_error = pending
-        .iter()
-        .chain(&dead)
-        .filter_map(|d| d.last_error.clone())
-        .next_back();
+    let last_error = pending.iter().chain(&dead).filter_map(|d| d.last_error.clone()).next_back();
     let oldest = pending.iter().map(|d| d.enqueued_at).min();
     Ok(json!({
         "name": name,
@@ -96,64 +77,24 @@ fn destination(store: &Store, name: &str) -> anyhow::Result<serde_json::Value> {
 }
 
 fn text(report: &serde_json::Value) -> String {
-    let str_of =
-        |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
+    let str_of = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
     let mut s = format!("events stored: {}\n", report["events"]);
     for p in report["projects"].as_array().into_iter().flatten() {
-        let cursor = p["cursor"]
-            .as_str()
-            .map(|c| c.get(..12).unwrap_or(c).to_string());
-        s.push_str(&format!(
-            "project {} ({})\n",
-            str_of(&p["path"]),
-            str_of(&p["branch"])
-        ));
-        s.push_str(&format!(
-            "  cursor:        {}\n",
-            cursor.unwrap_or_else(|| "never synced".into())
-        ));
-        s.push_str(&format!(
-            "  last success:  {}\n",
-            str_of(&p["last_success_at"])
-        ));
+        let cursor = p["cursor"].as_str().map(|c| c.get(..12).unwrap_or(c).to_string());
+        s.push_str(&format!("project {} ({})\n", str_of(&p["path"]), str_of(&p["branch"])));
+        s.push_str(&format!("  cursor:        {}\n", cursor.unwrap_or_else(|| "never synced".into())));
+        s.push_str(&format!("  last success:  {}\n", str_of(&p["last_success_at"])));
         if !p["last_error"].is_null() {
-            s.push_str(&format!(
-                "  last error:    {} ({})\n",
-                str_of(&p["last_error"]),
-                str_of(&p["last_error_at"])
-            ));
+            s.push_str(&format!("  last error:    {} ({})\n", str_of(&p["last_error"]), str_of(&p["last_error_at"])));
         }
-        s.push_str(&format!(
-            "  feature flag:  {}\n",
-            str_of(&p["feature_flag"])
-        ));
+        s.push_str(&format!("  feature flag:  {}\n", str_of(&p["feature_flag"])));
     }
-    for u in report["unconfigured_projects_with_state"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        s.push_str(&format!(
-            "project {} has state but is no longer configured\n",
-            str_of(u)
-        ));
+    for u in report["unconfigured_projects_with_state"].as_array().into_iter().flatten() {
+        s.push_str(&format!("project {} has state but is no longer configured\n", str_of(u)));
     }
-    let removed = report["removed_destinations"]
-        .as_array()
-        .into_iter()
-        .flatten();
-    for d in report["destinations"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .chain(removed)
-    {
-        s.push_str(&format!(
-            "destination {}: {} pending, {} dead",
-            str_of(&d["name"]),
-            d["pending"],
-            d["dead"]
-        ));
+    let removed = report["removed_destinations"].as_array().into_iter().flatten();
+    for d in report["destinations"].as_array().into_iter().flatten().chain(removed) {
+        s.push_str(&format!("destination {}: {} pending, {} dead", str_of(&d["name"]), d["pending"], d["dead"]));
         if d["removed_from_config"] == json!(true) {
             s.push_str(" (no longer in the config: kept, not delivered)");
         }

@@ -9,10 +9,7 @@ pub const FLAG_NAME: &str = "security_policy_audit_events";
 pub enum FeatureFlag {
     On,
     Off,
-    Gates {
-        actors: Vec<String>,
-        percentage_of_actors: f64,
-    },
+    Gates { actors: Vec<String>, percentage_of_actors: f64 },
 }
 
 impl FeatureFlag {
@@ -21,20 +18,13 @@ impl FeatureFlag {
             toml::Value::Boolean(true) => Ok(FeatureFlag::On),
             toml::Value::Boolean(false) => Ok(FeatureFlag::Off),
             toml::Value::Table(_) => {
-                let gates: super::raw::RawFlagGates = value
-                    .clone()
-                    .try_into()
-                    .map_err(|e: toml::de::Error| e.message().to_string())?;
+                let gates: super::raw::RawFlagGates =
+                    value.clone().try_into().map_err(|e: toml::de::Error| e.message().to_string())?;
                 let pct = gates.percentage_of_actors.unwrap_or(0.0);
                 if !(0.0..=100.0).contains(&pct) {
-                    return Err(format!(
-                        "`percentage_of_actors` must be between 0 and 100, found {pct}"
-                    ));
+                    return Err(format!("`percentage_of_actors` must be between 0 and 100, found {pct}"));
                 }
-                Ok(FeatureFlag::Gates {
-                    actors: gates.actors,
-                    percentage_of_actors: pct,
-                })
+                Ok(FeatureFlag::Gates { actors: gates.actors, percentage_of_actors: pct })
             }
             other => Err(format!(
                 "expected true, false or {{ actors = [...], percentage_of_actors = N }}, found a {}",
@@ -47,10 +37,9 @@ impl FeatureFlag {
         match self {
             FeatureFlag::On => true,
             FeatureFlag::Off => false,
-            FeatureFlag::Gates {
-                actors,
-                percentage_of_actors,
-            } => actors.iter().any(|a| a == actor) || in_percentage(actor, *percentage_of_actors),
+            FeatureFlag::Gates { actors, percentage_of_actors } => {
+                actors.iter().any(|a| a == actor) || in_percentage(actor, *percentage_of_actors)
+            }
         }
     }
 
@@ -59,10 +48,7 @@ impl FeatureFlag {
         match self {
             FeatureFlag::On => "on (globally)".into(),
             FeatureFlag::Off => "off (globally)".into(),
-            FeatureFlag::Gates {
-                actors,
-                percentage_of_actors,
-            } => {
+            FeatureFlag::Gates { actors, percentage_of_actors } => {
                 if actors.iter().any(|a| a == actor) {
                     "on (listed actor)".into()
                 } else if in_percentage(actor, *percentage_of_actors) {
@@ -87,28 +73,14 @@ mod tests {
 
     #[test]
     fn percentage_is_stable_and_roughly_proportional() {
-        let flag = FeatureFlag::Gates {
-            actors: vec![],
-            percentage_of_actors: 25.0,
-        };
-        let on = (0..4000)
-            .filter(|i| flag.enabled_for(&format!("group/spp-{i}")))
-            .count();
+        let flag = FeatureFlag::Gates { actors: vec![], percentage_of_actors: 25.0 };
+        let on = (0..4000).filter(|i| flag.enabled_for(&format!("group/spp-{i}"))).count();
         assert!((800..1200).contains(&on), "25% of 4000 actors, got {on}");
-        assert_eq!(
-            flag.enabled_for("acme/security-policies"),
-            flag.enabled_for("acme/security-policies")
-        );
-        let none = FeatureFlag::Gates {
-            actors: vec!["a/b".into()],
-            percentage_of_actors: 0.0,
-        };
+        assert_eq!(flag.enabled_for("acme/security-policies"), flag.enabled_for("acme/security-policies"));
+        let none = FeatureFlag::Gates { actors: vec!["a/b".into()], percentage_of_actors: 0.0 };
         assert!(none.enabled_for("a/b"));
         assert!(!none.enabled_for("a/c"));
-        let all = FeatureFlag::Gates {
-            actors: vec![],
-            percentage_of_actors: 100.0,
-        };
+        let all = FeatureFlag::Gates { actors: vec![], percentage_of_actors: 100.0 };
         assert!((0..100).all(|i| all.enabled_for(&format!("x/{i}"))));
     }
 }

@@ -93,10 +93,7 @@ impl Destination {
     pub fn wants(&self, event_type: EventType, paths: &[&str]) -> bool {
         let type_ok = self.event_types.is_empty() || self.event_types.contains(&event_type);
         let ns_ok = self.namespaces.is_empty()
-            || self
-                .namespaces
-                .iter()
-                .any(|prefix| paths.iter().any(|p| path_has_prefix(p, prefix)));
+            || self.namespaces.iter().any(|prefix| paths.iter().any(|p| path_has_prefix(p, prefix)));
         type_ok && ns_ok
     }
 }
@@ -104,10 +101,7 @@ impl Destination {
 /// `acme` is a prefix of `acme` and `acme/web`, not of `acme-corp`.
 pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
     let prefix = prefix.trim_end_matches('/');
-    path == prefix
-        || path
-            .strip_prefix(prefix)
-            .is_some_and(|rest| rest.starts_with('/'))
+    path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Every problem found in a config file, one line each.
@@ -127,34 +121,22 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            errors: vec![format!("{}: cannot read config file: {e}", path.display())],
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { errors: vec![format!("{}: cannot read config file: {e}", path.display())] })?;
         Config::parse(path, &text)
     }
 
     /// Validates config text; `path` names the file in errors and anchors relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let mut checker = Checker {
-            file: path,
-            text,
-            errors: Vec::new(),
-        };
+        let mut checker = Checker { file: path, text, errors: Vec::new() };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let at = e
-                .span()
-                .map(|s| checker.locate(s.start))
-                .unwrap_or_else(|| path.display().to_string());
-            ConfigError {
-                errors: vec![format!("{at}: {}", e.message().trim())],
-            }
+            let at = e.span().map(|s| checker.locate(s.start)).unwrap_or_else(|| path.display().to_string());
+            ConfigError { errors: vec![format!("{at}: {}", e.message().trim())] }
         })?;
         let config = checker.validate(raw);
         match (config, checker.errors.is_empty()) {
             (Some(config), true) => Ok(config),
-            _ => Err(ConfigError {
-                errors: checker.errors,
-            }),
+            _ => Err(ConfigError { errors: checker.errors }),
         }
     }
 
@@ -181,12 +163,7 @@ impl Checker<'_> {
     fn locate(&self, offset: usize) -> String {
         let before = &self.text[..offset.min(self.text.len())];
         let line = before.matches('\n').count() + 1;
-        let col = before
-            .rsplit('\n')
-            .next()
-            .map(|l| l.chars().count())
-            .unwrap_or(0)
-            + 1;
+        let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
         format!("{}:{line}:{col}", self.file.display())
     }
 
@@ -196,20 +173,11 @@ impl Checker<'_> {
     }
 
     fn base_dir(&self) -> PathBuf {
-        let parent = self
-            .file
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let parent = self.file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf())
     }
 
-    fn duration(
-        &mut self,
-        value: &Option<Spanned<String>>,
-        key: &str,
-        default: Duration,
-    ) -> Duration {
+    fn duration(&mut self, value: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
         let Some(v) = value else { return default };
         match humantime::parse_duration(v.get_ref()) {
             Ok(d) if !d.is_zero() => d,
@@ -218,7 +186,10 @@ impl Checker<'_> {
                 default
             }
             Err(e) => {
-                self.error_at(v, format!("`{key}` = {:?} is not a duration ({e}); write e.g. \"10s\", \"5m\", \"24h\"", v.get_ref()));
+                self.error_at(
+                    v,
+                    format!("`{key}` = {:?} is not a duration ({e}); write e.g. \"10s\", \"5m\", \"24h\"", v.get_ref()),
+                );
                 default
             }
         }
@@ -230,13 +201,7 @@ impl Checker<'_> {
             Some(s) => match normalize_cron(s.get_ref()) {
                 Ok(cron) => cron,
                 Err(e) => {
-                    self.error_at(
-                        s,
-                        format!(
-                            "`schedule` = {:?} is not a valid cron expression: {e}",
-                            s.get_ref()
-                        ),
-                    );
+                    self.error_at(s, format!("`schedule` = {:?} is not a valid cron expression: {e}", s.get_ref()));
                     String::new()
                 }
             },
@@ -244,7 +209,13 @@ impl Checker<'_> {
         let timezone = match &raw.timezone {
             None => chrono_tz::UTC,
             Some(tz) => tz.get_ref().parse().unwrap_or_else(|_| {
-                self.error_at(tz, format!("`timezone` = {:?} is not an IANA time zone name (e.g. \"UTC\", \"Europe/Berlin\")", tz.get_ref()));
+                self.error_at(
+                    tz,
+                    format!(
+                        "`timezone` = {:?} is not an IANA time zone name (e.g. \"UTC\", \"Europe/Berlin\")",
+                        tz.get_ref()
+                    ),
+                );
                 chrono_tz::UTC
             }),
         };
@@ -259,19 +230,10 @@ impl Checker<'_> {
             // is the first).
             None => std::env::var("STATE_DIRECTORY")
                 .ok()
-                .and_then(|v| {
-                    v.split(':')
-                        .next()
-                        .filter(|d| !d.is_empty())
-                        .map(PathBuf::from)
-                })
+                .and_then(|v| v.split(':').next().filter(|d| !d.is_empty()).map(PathBuf::from))
                 .unwrap_or_else(|| base.join("state")),
         };
-        let fetch_timeout = self.duration(
-            &raw.fetch_timeout,
-            "fetch_timeout",
-            Duration::from_secs(120),
-        );
+        let fetch_timeout = self.duration(&raw.fetch_timeout, "fetch_timeout", Duration::from_secs(120));
         let max_policy_file_bytes = match &raw.max_policy_file_bytes {
             Some(v) if *v.get_ref() == 0 => {
                 self.error_at(v, "`max_policy_file_bytes` must be at least 1");
@@ -283,18 +245,11 @@ impl Checker<'_> {
         let flag = match &raw.feature_flags.security_policy_audit_events {
             None => FeatureFlag::On,
             Some(v) => FeatureFlag::from_toml(v.get_ref()).unwrap_or_else(|e| {
-                self.error_at(
-                    v,
-                    format!("`feature_flags.security_policy_audit_events`: {e}"),
-                );
+                self.error_at(v, format!("`feature_flags.security_policy_audit_events`: {e}"));
                 FeatureFlag::On
             }),
         };
-        let authors = raw
-            .authors
-            .iter()
-            .map(|(email, id)| (email.to_lowercase(), *id.get_ref()))
-            .collect();
+        let authors = raw.authors.iter().map(|(email, id)| (email.to_lowercase(), *id.get_ref())).collect();
         let projects = self.projects(raw.projects, &base);
         let destinations = self.destinations(raw.destinations, &base);
         if let Some(level) = &raw.log_level
@@ -333,10 +288,7 @@ impl Checker<'_> {
                 continue;
             };
             let key = repo_key(&project.url, &project.branch);
-            if let Some((existing, first)) = projects
-                .iter_mut()
-                .find(|(p, _)| repo_key(&p.url, &p.branch) == key)
-            {
+            if let Some((existing, first)) = projects.iter_mut().find(|(p, _)| repo_key(&p.url, &p.branch) == key) {
                 if existing.path != project.path {
                     let first_at = self.locate(first.span().start);
                     self.error_at(
@@ -362,7 +314,13 @@ impl Checker<'_> {
             }
             if let Some((_, first)) = projects.iter().find(|(p, _)| p.path == project.path) {
                 let first_at = self.locate(first.span().start);
-                self.error_at(&raw.path, format!("duplicate project path {:?} (first at {first_at}) with a different url or branch", project.path));
+                self.error_at(
+                    &raw.path,
+                    format!(
+                        "duplicate project path {:?} (first at {first_at}) with a different url or branch",
+                        project.path
+                    ),
+                );
                 continue;
             }
             projects.push((project, raw.path.clone()));
@@ -375,30 +333,16 @@ impl Checker<'_> {
         if path.is_empty() || path.starts_with('/') || path.ends_with('/') || path.contains("//") {
             self.error_at(
                 &raw.path,
-                format!(
-                    "project `path` = {path:?} must be a full path like \"acme/security-policies\""
-                ),
+                format!("project `path` = {path:?} must be a full path like \"acme/security-policies\""),
             );
             return None;
         }
         let url = self.repo_url(&raw.url, base)?;
-        let branch = raw
-            .branch
-            .as_ref()
-            .map(|b| b.get_ref().trim().to_string())
-            .unwrap_or_else(|| "main".into());
+        let branch = raw.branch.as_ref().map(|b| b.get_ref().trim().to_string()).unwrap_or_else(|| "main".into());
         if let Some(b) = &raw.branch
-            && (branch.is_empty()
-                || branch.starts_with("refs/")
-                || branch.contains(' ')
-                || branch.contains(".."))
+            && (branch.is_empty() || branch.starts_with("refs/") || branch.contains(' ') || branch.contains(".."))
         {
-            self.error_at(
-                b,
-                format!(
-                    "project {path:?}: `branch` = {branch:?} must be a branch name like \"main\""
-                ),
-            );
+            self.error_at(b, format!("project {path:?}: `branch` = {branch:?} must be a branch name like \"main\""));
         }
         let policy_file = raw
             .policy_file
@@ -406,28 +350,16 @@ impl Checker<'_> {
             .map(|f| f.get_ref().trim_matches('/').to_string())
             .unwrap_or_else(|| DEFAULT_POLICY_FILE.into());
         if let Some(f) = &raw.policy_file
-            && (policy_file.is_empty()
-                || policy_file
-                    .split('/')
-                    .any(|c| c.is_empty() || c == "." || c == ".."))
+            && (policy_file.is_empty() || policy_file.split('/').any(|c| c.is_empty() || c == "." || c == ".."))
         {
             self.error_at(
                 f,
-                format!(
-                    "project {path:?}: `policy_file` = {:?} must be a path inside the repository",
-                    f.get_ref()
-                ),
+                format!("project {path:?}: `policy_file` = {:?} must be a path inside the repository", f.get_ref()),
             );
         }
         let token = self.secret(&path, "token", &raw.token_env, &raw.token_file, base);
         let has_token = raw.token_env.is_some() || raw.token_file.is_some();
-        self.check_plain_http(
-            &raw.url,
-            &format!("project {path:?}"),
-            "token",
-            has_token,
-            raw.allow_insecure_http,
-        );
+        self.check_plain_http(&raw.url, &format!("project {path:?}"), "token", has_token, raw.allow_insecure_http);
         let limits = raw.limits.as_ref().map(limits_of).unwrap_or_default();
         let mut linked: Vec<String> = Vec::new();
         for ns in &raw.linked {
@@ -457,34 +389,27 @@ impl Checker<'_> {
         }
         if let Some((scheme, _)) = url.split_once("://") {
             if !matches!(scheme, "https" | "http" | "file") {
-                self.error_at(raw, format!("project `url` scheme {scheme:?} is not supported (use https, http, file:// or a local path)"));
+                self.error_at(
+                    raw,
+                    format!(
+                        "project `url` scheme {scheme:?} is not supported (use https, http, file:// or a local path)"
+                    ),
+                );
                 return None;
             }
             return Some(url.to_string());
         }
         if url.contains('@') && url.contains(':') {
-            self.error_at(
-                raw,
-                "ssh urls are not supported: use https with `token_env`, or a local path",
-            );
+            self.error_at(raw, "ssh urls are not supported: use https with `token_env`, or a local path");
             return None;
         }
         Some(base.join(url).to_string_lossy().into_owned())
     }
 
     /// A secret goes over plain http only to a loopback address, or when the user says so.
-    fn check_plain_http(
-        &mut self,
-        url: &Spanned<String>,
-        who: &str,
-        what: &str,
-        has_secret: bool,
-        allowed: bool,
-    ) {
+    fn check_plain_http(&mut self, url: &Spanned<String>, who: &str, what: &str, has_secret: bool, allowed: bool) {
         let plain = url.get_ref().trim().starts_with("http://");
-        let loopback = http_host(url.get_ref().trim())
-            .as_deref()
-            .is_some_and(is_loopback_host);
+        let loopback = http_host(url.get_ref().trim()).as_deref().is_some_and(is_loopback_host);
         if has_secret && plain && !loopback && !allowed {
             self.error_at(
                 url,
@@ -503,10 +428,7 @@ impl Checker<'_> {
     ) -> Option<Secret> {
         match (env, file) {
             (Some(e), Some(_)) => {
-                self.error_at(
-                    e,
-                    format!("{owner}: set either `{what}_env` or `{what}_file`, not both"),
-                );
+                self.error_at(e, format!("{owner}: set either `{what}_env` or `{what}_file`, not both"));
                 None
             }
             (Some(e), None) => Secret::from_env(e.get_ref())
@@ -524,10 +446,7 @@ impl Checker<'_> {
         for raw in raws {
             let name = raw.name.get_ref().trim().to_string();
             if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) {
-                self.error_at(
-                    &raw.name,
-                    format!("destination `name` = {name:?} must be a non-empty name without '/'"),
-                );
+                self.error_at(&raw.name, format!("destination `name` = {name:?} must be a non-empty name without '/'"));
                 continue;
             }
             if out.iter().any(|d| d.name == name) {
@@ -538,10 +457,7 @@ impl Checker<'_> {
             let url = raw.url.get_ref().trim().to_string();
             let host = http_host(&url);
             if host.is_none() {
-                self.error_at(
-                    &raw.url,
-                    format!("{who}: `url` = {url:?} must be an http:// or https:// URL"),
-                );
+                self.error_at(&raw.url, format!("{who}: `url` = {url:?} must be an http:// or https:// URL"));
             }
             let verification_token = self.secret(
                 &who,
@@ -550,24 +466,13 @@ impl Checker<'_> {
                 &raw.verification_token_file,
                 base,
             );
-            let signing_secret = self.secret(
-                &who,
-                "signing_secret",
-                &raw.signing_secret_env,
-                &raw.signing_secret_file,
-                base,
-            );
+            let signing_secret =
+                self.secret(&who, "signing_secret", &raw.signing_secret_env, &raw.signing_secret_file, base);
             let has_secret = raw.verification_token_env.is_some()
                 || raw.verification_token_file.is_some()
                 || raw.signing_secret_env.is_some()
                 || raw.signing_secret_file.is_some();
-            self.check_plain_http(
-                &raw.url,
-                &who,
-                "token or signing secret",
-                has_secret,
-                raw.allow_insecure_http,
-            );
+            self.check_plain_http(&raw.url, &who, "token or signing secret", has_secret, raw.allow_insecure_http);
             let mut event_types = Vec::new();
             for t in &raw.event_types {
                 match EventType::from_name(t.get_ref()) {
@@ -585,13 +490,8 @@ impl Checker<'_> {
             let headers = self.headers(&who, raw.headers.as_ref());
             let timeout = self.duration(&raw.timeout, "timeout", Duration::from_secs(10));
             let max_age = self.duration(&raw.max_age, "max_age", Duration::from_secs(24 * 3600));
-            let backoff_initial = self.duration(
-                &raw.backoff_initial,
-                "backoff_initial",
-                Duration::from_secs(1),
-            );
-            let backoff_max =
-                self.duration(&raw.backoff_max, "backoff_max", Duration::from_secs(300));
+            let backoff_initial = self.duration(&raw.backoff_initial, "backoff_initial", Duration::from_secs(1));
+            let backoff_max = self.duration(&raw.backoff_max, "backoff_max", Duration::from_secs(300));
             let max_attempts = match &raw.max_attempts {
                 Some(n) if *n.get_ref() == 0 => {
                     self.error_at(n, format!("{who}: `max_attempts` must be at least 1"));
@@ -623,11 +523,7 @@ impl Checker<'_> {
         out
     }
 
-    fn headers(
-        &mut self,
-        who: &str,
-        raw: Option<&Spanned<BTreeMap<String, String>>>,
-    ) -> Vec<(String, String)> {
+    fn headers(&mut self, who: &str, raw: Option<&Spanned<BTreeMap<String, String>>>) -> Vec<(String, String)> {
         let Some(raw) = raw else { return Vec::new() };
         if raw.get_ref().len() > MAX_CUSTOM_HEADERS {
             self.error_at(
@@ -640,27 +536,14 @@ impl Checker<'_> {
         }
         let mut out = Vec::new();
         for (name, value) in raw.get_ref() {
-            let valid_name = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            let valid_name =
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
             if !valid_name {
-                self.error_at(
-                    raw,
-                    format!("{who}: header name {name:?} is not a valid HTTP header name"),
-                );
+                self.error_at(raw, format!("{who}: header name {name:?} is not a valid HTTP header name"));
             } else if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
-                self.error_at(
-                    raw,
-                    format!(
-                        "{who}: header {name:?} is set by policy-audit and cannot be configured"
-                    ),
-                );
+                self.error_at(raw, format!("{who}: header {name:?} is set by policy-audit and cannot be configured"));
             } else if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-                self.error_at(
-                    raw,
-                    format!("{who}: header {name:?} has a line break in its value"),
-                );
+                self.error_at(raw, format!("{who}: header {name:?} has a line break in its value"));
             } else {
                 out.push((name.clone(), value.clone()));
             }
@@ -676,14 +559,8 @@ fn limits_of(raw: &RawLimits) -> Limits {
         (PolicyType::Approval, approval),
         (PolicyType::ScanExecution, raw.scan_execution_policy),
         (PolicyType::PipelineExecution, raw.pipeline_execution_policy),
-        (
-            PolicyType::PipelineExecutionSchedule,
-            raw.pipeline_execution_schedule_policy,
-        ),
-        (
-            PolicyType::VulnerabilityManagement,
-            raw.vulnerability_management_policy,
-        ),
+        (PolicyType::PipelineExecutionSchedule, raw.pipeline_execution_schedule_policy),
+        (PolicyType::VulnerabilityManagement, raw.vulnerability_management_policy),
     ] {
         if let Some(v) = v {
             map.insert(t, v);
@@ -719,9 +596,7 @@ fn repo_key(url: &str, branch: &str) -> (String, String) {
 
 /// The host of an http(s) URL, or None when it is not one.
 pub fn http_host(url: &str) -> Option<String> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))?;
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))?;
     let authority = rest.split(['/', '?', '#']).next()?;
     let host_port = authority.rsplit('@').next()?;
     let host = if let Some(v6) = host_port.strip_prefix('[') {
@@ -733,10 +608,7 @@ pub fn http_host(url: &str) -> Option<String> {
 }
 
 pub fn is_loopback_host(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]

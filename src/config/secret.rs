@@ -16,18 +16,13 @@ impl Secret {
         match std::env::var(var) {
             Ok(v) if !v.trim().is_empty() => Ok(Secret(v.trim().to_string())),
             Ok(_) => Err(format!("environment variable {var} is empty")),
-            Err(std::env::VarError::NotPresent) => {
-                Err(format!("environment variable {var} is not set"))
-            }
-            Err(std::env::VarError::NotUnicode(_)) => {
-                Err(format!("environment variable {var} is not valid UTF-8"))
-            }
+            Err(std::env::VarError::NotPresent) => Err(format!("environment variable {var} is not set")),
+            Err(std::env::VarError::NotUnicode(_)) => Err(format!("environment variable {var} is not valid UTF-8")),
         }
     }
 
     pub fn from_file(path: &Path) -> Result<Secret, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let value = text.trim();
         if value.is_empty() {
             return Err(format!("{} is empty", path.display()));

@@ -5,9 +5,7 @@ fn parse(text: &str) -> Result<Config, ConfigError> {
 }
 
 fn errors(text: &str) -> String {
-    parse(text)
-        .expect_err("config should be rejected")
-        .to_string()
+    parse(text).expect_err("config should be rejected").to_string()
 }
 
 const PROJECT: &str = "
@@ -30,10 +28,7 @@ fn minimal_config_gets_documented_defaults() {
 #[test]
 fn unknown_key_names_file_line_column_and_key() {
     let e = errors(&format!("{PROJECT}colour = \"blue\"\n"));
-    assert!(
-        e.starts_with("/etc/pa/config.toml:6:1: unknown field `colour`"),
-        "{e}"
-    );
+    assert!(e.starts_with("/etc/pa/config.toml:6:1: unknown field `colour`"), "{e}");
 }
 
 #[test]
@@ -48,81 +43,52 @@ fn five_field_cron_gets_seconds_and_bad_cron_is_located() {
 
 #[test]
 fn missing_secret_is_an_error_naming_the_variable_but_not_a_value() {
-    let e = errors(&format!(
-        "{PROJECT}token_env = \"POLICY_AUDIT_TEST_SURELY_UNSET\"\n"
-    ));
-    assert!(
-        e.contains("config.toml:6:13") && e.contains("POLICY_AUDIT_TEST_SURELY_UNSET is not set"),
-        "{e}"
-    );
+    let e = errors(&format!("{PROJECT}token_env = \"POLICY_AUDIT_TEST_SURELY_UNSET\"\n"));
+    assert!(e.contains("config.toml:6:13") && e.contains("POLICY_AUDIT_TEST_SURELY_UNSET is not set"), "{e}");
 }
 
 #[test]
 fn secret_from_file_is_redacted_in_debug() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), "s3cr3t-value\n").unwrap();
-    let c = Config::parse(
-        &dir.path().join("config.toml"),
-        &format!("{PROJECT}token_file = \"token\"\n"),
-    )
-    .unwrap();
-    assert_eq!(
-        c.projects[0].token.as_ref().unwrap().expose(),
-        "s3cr3t-value"
-    );
+    let c = Config::parse(&dir.path().join("config.toml"), &format!("{PROJECT}token_file = \"token\"\n")).unwrap();
+    assert_eq!(c.projects[0].token.as_ref().unwrap().expose(), "s3cr3t-value");
     assert!(!format!("{c:?}").contains("s3cr3t"));
 }
 
 #[test]
 fn same_url_and_branch_twice_is_merged_with_a_warning() {
-    let text = format!(
-        "{PROJECT}{}",
-        PROJECT.replace("[\"acme\"]", "[\"acme/web/shop\", \"acme\"]")
-    );
+    let text = format!("{PROJECT}{}", PROJECT.replace("[\"acme\"]", "[\"acme/web/shop\", \"acme\"]"));
     let c = parse(&text).unwrap();
     assert_eq!(c.projects.len(), 1);
     assert_eq!(c.projects[0].linked, ["acme", "acme/web/shop"]);
-    assert!(
-        c.warnings[0].contains("configured twice"),
-        "{:?}",
-        c.warnings
-    );
+    assert!(c.warnings[0].contains("configured twice"), "{:?}", c.warnings);
 }
 
 #[test]
 fn same_repository_under_two_paths_and_duplicate_paths_are_errors() {
     let other_path = PROJECT.replace("acme/security-policies\"", "acme/other\"");
     let e = errors(&format!("{PROJECT}{other_path}"));
-    assert!(
-        e.contains("same url and branch as project \"acme/security-policies\""),
-        "{e}"
-    );
+    assert!(e.contains("same url and branch as project \"acme/security-policies\""), "{e}");
     let other_url = PROJECT.replace("security-policies.git", "other.git");
     let e = errors(&format!("{PROJECT}{other_url}"));
-    assert!(
-        e.contains("duplicate project path \"acme/security-policies\""),
-        "{e}"
-    );
+    assert!(e.contains("duplicate project path \"acme/security-policies\""), "{e}");
 }
 
 #[test]
 fn relative_state_dir_and_local_url_are_anchored_at_the_config_file() {
-    let c =
-        parse("state_dir = \"st\"\n[[projects]]\npath = \"a/b\"\nurl = \"repos/spp\"\n").unwrap();
+    let c = parse("state_dir = \"st\"\n[[projects]]\npath = \"a/b\"\nurl = \"repos/spp\"\n").unwrap();
     assert_eq!(c.state_dir, Path::new("/etc/pa/st"));
     assert_eq!(c.projects[0].url, "/etc/pa/repos/spp");
 }
 
 #[test]
 fn flag_forms() {
-    let c = parse("[feature_flags]\nsecurity_policy_audit_events = { actors = [\"a/b\"], percentage_of_actors = 25 }\n").unwrap();
+    let c =
+        parse("[feature_flags]\nsecurity_policy_audit_events = { actors = [\"a/b\"], percentage_of_actors = 25 }\n")
+            .unwrap();
     assert!(c.flag.enabled_for("a/b"));
-    assert!(
-        parse("[feature_flags]\nsecurity_policy_audit_events = false\n")
-            .unwrap()
-            .flag
-            == FeatureFlag::Off
-    );
+    assert!(parse("[feature_flags]\nsecurity_policy_audit_events = false\n").unwrap().flag == FeatureFlag::Off);
     let e = errors("[feature_flags]\nsecurity_policy_audit_events = \"yes\"\n");
     assert!(e.starts_with("/etc/pa/config.toml:2:32:"), "{e}");
     let e = errors("[feature_flags]\nsecurity_policy_audit_events = { percent = 3 }\n");
@@ -132,24 +98,19 @@ fn flag_forms() {
 #[test]
 fn destination_checks() {
     let d = "[[destinations]]\nname = \"siem\"\nurl = \"https://siem.example.com/x\"\n";
-    let c = parse(&format!("{d}event_types = [\"security_policy_create\"]\nnamespaces = [\"acme/\"]\ntimeout = \"3s\"\n")).unwrap();
+    let c =
+        parse(&format!("{d}event_types = [\"security_policy_create\"]\nnamespaces = [\"acme/\"]\ntimeout = \"3s\"\n"))
+            .unwrap();
     let dest = &c.destinations[0];
     assert_eq!(dest.timeout, Duration::from_secs(3));
     assert!(dest.wants(EventType::Create, &["acme/web"]));
     assert!(!dest.wants(EventType::Delete, &["acme/web"]));
     assert!(!dest.wants(EventType::Create, &["acme-corp"]));
     assert!(
-        errors(&format!("{d}event_types = [\"policy_create\"]\n"))
-            .contains("unknown event type \"policy_create\"")
+        errors(&format!("{d}event_types = [\"policy_create\"]\n")).contains("unknown event type \"policy_create\"")
     );
-    assert!(
-        errors(&format!("{d}headers = {{ \"Bad Header\" = \"x\" }}\n"))
-            .contains("not a valid HTTP header name")
-    );
-    assert!(
-        errors(&format!("{d}headers = {{ \"Content-Type\" = \"x\" }}\n"))
-            .contains("set by policy-audit")
-    );
+    assert!(errors(&format!("{d}headers = {{ \"Bad Header\" = \"x\" }}\n")).contains("not a valid HTTP header name"));
+    assert!(errors(&format!("{d}headers = {{ \"Content-Type\" = \"x\" }}\n")).contains("set by policy-audit"));
     let many: Vec<String> = (0..21).map(|i| format!("\"X-H{i}\" = \"v\"")).collect();
     assert!(errors(&format!("{d}headers = {{ {} }}\n", many.join(", "))).contains("at most 20"));
     assert!(errors(&format!("{d}max_age = \"forever\"\n")).contains("`max_age`"));
@@ -163,9 +124,7 @@ fn destination_checks() {
 
 #[test]
 fn several_errors_are_all_reported() {
-    let e = errors(
-        "schedule = \"x\"\ntimezone = \"Mars/Base\"\n[[projects]]\npath = \"/bad\"\nurl = \"ftp://x\"\n",
-    );
+    let e = errors("schedule = \"x\"\ntimezone = \"Mars/Base\"\n[[projects]]\npath = \"/bad\"\nurl = \"ftp://x\"\n");
     assert_eq!(e.lines().count(), 3, "{e}");
 }
 

@@ -22,15 +22,8 @@ const POLICY: &str = ".gitlab/security-policies/policy.yml";
 
 pub fn run() -> Output {
     match walkthrough() {
-        Ok(text) => Output {
-            stdout: text,
-            ..Output::default()
-        },
-        Err(e) => Output {
-            stderr: format!("error: demo failed: {e:#}\n"),
-            code: EXIT_FAILED,
-            ..Output::default()
-        },
+        Ok(text) => Output { stdout: text, ..Output::default() },
+        Err(e) => Output { stderr: format!("error: demo failed: {e:#}\n"), code: EXIT_FAILED, ..Output::default() },
     }
 }
 
@@ -39,11 +32,7 @@ fn walkthrough() -> Result<String> {
     let repo = tmp.path().join("security-policies");
     let mut out = String::new();
     writeln!(out, "policy-audit demo\n=================\n")?;
-    writeln!(
-        out,
-        "1. Building a sample Security Policy Project in {}",
-        repo.display()
-    )?;
+    writeln!(out, "1. Building a sample Security Policy Project in {}", repo.display())?;
     let history = build_history(&repo)?;
     for line in &history {
         writeln!(out, "   {line}")?;
@@ -66,18 +55,9 @@ fn walkthrough() -> Result<String> {
     let config = Config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open(&config.db_dir())?;
 
-    writeln!(
-        out,
-        "\n2. Reconciling it (first sync with initial_sync = \"backfill\": the whole history is replayed)"
-    )?;
+    writeln!(out, "\n2. Reconciling it (first sync with initial_sync = \"backfill\": the whole history is replayed)")?;
     let projects: Vec<_> = config.projects.iter().collect();
-    for (_, result) in reconcile_all(
-        &config,
-        &store,
-        &projects,
-        &Options::default(),
-        jiff::Timestamp::now,
-    ) {
+    for (_, result) in reconcile_all(&config, &store, &projects, &Options::default(), jiff::Timestamp::now) {
         writeln!(out, "   {}", crate::cli::describe_summary(&result?))?;
     }
 
@@ -86,31 +66,18 @@ fn walkthrough() -> Result<String> {
     for line in crate::cli::render_events(&events, Format::Table).lines() {
         writeln!(out, "   {line}")?;
     }
-    writeln!(
-        out,
-        "\n   A rename shows as a delete of the old name plus a create of the new one; the invalid"
-    )?;
-    writeln!(
-        out,
-        "   commit produced one security_policy_yaml_invalidated event and no deletes, and its fix"
-    )?;
+    writeln!(out, "\n   A rename shows as a delete of the old name plus a create of the new one; the invalid")?;
+    writeln!(out, "   commit produced one security_policy_yaml_invalidated event and no deletes, and its fix")?;
     writeln!(out, "   was compared with the last valid state.")?;
 
     if let Some(mr) = events.iter().find(|e| e.details.merge_request.is_some()) {
-        writeln!(
-            out,
-            "\n4. One event in full, as stored and streamed (GitLab's audit event schema):\n"
-        )?;
+        writeln!(out, "\n4. One event in full, as stored and streamed (GitLab's audit event schema):\n")?;
         for line in serde_json::to_string_pretty(mr)?.lines() {
             writeln!(out, "   {line}")?;
         }
     }
 
-    writeln!(
-        out,
-        "\n5. Streaming to a local receiver at {} (as a SIEM would receive them)",
-        receiver.url
-    )?;
+    writeln!(out, "\n5. Streaming to a local receiver at {} (as a SIEM would receive them)", receiver.url)?;
     let mut delivery = Output::default();
     crate::cli::deliver_now(&config, &store, &mut delivery);
     for line in delivery.stdout.lines() {
@@ -118,11 +85,7 @@ fn walkthrough() -> Result<String> {
     }
     let got = receiver.received();
     let verified = got.iter().filter(|r| r.signature_ok).count();
-    writeln!(
-        out,
-        "   the receiver got {} POSTs, {verified} with a valid Standard Webhooks signature:",
-        got.len()
-    )?;
+    writeln!(out, "   the receiver got {} POSTs, {verified} with a valid Standard Webhooks signature:", got.len())?;
     let mut kinds: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
     for r in &got {
         *kinds.entry(r.event_type.as_str()).or_default() += 1;
@@ -131,27 +94,12 @@ fn walkthrough() -> Result<String> {
         writeln!(out, "     {n} x {kind}")?;
     }
 
-    writeln!(
-        out,
-        "\n6. Reconciling again: nothing new, nothing stored twice"
-    )?;
-    for (_, result) in reconcile_all(
-        &config,
-        &store,
-        &projects,
-        &Options::default(),
-        jiff::Timestamp::now,
-    ) {
+    writeln!(out, "\n6. Reconciling again: nothing new, nothing stored twice")?;
+    for (_, result) in reconcile_all(&config, &store, &projects, &Options::default(), jiff::Timestamp::now) {
         writeln!(out, "   {}", crate::cli::describe_summary(&result?))?;
     }
-    writeln!(
-        out,
-        "\nThe temporary folder is removed now. Point a config.toml at your own policy projects and run"
-    )?;
-    writeln!(
-        out,
-        "`policy-audit check-config`, then `policy-audit reconcile`."
-    )?;
+    writeln!(out, "\nThe temporary folder is removed now. Point a config.toml at your own policy projects and run")?;
+    writeln!(out, "`policy-audit check-config`, then `policy-audit reconcile`.")?;
     Ok(out)
 }
 
@@ -160,58 +108,26 @@ struct Author {
     email: &'static str,
 }
 
-const ALICE: Author = Author {
-    name: "Alice Martin",
-    email: "alice@acme.example",
-};
-const BOB: Author = Author {
-    name: "Bob Okafor",
-    email: "bob@acme.example",
-};
-const CAROL: Author = Author {
-    name: "Carol Nguyen",
-    email: "carol@acme.example",
-};
-const DAVE: Author = Author {
-    name: "Dave Schmidt",
-    email: "dave@acme.example",
-};
+const ALICE: Author = Author { name: "Alice Martin", email: "alice@acme.example" };
+const BOB: Author = Author { name: "Bob Okafor", email: "bob@acme.example" };
+const CAROL: Author = Author { name: "Carol Nguyen", email: "carol@acme.example" };
+const DAVE: Author = Author { name: "Dave Schmidt", email: "dave@acme.example" };
 
 fn build_history(repo: &Path) -> Result<Vec<String>> {
     std::fs::create_dir_all(repo.join(".gitlab/security-policies"))?;
     git(repo, &["init", "-q", "-b", "main"], None, "")?;
     let mut log = Vec::new();
-    let step = |who: &Author,
-                date: &str,
-                message: &str,
-                policy: Option<&str>,
-                log: &mut Vec<String>|
-     -> Result<()> {
+    let step = |who: &Author, date: &str, message: &str, policy: Option<&str>, log: &mut Vec<String>| -> Result<()> {
         if let Some(text) = policy {
             std::fs::write(repo.join(POLICY), text)?;
         }
         git(repo, &["add", "-A"], None, "")?;
-        git(
-            repo,
-            &["commit", "-q", "--allow-empty", "-m", message],
-            Some(who),
-            date,
-        )?;
-        log.push(format!(
-            "{date}  {:<13} {}",
-            who.name,
-            message.lines().next().unwrap_or_default()
-        ));
+        git(repo, &["commit", "-q", "--allow-empty", "-m", message], Some(who), date)?;
+        log.push(format!("{date}  {:<13} {}", who.name, message.lines().next().unwrap_or_default()));
         Ok(())
     };
     std::fs::write(repo.join("README.md"), "# ACME security policies\n")?;
-    step(
-        &ALICE,
-        "2024-01-08T09:00:00Z",
-        "Initial commit",
-        None,
-        &mut log,
-    )?;
+    step(&ALICE, "2024-01-08T09:00:00Z", "Initial commit", None, &mut log)?;
     step(
         &ALICE,
         "2024-01-08T09:30:00Z",
@@ -242,10 +158,7 @@ fn build_history(repo: &Path) -> Result<Vec<String>> {
         Some(&CAROL),
         "2024-01-11T10:15:00Z",
     )?;
-    log.push(format!(
-        "2024-01-11T10:15:00Z  {:<13} Merge branch 'license-policy' into 'main' (!7)",
-        CAROL.name
-    ));
+    log.push(format!("2024-01-11T10:15:00Z  {:<13} Merge branch 'license-policy' into 'main' (!7)", CAROL.name));
     step(
         &DAVE,
         "2024-02-02T16:20:00Z",
@@ -260,15 +173,9 @@ fn build_history(repo: &Path) -> Result<Vec<String>> {
         Some(&policies(2, "Nightly DAST", true, true)),
         &mut log,
     )?;
-    let broken = policies(2, "Nightly DAST", true, true)
-        .replace("  enabled: true\n  rules:", "  enabled: true\n rules:");
-    step(
-        &BOB,
-        "2024-03-01T08:45:00Z",
-        "Tweak license rules (broken indentation)",
-        Some(&broken),
-        &mut log,
-    )?;
+    let broken =
+        policies(2, "Nightly DAST", true, true).replace("  enabled: true\n  rules:", "  enabled: true\n rules:");
+    step(&BOB, "2024-03-01T08:45:00Z", "Tweak license rules (broken indentation)", Some(&broken), &mut log)?;
     step(
         &BOB,
         "2024-03-01T09:05:00Z",
@@ -312,8 +219,7 @@ fn git(repo: &Path, args: &[&str], who: Option<&Author>, date: &str) -> Result<(
         ] {
             cmd.env(k, v);
         }
-        cmd.env("GIT_AUTHOR_DATE", date)
-            .env("GIT_COMMITTER_DATE", date);
+        cmd.env("GIT_AUTHOR_DATE", date).env("GIT_COMMITTER_DATE", date);
     }
     let out = match cmd.output() {
         Ok(out) => out,
@@ -323,11 +229,7 @@ fn git(repo: &Path, args: &[&str], who: Option<&Author>, date: &str) -> Result<(
         Err(e) => return Err(e).context("cannot run git"),
     };
     if !out.status.success() {
-        bail!(
-            "git {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("git {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }

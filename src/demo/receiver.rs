@@ -24,10 +24,7 @@ impl LocalReceiver {
     pub fn start(key: Vec<u8>) -> std::io::Result<LocalReceiver> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
-        let url = format!(
-            "http://127.0.0.1:{}/audit-events",
-            listener.local_addr()?.port()
-        );
+        let url = format!("http://127.0.0.1:{}/audit-events", listener.local_addr()?.port());
         let received = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (r, st) = (received.clone(), stop.clone());
@@ -42,11 +39,7 @@ impl LocalReceiver {
                 }
             }
         });
-        Ok(LocalReceiver {
-            url,
-            received,
-            stop,
-        })
+        Ok(LocalReceiver { url, received, stop })
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -85,33 +78,19 @@ fn serve(stream: TcpStream, received: &Mutex<Vec<Received>>, key: &[u8]) {
                 headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
             }
         }
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
-        };
+        let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
         let mut body = vec![0; header("content-length").parse().unwrap_or(0)];
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        let expected = signature(
-            key,
-            &header("webhook-id"),
-            &header("webhook-timestamp"),
-            &body,
-        );
+        let expected = signature(key, &header("webhook-id"), &header("webhook-timestamp"), &body);
         if let Ok(mut r) = received.lock() {
             r.push(Received {
                 event_type: header("x-gitlab-audit-event-type"),
                 signature_ok: header("webhook-signature") == expected,
             });
         }
-        if writer
-            .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
-            .is_err()
-        {
+        if writer.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n").is_err() {
             return;
         }
     }

@@ -54,31 +54,21 @@ type BeforeAfter<'a> = (Vec<&'a Policy>, Vec<&'a Policy>);
 pub fn diff(old: &PolicySet, new: &PolicySet) -> Vec<Change> {
     let mut groups: BTreeMap<(PolicyType, &str), BeforeAfter> = BTreeMap::new();
     for p in &old.policies {
-        groups
-            .entry((p.policy_type, p.name.as_str()))
-            .or_default()
-            .0
-            .push(p);
+        groups.entry((p.policy_type, p.name.as_str())).or_default().0.push(p);
     }
     for p in &new.policies {
-        groups
-            .entry((p.policy_type, p.name.as_str()))
-            .or_default()
-            .1
-            .push(p);
+        groups.entry((p.policy_type, p.name.as_str())).or_default().1.push(p);
     }
     let mut changes = Vec::new();
     for (_, (mut before, mut after)) in groups {
         // Identical policies of the same name are not changes, wherever they sit.
-        before.retain(
-            |b| match after.iter().position(|a| a.content == b.content) {
-                Some(i) => {
-                    after.remove(i);
-                    false
-                }
-                None => true,
-            },
-        );
+        before.retain(|b| match after.iter().position(|a| a.content == b.content) {
+            Some(i) => {
+                after.remove(i);
+                false
+            }
+            None => true,
+        });
         let paired = before.len().min(after.len());
         for (i, (b, a)) in before.iter().zip(&after).enumerate() {
             let (fields, fields_truncated) = field_changes(&b.content, &a.content);
@@ -92,23 +82,12 @@ pub fn diff(old: &PolicySet, new: &PolicySet) -> Vec<Change> {
         }
     }
     changes.sort_by(|x, y| {
-        (x.kind, x.policy_type, &x.name, x.occurrence).cmp(&(
-            y.kind,
-            y.policy_type,
-            &y.name,
-            y.occurrence,
-        ))
+        (x.kind, x.policy_type, &x.name, x.occurrence).cmp(&(y.kind, y.policy_type, &y.name, y.occurrence))
     });
     changes
 }
 
-fn change(
-    kind: ChangeKind,
-    policy: &Policy,
-    occurrence: usize,
-    fields: Vec<FieldChange>,
-    truncated: bool,
-) -> Change {
+fn change(kind: ChangeKind, policy: &Policy, occurrence: usize, fields: Vec<FieldChange>, truncated: bool) -> Change {
     Change {
         kind,
         policy_type: policy.policy_type,
@@ -144,20 +123,13 @@ fn walk(path: String, before: Option<&Value>, after: Option<&Value>, out: &mut V
                 walk(format!("{path}[{i}]"), Some(bv), Some(av), out);
             }
         }
-        (b, a) if b != a => out.push(FieldChange {
-            path,
-            before: b.cloned(),
-            after: a.cloned(),
-        }),
+        (b, a) if b != a => out.push(FieldChange { path, before: b.cloned(), after: a.cloned() }),
         _ => {}
     }
 }
 
 fn join_key(path: &str, key: &str) -> String {
-    let plain = !key.is_empty()
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let plain = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     match (path.is_empty(), plain) {
         (true, true) => key.to_string(),
         (false, true) => format!("{path}.{key}"),
@@ -175,10 +147,7 @@ mod tests {
     }
 
     fn summary(changes: &[Change]) -> Vec<String> {
-        changes
-            .iter()
-            .map(|c| format!("{:?} {} {}", c.kind, c.policy_type, c.name))
-            .collect()
+        changes.iter().map(|c| format!("{:?} {} {}", c.kind, c.policy_type, c.name)).collect()
     }
 
     const BASE: &str = "
@@ -221,10 +190,7 @@ pipeline_execution_policy:
         assert_eq!(fields, ["enabled", "rules[0].branches"]);
         assert_eq!(changes[2].fields[0].before, Some(Value::Bool(true)));
         assert_eq!(changes[2].fields[0].after, Some(Value::Bool(false)));
-        assert_eq!(
-            changes[2].fields[1].after,
-            Some(serde_json::json!(["main", "develop"]))
-        );
+        assert_eq!(changes[2].fields[1].after, Some(serde_json::json!(["main", "develop"])));
     }
 
     #[test]
@@ -244,10 +210,7 @@ pipeline_execution_policy:
         let new = BASE.replace("name: DAST", "name: DAST nightly");
         assert_eq!(
             summary(&diff(&set(BASE), &set(&new))),
-            [
-                "Created scan_execution_policy DAST nightly",
-                "Deleted scan_execution_policy DAST"
-            ]
+            ["Created scan_execution_policy DAST nightly", "Deleted scan_execution_policy DAST"]
         );
     }
 
@@ -266,10 +229,7 @@ pipeline_execution_policy:
 ";
         assert_eq!(
             summary(&diff(&set(BASE), &set(new))),
-            [
-                "Created pipeline_execution_policy DAST",
-                "Deleted scan_execution_policy DAST"
-            ]
+            ["Created pipeline_execution_policy DAST", "Deleted scan_execution_policy DAST"]
         );
     }
 
@@ -315,11 +275,9 @@ approval_policy:
     #[test]
     fn duplicate_names_are_matched_by_content_then_by_order() {
         let a = "approval_policy: [{name: x, enabled: true, d: 1}, {name: x, enabled: true, d: 2}]";
-        let swapped =
-            "approval_policy: [{name: x, enabled: true, d: 2}, {name: x, enabled: true, d: 1}]";
+        let swapped = "approval_policy: [{name: x, enabled: true, d: 2}, {name: x, enabled: true, d: 1}]";
         assert!(diff(&set(a), &set(swapped)).is_empty());
-        let one_changed =
-            "approval_policy: [{name: x, enabled: true, d: 1}, {name: x, enabled: false, d: 2}]";
+        let one_changed = "approval_policy: [{name: x, enabled: true, d: 1}, {name: x, enabled: false, d: 2}]";
         let changes = diff(&set(a), &set(one_changed));
         assert_eq!(summary(&changes), ["Updated approval_policy x"]);
         assert_eq!(changes[0].fields[0].path, "enabled");
@@ -327,10 +285,7 @@ approval_policy:
         let changes = diff(&set(a), &set(third));
         assert_eq!(summary(&changes), ["Created approval_policy x"]);
         let both_gone = diff(&set(a), &set("approval_policy: []"));
-        assert_eq!(
-            both_gone.iter().map(|c| c.occurrence).collect::<Vec<_>>(),
-            [0, 1]
-        );
+        assert_eq!(both_gone.iter().map(|c| c.occurrence).collect::<Vec<_>>(), [0, 1]);
     }
 
     #[test]

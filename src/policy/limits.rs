@@ -16,10 +16,7 @@ impl Limits {
     }
 
     pub fn of(&self, policy_type: PolicyType) -> usize {
-        self.overrides
-            .get(&policy_type)
-            .copied()
-            .unwrap_or_else(|| policy_type.default_limit())
+        self.overrides.get(&policy_type).copied().unwrap_or_else(|| policy_type.default_limit())
     }
 }
 
@@ -50,19 +47,10 @@ pub fn limit_breaches(set: &PolicySet, limits: &Limits) -> Vec<TypeLimit> {
         .into_iter()
         .filter_map(|policy_type| {
             let limit = limits.of(policy_type);
-            let enabled: Vec<String> = set
-                .of_type(policy_type)
-                .filter(|p| p.enabled)
-                .map(|p| p.name.clone())
-                .collect();
+            let enabled: Vec<String> = set.of_type(policy_type).filter(|p| p.enabled).map(|p| p.name.clone()).collect();
             (enabled.len() > limit).then(|| {
                 let (active, skipped) = enabled.split_at(limit);
-                TypeLimit {
-                    policy_type,
-                    limit,
-                    active: active.to_vec(),
-                    skipped: skipped.to_vec(),
-                }
+                TypeLimit { policy_type, limit, active: active.to_vec(), skipped: skipped.to_vec() }
             })
         })
         .collect()
@@ -91,24 +79,12 @@ pipeline_execution_schedule_policy:
         assert_eq!(breaches.len(), 2);
         assert_eq!(breaches[0].active, ["a", "b"]);
         assert_eq!(breaches[0].skipped, ["c"]);
-        assert_eq!(
-            breaches[1].policy_type,
-            PolicyType::PipelineExecutionSchedule
-        );
-        assert_eq!(
-            (breaches[1].limit, breaches[1].skipped.as_slice()),
-            (1, ["s2".to_string()].as_slice())
-        );
+        assert_eq!(breaches[1].policy_type, PolicyType::PipelineExecutionSchedule);
+        assert_eq!((breaches[1].limit, breaches[1].skipped.as_slice()), (1, ["s2".to_string()].as_slice()));
         assert!(
             limit_breaches(
                 &set,
-                &Limits::new(
-                    [
-                        (PolicyType::Approval, 3),
-                        (PolicyType::PipelineExecutionSchedule, 2)
-                    ]
-                    .into()
-                )
+                &Limits::new([(PolicyType::Approval, 3), (PolicyType::PipelineExecutionSchedule, 2)].into())
             )
             .is_empty()
         );

@@ -122,9 +122,7 @@ pub struct PolicySet {
 
 impl PolicySet {
     pub fn of_type(&self, policy_type: PolicyType) -> impl Iterator<Item = &Policy> {
-        self.policies
-            .iter()
-            .filter(move |p| p.policy_type == policy_type)
+        self.policies.iter().filter(move |p| p.policy_type == policy_type)
     }
 
     pub fn len(&self) -> usize {

@@ -23,9 +23,7 @@ pub struct InvalidPolicyFile {
 
 impl InvalidPolicyFile {
     fn new(reason: impl Into<String>) -> Self {
-        InvalidPolicyFile {
-            reason: reason.into(),
-        }
+        InvalidPolicyFile { reason: reason.into() }
     }
 }
 
@@ -39,22 +37,15 @@ impl std::error::Error for InvalidPolicyFile {}
 
 /// Parses and validates a policy file.
 pub fn parse(bytes: &[u8]) -> Result<PolicySet, InvalidPolicyFile> {
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        InvalidPolicyFile::new(format!(
-            "not UTF-8 text (invalid byte at offset {})",
-            e.valid_up_to()
-        ))
-    })?;
-    let mut doc: Yaml = serde_yaml::from_str(text)
-        .map_err(|e| InvalidPolicyFile::new(format!("not valid YAML: {e}")))?;
-    doc.apply_merge()
-        .map_err(|e| InvalidPolicyFile::new(format!("invalid YAML merge key: {e}")))?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| InvalidPolicyFile::new(format!("not UTF-8 text (invalid byte at offset {})", e.valid_up_to())))?;
+    let mut doc: Yaml =
+        serde_yaml::from_str(text).map_err(|e| InvalidPolicyFile::new(format!("not valid YAML: {e}")))?;
+    doc.apply_merge().map_err(|e| InvalidPolicyFile::new(format!("invalid YAML merge key: {e}")))?;
     let top = match doc {
         Yaml::Mapping(m) => m,
         Yaml::Null => {
-            return Err(InvalidPolicyFile::new(
-                "the file is empty: it has no policy-type key",
-            ));
+            return Err(InvalidPolicyFile::new("the file is empty: it has no policy-type key"));
         }
         other => {
             return Err(InvalidPolicyFile::new(format!(
@@ -70,10 +61,7 @@ pub fn parse(bytes: &[u8]) -> Result<PolicySet, InvalidPolicyFile> {
     let mut saw_policy_type = false;
     for (key, section) in &top {
         let Some(key) = key.as_str() else {
-            return Err(InvalidPolicyFile::new(format!(
-                "top-level key {} is not a string",
-                short_yaml(key)
-            )));
+            return Err(InvalidPolicyFile::new(format!("top-level key {} is not a string", short_yaml(key))));
         };
         if NON_POLICY_TOP_LEVEL_KEYS.contains(&key) {
             continue;
@@ -106,42 +94,24 @@ pub fn parse(bytes: &[u8]) -> Result<PolicySet, InvalidPolicyFile> {
     Ok(PolicySet { policies })
 }
 
-fn parse_section(
-    key: &str,
-    policy_type: PolicyType,
-    section: &Yaml,
-) -> Result<Vec<Policy>, InvalidPolicyFile> {
+fn parse_section(key: &str, policy_type: PolicyType, section: &Yaml) -> Result<Vec<Policy>, InvalidPolicyFile> {
     let Yaml::Sequence(items) = section else {
         return Err(InvalidPolicyFile::new(format!(
             "`{key}` must be a list of policies, found {}",
             yaml_kind(section)
         )));
     };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| parse_policy(&format!("{key}[{i}]"), policy_type, item))
-        .collect()
+    items.iter().enumerate().map(|(i, item)| parse_policy(&format!("{key}[{i}]"), policy_type, item)).collect()
 }
 
-fn parse_policy(
-    at: &str,
-    policy_type: PolicyType,
-    item: &Yaml,
-) -> Result<Policy, InvalidPolicyFile> {
+fn parse_policy(at: &str, policy_type: PolicyType, item: &Yaml) -> Result<Policy, InvalidPolicyFile> {
     let Yaml::Mapping(map) = item else {
-        return Err(InvalidPolicyFile::new(format!(
-            "{at} must be a mapping, found {}",
-            yaml_kind(item)
-        )));
+        return Err(InvalidPolicyFile::new(format!("{at} must be a mapping, found {}", yaml_kind(item))));
     };
     let name = match map.get("name") {
         Some(Yaml::String(s)) => s.clone(),
         Some(other) => {
-            return Err(InvalidPolicyFile::new(format!(
-                "{at}: `name` must be a string, found {}",
-                yaml_kind(other)
-            )));
+            return Err(InvalidPolicyFile::new(format!("{at}: `name` must be a string, found {}", yaml_kind(other))));
         }
         None => return Err(InvalidPolicyFile::new(format!("{at}: `name` is missing"))),
     };
@@ -161,20 +131,13 @@ fn parse_policy(
             )));
         }
         None => {
-            return Err(InvalidPolicyFile::new(format!(
-                "{at}: `enabled` is missing"
-            )));
+            return Err(InvalidPolicyFile::new(format!("{at}: `enabled` is missing")));
         }
     };
     if policy_type == PolicyType::Approval {
         check_approval_rules(&at, map)?;
     }
-    Ok(Policy {
-        policy_type,
-        name,
-        enabled,
-        content: canonical(item),
-    })
+    Ok(Policy { policy_type, name, enabled, content: canonical(item) })
 }
 
 /// GitLab's schema requires every approval rule to say which branches it protects.
@@ -183,10 +146,7 @@ fn check_approval_rules(at: &str, policy: &serde_yaml::Mapping) -> Result<(), In
         None => return Ok(()),
         Some(Yaml::Sequence(rules)) => rules,
         Some(other) => {
-            return Err(InvalidPolicyFile::new(format!(
-                "{at}: `rules` must be a list, found {}",
-                yaml_kind(other)
-            )));
+            return Err(InvalidPolicyFile::new(format!("{at}: `rules` must be a list, found {}", yaml_kind(other))));
         }
     };
     for (i, rule) in rules.iter().enumerate() {
@@ -197,9 +157,7 @@ fn check_approval_rules(at: &str, policy: &serde_yaml::Mapping) -> Result<(), In
             )));
         };
         if !rule.contains_key("branches") && !rule.contains_key("branch_type") {
-            return Err(InvalidPolicyFile::new(format!(
-                "{at}: rules[{i}] must have `branches` or `branch_type`"
-            )));
+            return Err(InvalidPolicyFile::new(format!("{at}: rules[{i}] must have `branches` or `branch_type`")));
         }
     }
     Ok(())
@@ -217,9 +175,7 @@ fn canonical(value: &Yaml) -> Value {
                 Value::from(u)
             } else {
                 let f = n.as_f64().unwrap_or(f64::NAN);
-                serde_json::Number::from_f64(f)
-                    .map(Value::Number)
-                    .unwrap_or_else(|| Value::String(n.to_string()))
+                serde_json::Number::from_f64(f).map(Value::Number).unwrap_or_else(|| Value::String(n.to_string()))
             }
         }
         Yaml::String(s) => Value::String(s.clone()),
@@ -247,9 +203,7 @@ fn key_text(key: &Yaml) -> String {
 }
 
 fn short_yaml(value: &Yaml) -> String {
-    serde_yaml::to_string(value)
-        .map(|s| s.trim_end().to_string())
-        .unwrap_or_else(|_| yaml_kind(value).to_string())
+    serde_yaml::to_string(value).map(|s| s.trim_end().to_string()).unwrap_or_else(|_| yaml_kind(value).to_string())
 }
 
 fn yaml_kind(value: &Yaml) -> &'static str {
@@ -279,9 +233,7 @@ mod tests {
     use super::*;
 
     fn invalid(yaml: &str) -> String {
-        parse(yaml.as_bytes())
-            .expect_err("should be invalid")
-            .reason
+        parse(yaml.as_bytes()).expect_err("should be invalid").reason
     }
 
     #[test]
@@ -298,11 +250,7 @@ experiments: {pipeline_execution_schedule_policy: {enabled: true}}
 "#,
         )
         .unwrap();
-        let names: Vec<_> = set
-            .policies
-            .iter()
-            .map(|p| (p.policy_type.key(), p.name.as_str()))
-            .collect();
+        let names: Vec<_> = set.policies.iter().map(|p| (p.policy_type.key(), p.name.as_str())).collect();
         assert_eq!(
             names,
             [
@@ -318,9 +266,9 @@ experiments: {pipeline_execution_schedule_policy: {enabled: true}}
 
     #[test]
     fn canonical_content_ignores_key_order_quoting_and_comments() {
-        let a =
-            parse(b"approval_policy:\n- name: x\n  enabled: true\n  description: 'hi'\n").unwrap();
-        let b = parse(b"# c\napproval_policy:\n  - description: \"hi\" # d\n    enabled: true\n    name: \"x\"\n").unwrap();
+        let a = parse(b"approval_policy:\n- name: x\n  enabled: true\n  description: 'hi'\n").unwrap();
+        let b =
+            parse(b"# c\napproval_policy:\n  - description: \"hi\" # d\n    enabled: true\n    name: \"x\"\n").unwrap();
         assert_eq!(a, b);
     }
 
@@ -332,63 +280,40 @@ experiments: {pipeline_execution_schedule_policy: {enabled: true}}
         assert!(invalid("name: x\nenabled: true\n").contains("unknown top-level key `name`"));
         assert!(invalid("experiments: {}\n").contains("no policy-type key"));
         assert!(invalid("approval_policy: {name: x}\n").contains("must be a list"));
-        assert!(
-            invalid("approval_policy: [{enabled: true}]\n")
-                .contains("approval_policy[0]: `name` is missing")
-        );
+        assert!(invalid("approval_policy: [{enabled: true}]\n").contains("approval_policy[0]: `name` is missing"));
         assert!(invalid("approval_policy: [{name: x}]\n").contains("`enabled` is missing"));
-        assert!(
-            invalid("approval_policy: [{name: x, enabled: 'yes'}]\n")
-                .contains("`enabled` must be true or false")
-        );
-        assert!(
-            invalid("approval_policy: [{name: 5, enabled: true}]\n")
-                .contains("`name` must be a string")
-        );
+        assert!(invalid("approval_policy: [{name: x, enabled: 'yes'}]\n").contains("`enabled` must be true or false"));
+        assert!(invalid("approval_policy: [{name: 5, enabled: true}]\n").contains("`name` must be a string"));
         assert!(invalid("approval_policy: [{name: '', enabled: true}]\n").contains("1 to 255"));
-        let long = format!(
-            "approval_policy: [{{name: '{}', enabled: true}}]\n",
-            "n".repeat(256)
-        );
+        let long = format!("approval_policy: [{{name: '{}', enabled: true}}]\n", "n".repeat(256));
         assert!(invalid(&long).contains("it has 256"));
         assert!(
             invalid("approval_policy: [{name: x, enabled: true, rules: [{type: scan_finding}]}]\n")
                 .contains("rules[0] must have `branches` or `branch_type`")
         );
         assert!(invalid("approval_policy: []\napproval_policy: []\n").contains("not valid YAML"));
-        assert!(
-            parse(&[0xff, 0xfe])
-                .unwrap_err()
-                .reason
-                .contains("not UTF-8")
-        );
-        assert!(
-            invalid("approval_policy: []\n---\napproval_policy: []\n").contains("not valid YAML")
-        );
+        assert!(parse(&[0xff, 0xfe]).unwrap_err().reason.contains("not UTF-8"));
+        assert!(invalid("approval_policy: []\n---\napproval_policy: []\n").contains("not valid YAML"));
     }
 
     #[test]
     fn canonical_content_serializes_with_sorted_keys() {
         // Guards against a dependency turning on serde_json's `preserve_order`.
-        let set =
-            parse(b"approval_policy: [{zeta: 1, name: x, alpha: 2, enabled: true}]\n").unwrap();
+        let set = parse(b"approval_policy: [{zeta: 1, name: x, alpha: 2, enabled: true}]\n").unwrap();
         let text = serde_json::to_string(&set.policies[0].content).unwrap();
         assert_eq!(text, r#"{"alpha":2,"enabled":true,"name":"x","zeta":1}"#);
     }
 
     #[test]
     fn accepts_unknown_keys_inside_a_policy() {
-        let set = parse(b"approval_policy: [{name: x, enabled: true, new_gitlab_key: {a: 1}}]\n")
-            .unwrap();
+        let set = parse(b"approval_policy: [{name: x, enabled: true, new_gitlab_key: {a: 1}}]\n").unwrap();
         assert_eq!(set.policies[0].content["new_gitlab_key"]["a"], 1);
     }
 
     #[test]
     fn applies_yaml_merge_keys() {
-        let a =
-            parse(b"approval_policy:\n- &base {name: x, enabled: true, description: d}\n").unwrap();
-        let b =
-            parse(b"approval_policy:\n- <<: {name: x, enabled: true}\n  description: d\n").unwrap();
+        let a = parse(b"approval_policy:\n- &base {name: x, enabled: true, description: d}\n").unwrap();
+        let b = parse(b"approval_policy:\n- <<: {name: x, enabled: true}\n  description: d\n").unwrap();
         assert_eq!(a.policies[0].content, b.policies[0].content);
     }
 }

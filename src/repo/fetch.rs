@@ -21,12 +21,7 @@ pub struct FetchOutcome {
 ///
 /// The fetch runs on its own thread; when `deadline` passes it is told to stop and this returns
 /// an error at once, so a server that stalls cannot hold up the other projects.
-pub fn fetch(
-    mirror: &Mirror,
-    url: &str,
-    token: Option<&Secret>,
-    deadline: Duration,
-) -> Result<FetchOutcome> {
+pub fn fetch(mirror: &Mirror, url: &str, token: Option<&Secret>, deadline: Duration) -> Result<FetchOutcome> {
     let repo = mirror.repo.clone();
     let branch = mirror.branch.clone();
     let url_owned = url.to_string();
@@ -37,26 +32,16 @@ pub fn fetch(
     std::thread::Builder::new()
         .name("fetch".into())
         .spawn(move || {
-            let _ = tx.send(fetch_blocking(
-                repo, &url_owned, &branch, token, deadline, &flag,
-            ));
+            let _ = tx.send(fetch_blocking(repo, &url_owned, &branch, token, deadline, &flag));
         })
         .context("cannot start fetch thread")?;
     match rx.recv_timeout(deadline) {
-        Ok(result) => result.with_context(|| {
-            format!(
-                "fetch of branch {:?} from {} failed",
-                mirror.branch,
-                redact_url(url)
-            )
-        }),
+        Ok(result) => {
+            result.with_context(|| format!("fetch of branch {:?} from {} failed", mirror.branch, redact_url(url)))
+        }
         Err(_) => {
             interrupt.store(true, Ordering::SeqCst);
-            bail!(
-                "fetch from {} did not finish within {}",
-                redact_url(url),
-                humantime::format_duration(deadline)
-            )
+            bail!("fetch from {} did not finish within {}", redact_url(url), humantime::format_duration(deadline))
         }
     }
 }
@@ -95,22 +80,17 @@ fn fetch_blocking(
         .with_refspecs([refspec.as_str()], Direction::Fetch)
         .map_err(|e| anyhow!("invalid refspec {refspec}: {e}"))?
         .with_fetch_tags(gix::remote::fetch::Tags::None);
-    let connection = remote
-        .connect(Direction::Fetch)
-        .map_err(anyhow::Error::new)
-        .context("cannot connect")?;
+    let connection = remote.connect(Direction::Fetch).map_err(anyhow::Error::new).context("cannot connect")?;
     // Never prompt and never consult credential helpers: the configured token or nothing.
     let connection = connection.with_credentials(move |action| match (&action, &token) {
-        (gix::credentials::helper::Action::Get(ctx), Some(token)) => {
-            Ok(Some(gix::credentials::protocol::Outcome {
-                identity: gix::sec::identity::Account {
-                    username: "oauth2".into(),
-                    password: token.clone(),
-                    oauth_refresh_token: None,
-                },
-                next: ctx.clone().into(),
-            }))
-        }
+        (gix::credentials::helper::Action::Get(ctx), Some(token)) => Ok(Some(gix::credentials::protocol::Outcome {
+            identity: gix::sec::identity::Account {
+                username: "oauth2".into(),
+                password: token.clone(),
+                oauth_refresh_token: None,
+            },
+            next: ctx.clone().into(),
+        })),
         _ => Ok(None),
     });
     let outcome = connection
@@ -135,14 +115,9 @@ fn fetch_blocking(
 pub fn redact_url(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => {
-            let (authority, path) = rest
-                .split_once('/')
-                .map(|(a, p)| (a, format!("/{p}")))
-                .unwrap_or((rest, String::new()));
-            let host = authority
-                .rsplit_once('@')
-                .map(|(_, h)| h)
-                .unwrap_or(authority);
+            let (authority, path) =
+                rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
+            let host = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
             format!("{scheme}://{host}{path}")
         }
         None => url.to_string(),

@@ -39,11 +39,7 @@ pub struct PolicyPath {
 
 impl PolicyPath {
     pub fn new(path: &str) -> PolicyPath {
-        PolicyPath {
-            components: path.split('/').map(|c| c.as_bytes().to_vec()).collect(),
-            last: None,
-            buf: Vec::new(),
-        }
+        PolicyPath { components: path.split('/').map(|c| c.as_bytes().to_vec()).collect(), last: None, buf: Vec::new() }
     }
 
     pub fn lookup(&mut self, mirror: &Mirror, root_tree: ObjectId) -> Result<PolicyBlob> {
@@ -102,11 +98,7 @@ impl PolicyPath {
 impl Mirror {
     /// First-parent commits from `tip` back to (excluding) `since`, oldest first; the whole
     /// first-parent history when `since` is None.
-    pub fn first_parent_steps(
-        &self,
-        tip: ObjectId,
-        since: Option<ObjectId>,
-    ) -> Result<Vec<ObjectId>> {
+    pub fn first_parent_steps(&self, tip: ObjectId, since: Option<ObjectId>) -> Result<Vec<ObjectId>> {
         let walk = self.repo.rev_walk([tip]).first_parent_only();
         let walk = match since {
             Some(s) => walk.with_hidden([s]),
@@ -121,19 +113,10 @@ impl Mirror {
     }
 
     pub fn commit(&self, id: ObjectId) -> Result<Commit> {
-        let commit = self
-            .repo
-            .find_commit(id)
-            .with_context(|| format!("cannot read commit {id}"))?;
-        let decoded = commit
-            .decode()
-            .with_context(|| format!("cannot decode commit {id}"))?;
-        let author = decoded
-            .author()
-            .with_context(|| format!("commit {id} has a malformed author"))?;
-        let committer = decoded
-            .committer()
-            .with_context(|| format!("commit {id} has a malformed committer"))?;
+        let commit = self.repo.find_commit(id).with_context(|| format!("cannot read commit {id}"))?;
+        let decoded = commit.decode().with_context(|| format!("cannot decode commit {id}"))?;
+        let author = decoded.author().with_context(|| format!("commit {id} has a malformed author"))?;
+        let committer = decoded.committer().with_context(|| format!("commit {id} has a malformed committer"))?;
         Ok(Commit {
             id,
             tree: decoded.tree(),
@@ -147,20 +130,13 @@ impl Mirror {
 
     pub fn read_blob(&self, id: ObjectId) -> Result<Vec<u8>> {
         let mut buf = Vec::new();
-        let blob = self
-            .repo
-            .objects
-            .find_blob(&id, &mut buf)
-            .with_context(|| format!("cannot read blob {id}"))?;
+        let blob = self.repo.objects.find_blob(&id, &mut buf).with_context(|| format!("cannot read blob {id}"))?;
         Ok(blob.data.to_vec())
     }
 
     /// The blob's size without reading it, so oversized files are refused cheaply.
     pub fn blob_size(&self, id: ObjectId) -> Result<u64> {
-        let header = self
-            .repo
-            .find_header(id)
-            .with_context(|| format!("cannot read object {id}"))?;
+        let header = self.repo.find_header(id).with_context(|| format!("cannot read object {id}"))?;
         Ok(header.size())
     }
 }

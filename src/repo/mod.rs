@@ -33,8 +33,7 @@ impl Mirror {
         } else {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create mirror directory {}", dir.display()))?;
-            gix::init_bare(dir)
-                .with_context(|| format!("cannot create mirror {}", dir.display()))?
+            gix::init_bare(dir).with_context(|| format!("cannot create mirror {}", dir.display()))?
         };
         Ok(Mirror::from_repo(repo, branch, dir))
     }
@@ -44,19 +43,14 @@ impl Mirror {
         if !dir.join("HEAD").exists() {
             return Ok(None);
         }
-        let repo =
-            gix::open(dir).with_context(|| format!("cannot open mirror {}", dir.display()))?;
+        let repo = gix::open(dir).with_context(|| format!("cannot open mirror {}", dir.display()))?;
         Ok(Some(Mirror::from_repo(repo, branch, dir)))
     }
 
     fn from_repo(mut repo: gix::Repository, branch: &str, dir: &Path) -> Mirror {
         // Measured: a small object cache and no pack cache make long first-parent walks ~1.5x faster.
         repo.object_cache_size(1024 * 1024);
-        Mirror {
-            repo,
-            branch: branch.to_string(),
-            dir: dir.to_path_buf(),
-        }
+        Mirror { repo, branch: branch.to_string(), dir: dir.to_path_buf() }
     }
 
     pub fn dir(&self) -> &Path {
@@ -70,16 +64,10 @@ impl Mirror {
     /// The fetched tip of the tracked branch, or None when the remote has no such branch.
     pub fn tip(&self) -> Result<Option<ObjectId>> {
         let name = self.tracking_ref();
-        match self
-            .repo
-            .try_find_reference(name.as_str())
-            .with_context(|| format!("cannot read {name}"))?
-        {
+        match self.repo.try_find_reference(name.as_str()).with_context(|| format!("cannot read {name}"))? {
             None => Ok(None),
             Some(mut r) => {
-                let id = r
-                    .peel_to_id()
-                    .with_context(|| format!("cannot resolve {name}"))?;
+                let id = r.peel_to_id().with_context(|| format!("cannot resolve {name}"))?;
                 Ok(Some(id.detach()))
             }
         }
@@ -94,10 +82,7 @@ impl Mirror {
         if ancestor == tip {
             return Ok(true);
         }
-        let base = self
-            .repo
-            .merge_base(ancestor, tip)
-            .context("cannot compute merge base")?;
+        let base = self.repo.merge_base(ancestor, tip).context("cannot compute merge base")?;
         Ok(base.is_some_and(|b| b.detach() == ancestor))
     }
 }

@@ -57,10 +57,7 @@ impl Sender {
             request = request
                 .header("webhook-id", event_id)
                 .header("webhook-timestamp", &timestamp)
-                .header(
-                    "webhook-signature",
-                    signature(key, event_id, &timestamp, body),
-                );
+                .header("webhook-signature", signature(key, event_id, &timestamp, body));
         }
         match request.send(body) {
             Ok(mut response) => {
@@ -73,31 +70,17 @@ impl Sender {
                 // A response cut off mid-body is no acknowledgement: try again (receivers dedupe
                 // on the event id).
                 let mut sink = Vec::new();
-                let body = response
-                    .body_mut()
-                    .as_reader()
-                    .take(MAX_RESPONSE_BYTES)
-                    .read_to_end(&mut sink);
+                let body = response.body_mut().as_reader().take(MAX_RESPONSE_BYTES).read_to_end(&mut sink);
                 match body {
                     Ok(_) => Outcome::Status { code, retry_after },
-                    Err(e) => Outcome::Transport {
-                        reason: format!("HTTP {code} but the response broke off: {e}"),
-                    },
+                    Err(e) => Outcome::Transport { reason: format!("HTTP {code} but the response broke off: {e}") },
                 }
             }
-            Err(
-                e @ (ureq::Error::BadUri(_)
-                | ureq::Error::Http(_)
-                | ureq::Error::RequireHttpsOnly(_)),
-            ) => Outcome::Unsendable {
-                reason: e.to_string(),
-            },
-            Err(ureq::Error::Timeout(t)) => Outcome::Transport {
-                reason: format!("timed out ({t})"),
-            },
-            Err(e) => Outcome::Transport {
-                reason: e.to_string(),
-            },
+            Err(e @ (ureq::Error::BadUri(_) | ureq::Error::Http(_) | ureq::Error::RequireHttpsOnly(_))) => {
+                Outcome::Unsendable { reason: e.to_string() }
+            }
+            Err(ureq::Error::Timeout(t)) => Outcome::Transport { reason: format!("timed out ({t})") },
+            Err(e) => Outcome::Transport { reason: e.to_string() },
         }
     }
 }
@@ -106,9 +89,7 @@ impl Sender {
 /// as the key's bytes.
 pub fn signing_key(secret: &Secret) -> Vec<u8> {
     let s = secret.expose();
-    s.strip_prefix("whsec_")
-        .and_then(|b| B64.decode(b).ok())
-        .unwrap_or_else(|| s.as_bytes().to_vec())
+    s.strip_prefix("whsec_").and_then(|b| B64.decode(b).ok()).unwrap_or_else(|| s.as_bytes().to_vec())
 }
 
 /// `v1,<base64 HMAC-SHA256 over "<id>.<timestamp>.<body>">`
@@ -133,12 +114,7 @@ mod tests {
     fn matches_the_standard_webhooks_reference_example() {
         let secret = Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
         let body = br#"{"test": 2432232314}"#;
-        let sig = signature(
-            &signing_key(&secret),
-            "msg_p5jXN8AQM9LWM0D4loKWxJek",
-            "1614265330",
-            body,
-        );
+        let sig = signature(&signing_key(&secret), "msg_p5jXN8AQM9LWM0D4loKWxJek", "1614265330", body);
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
     }
 }

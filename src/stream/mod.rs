@@ -16,6 +16,7 @@ use anyhow::Result;
 use rand::SeedableRng;
 use retry::{Decision, backoff, decide};
 use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// The time source for delivery decisions; tests pass their own so no test sleeps through a
@@ -50,27 +51,31 @@ pub struct DestinationReport {
 
 /// Delivers every due outbox entry of every configured destination, concurrently across
 /// destinations, in order within each. `seed` feeds the backoff jitter.
-pub fn deliver_due(
+pub fn deliver_due(config: &Config, store: &Store, clock: &dyn Clock, seed: u64) -> Result<Vec<DestinationReport>> {
+    deliver_due_until(config, store, clock, seed, &AtomicBool::new(false))
+}
+
+/// Like [`deliver_due`], stopping between deliveries once `stop` is set (shutdown).
+pub fn deliver_due_until(
     config: &Config,
     store: &Store,
     clock: &dyn Clock,
     seed: u64,
+    stop: &AtomicBool,
 ) -> Result<Vec<DestinationReport>> {
+    let _round = store.lock_delivery();
     let reports = std::thread::scope(|scope| {
         let handles: Vec<_> = config
             .destinations
             .iter()
             .map(|d| {
                 let dest_seed = seed ^ u64::from(crc32fast::hash(d.name.as_bytes()));
-                scope.spawn(move || deliver_destination(d, store, clock, dest_seed))
+                scope.spawn(move || deliver_destination(d, store, clock, dest_seed, stop))
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("delivery thread panicked")))
-            })
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("delivery thread panicked"))))
             .collect::<Result<Vec<_>>>()
     })?;
     store.flush()?;
@@ -82,16 +87,17 @@ fn deliver_destination(
     store: &Store,
     clock: &dyn Clock,
     seed: u64,
+    stop: &AtomicBool,
 ) -> Result<DestinationReport> {
     let sender = http::Sender::new(dest);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut report = DestinationReport {
-        destination: dest.name.clone(),
-        ..DestinationReport::default()
-    };
+    let mut report = DestinationReport { destination: dest.name.clone(), ..DestinationReport::default() };
     let max_age_ms = i64::try_from(dest.max_age.as_millis()).unwrap_or(i64::MAX);
     let mut from = 0;
     while let Some(mut delivery) = store.next_pending(&dest.name, from)? {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
         from = delivery.seq + 1;
         let now = clock.now_ms();
         if delivery.next_attempt_at > now {
@@ -102,21 +108,13 @@ fn deliver_destination(
             bury(
                 store,
                 &mut delivery,
-                format!(
-                    "not delivered within max_age ({})",
-                    humantime::format_duration(dest.max_age)
-                ),
+                format!("not delivered within max_age ({})", humantime::format_duration(dest.max_age)),
                 &mut report,
             )?;
             continue;
         }
         let Some(body) = store.event_bytes(delivery.seq)? else {
-            bury(
-                store,
-                &mut delivery,
-                "the event is missing from the store".into(),
-                &mut report,
-            )?;
+            bury(store, &mut delivery, "the event is missing from the store".into(), &mut report)?;
             continue;
         };
         let outcome = sender.send(&delivery.event_id, delivery.event_type.name(), &body, now);
@@ -132,19 +130,10 @@ fn deliver_destination(
                 bury(store, &mut delivery, reason, &mut report)?;
             }
             Decision::Retry { reason, not_before } => {
-                let wait = backoff(
-                    delivery.attempts,
-                    dest.backoff_initial,
-                    dest.backoff_max,
-                    not_before,
-                    &mut rng,
-                );
+                let wait = backoff(delivery.attempts, dest.backoff_initial, dest.backoff_max, not_before, &mut rng);
                 let due = now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
                 if delivery.attempts >= dest.max_attempts {
-                    let reason = format!(
-                        "{reason}; gave up after {} attempts (max_attempts)",
-                        delivery.attempts
-                    );
+                    let reason = format!("{reason}; gave up after {} attempts (max_attempts)", delivery.attempts);
                     bury(store, &mut delivery, reason, &mut report)?;
                     continue;
                 }
@@ -175,12 +164,7 @@ fn deliver_destination(
     Ok(report)
 }
 
-fn bury(
-    store: &Store,
-    delivery: &mut Delivery,
-    reason: String,
-    report: &mut DestinationReport,
-) -> Result<()> {
+fn bury(store: &Store, delivery: &mut Delivery, reason: String, report: &mut DestinationReport) -> Result<()> {
     delivery.last_error = Some(reason.clone());
     store.bury(delivery)?;
     report.dead += 1;

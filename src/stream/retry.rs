@@ -13,21 +13,20 @@ pub enum Outcome {
         retry_after: Option<Duration>,
     },
     /// No HTTP answer: connection refused or reset, timeout, DNS, TLS.
-    Transport { reason: String },
+    Transport {
+        reason: String,
+    },
     /// The request could not be built (bad URL): retrying cannot help.
-    Unsendable { reason: String },
+    Unsendable {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Success,
-    Retry {
-        reason: String,
-        not_before: Option<Duration>,
-    },
-    Dead {
-        reason: String,
-    },
+    Retry { reason: String, not_before: Option<Duration> },
+    Dead { reason: String },
 }
 
 impl Outcome {
@@ -46,26 +45,16 @@ pub fn decide(outcome: &Outcome) -> Decision {
     match outcome {
         Outcome::Status { code, .. } if (200..300).contains(code) => Decision::Success,
         Outcome::Status { code, retry_after } if *code == 408 || *code == 429 || *code >= 500 => {
-            Decision::Retry {
-                reason: format!("HTTP {code}"),
-                not_before: *retry_after,
-            }
+            Decision::Retry { reason: format!("HTTP {code}"), not_before: *retry_after }
         }
         Outcome::Status { code, .. } if (300..400).contains(code) => Decision::Dead {
-            reason: format!(
-                "HTTP {code}: redirects are not followed (point the destination at the final URL)"
-            ),
+            reason: format!("HTTP {code}: redirects are not followed (point the destination at the final URL)"),
         },
-        Outcome::Status { code, .. } => Decision::Dead {
-            reason: format!("HTTP {code}: the receiver rejected the event"),
-        },
-        Outcome::Transport { reason } => Decision::Retry {
-            reason: reason.clone(),
-            not_before: None,
-        },
-        Outcome::Unsendable { reason } => Decision::Dead {
-            reason: reason.clone(),
-        },
+        Outcome::Status { code, .. } => {
+            Decision::Dead { reason: format!("HTTP {code}: the receiver rejected the event") }
+        }
+        Outcome::Transport { reason } => Decision::Retry { reason: reason.clone(), not_before: None },
+        Outcome::Unsendable { reason } => Decision::Dead { reason: reason.clone() },
     }
 }
 
@@ -79,14 +68,9 @@ pub fn backoff(
     not_before: Option<Duration>,
     rng: &mut impl Rng,
 ) -> Duration {
-    let exp = initial.saturating_mul(
-        1u32.checked_shl(attempts.saturating_sub(1))
-            .unwrap_or(u32::MAX),
-    );
+    let exp = initial.saturating_mul(1u32.checked_shl(attempts.saturating_sub(1)).unwrap_or(u32::MAX));
     let ceiling = exp.min(max);
-    let jittered = Duration::from_millis(
-        rng.random_range(0..=ceiling.as_millis().min(u64::MAX as u128) as u64),
-    );
+    let jittered = Duration::from_millis(rng.random_range(0..=ceiling.as_millis().min(u64::MAX as u128) as u64));
     match not_before {
         Some(wait) => jittered.max(wait),
         None => jittered,
@@ -99,13 +83,8 @@ pub fn parse_retry_after(value: &str, now_ms: i64) -> Option<Duration> {
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    let at = jiff::fmt::rfc2822::parse(value)
-        .ok()?
-        .timestamp()
-        .as_millisecond();
-    Some(Duration::from_millis(
-        at.saturating_sub(now_ms).max(0) as u64
-    ))
+    let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp().as_millisecond();
+    Some(Duration::from_millis(at.saturating_sub(now_ms).max(0) as u64))
 }
 
 #[cfg(test)]
@@ -114,10 +93,7 @@ mod tests {
     use rand::SeedableRng;
 
     fn status(code: u16) -> Outcome {
-        Outcome::Status {
-            code,
-            retry_after: None,
-        }
+        Outcome::Status { code, retry_after: None }
     }
 
     #[test]
@@ -125,26 +101,13 @@ mod tests {
         assert_eq!(decide(&status(200)), Decision::Success);
         assert_eq!(decide(&status(204)), Decision::Success);
         for code in [408, 429, 500, 502, 503, 504] {
-            assert!(
-                matches!(decide(&status(code)), Decision::Retry { .. }),
-                "{code}"
-            );
+            assert!(matches!(decide(&status(code)), Decision::Retry { .. }), "{code}");
         }
         for code in [301, 302, 307, 400, 401, 403, 404, 413] {
-            assert!(
-                matches!(decide(&status(code)), Decision::Dead { .. }),
-                "{code}"
-            );
+            assert!(matches!(decide(&status(code)), Decision::Dead { .. }), "{code}");
         }
-        assert!(matches!(
-            decide(&Outcome::Transport {
-                reason: "connection refused".into()
-            }),
-            Decision::Retry { .. }
-        ));
-        let Decision::Dead { reason } = decide(&status(301)) else {
-            panic!()
-        };
+        assert!(matches!(decide(&Outcome::Transport { reason: "connection refused".into() }), Decision::Retry { .. }));
+        let Decision::Dead { reason } = decide(&status(301)) else { panic!() };
         assert!(reason.contains("redirects are not followed"));
     }
 
@@ -159,22 +122,16 @@ mod tests {
                 assert!(d <= ceiling, "attempt {attempts}: {d:?} > {ceiling:?}");
             }
         }
-        let spread: std::collections::BTreeSet<u128> = (0..50)
-            .map(|_| backoff(6, initial, max, None, &mut rng).as_millis())
-            .collect();
+        let spread: std::collections::BTreeSet<u128> =
+            (0..50).map(|_| backoff(6, initial, max, None, &mut rng).as_millis()).collect();
         assert!(spread.len() > 40, "jitter should spread delays");
-        assert!(
-            backoff(1, initial, max, Some(Duration::from_secs(30)), &mut rng)
-                >= Duration::from_secs(30)
-        );
+        assert!(backoff(1, initial, max, Some(Duration::from_secs(30)), &mut rng) >= Duration::from_secs(30));
     }
 
     #[test]
     fn retry_after_seconds_and_dates() {
         assert_eq!(parse_retry_after("120", 0), Some(Duration::from_secs(120)));
-        let now = jiff::Timestamp::from_second(1_700_000_000)
-            .unwrap()
-            .as_millisecond();
+        let now = jiff::Timestamp::from_second(1_700_000_000).unwrap().as_millisecond();
         let date = "Tue, 14 Nov 2023 22:13:40 GMT"; // now + 20 s
         assert_eq!(parse_retry_after(date, now), Some(Duration::from_secs(20)));
         assert_eq!(parse_retry_after("soon", now), None);

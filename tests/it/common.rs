@@ -12,9 +12,7 @@ pub struct Workspace {
 
 impl Workspace {
     pub fn new() -> Workspace {
-        Workspace {
-            dir: tempfile::tempdir().expect("temp dir"),
-        }
+        Workspace { dir: tempfile::tempdir().expect("temp dir") }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -66,11 +64,7 @@ pub fn git_command(repo: &Path) -> Command {
 
 pub fn git(repo: &Path, args: &[&str]) -> String {
     let out = git_command(repo).args(args).output().expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -78,15 +72,7 @@ pub fn git(repo: &Path, args: &[&str]) -> String {
 pub fn commit(repo: &Path, name: &str, email: &str, date: &str, message: &str) -> String {
     git(repo, &["add", "-A"]);
     let out = git_command(repo)
-        .args([
-            "-c",
-            "commit.gpgsign=false",
-            "commit",
-            "-q",
-            "--allow-empty",
-            "-m",
-            message,
-        ])
+        .args(["-c", "commit.gpgsign=false", "commit", "-q", "--allow-empty", "-m", message])
         .env("GIT_AUTHOR_NAME", name)
         .env("GIT_AUTHOR_EMAIL", email)
         .env("GIT_AUTHOR_DATE", date)
@@ -95,11 +81,7 @@ pub fn commit(repo: &Path, name: &str, email: &str, date: &str, message: &str) -
         .env("GIT_COMMITTER_DATE", date)
         .output()
         .expect("git commit");
-    assert!(
-        out.status.success(),
-        "commit failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "commit failed: {}", String::from_utf8_lossy(&out.stderr));
     git(repo, &["rev-parse", "HEAD"]).trim().to_string()
 }
 

@@ -21,10 +21,7 @@ fn yml_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn name(p: &Path) -> String {
-    p.file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned()
+    p.file_name().unwrap_or_default().to_string_lossy().into_owned()
 }
 
 /// Documents that SOURCES.md describes as not policy files: bare lists of policies (no
@@ -32,52 +29,26 @@ fn name(p: &Path) -> String {
 const INVALID_DOCS: &[(&str, &str)] = &[
     ("_index__02.yml", "top level must be a mapping"),
     ("index__02.yml", "not valid YAML"),
-    (
-        "scan-execution-policies__01.yml",
-        "top level must be a mapping",
-    ),
-    (
-        "scan-result-policies__02.yml",
-        "top level must be a mapping",
-    ),
-    (
-        "scan_execution_policies__01.yml",
-        "top level must be a mapping",
-    ),
-    (
-        "scan_execution_policies__04.yml",
-        "top level must be a mapping",
-    ),
-    (
-        "scan_execution_policies__05.yml",
-        "top level must be a mapping",
-    ),
-    (
-        "scan_execution_policies__06.yml",
-        "top level must be a mapping",
-    ),
+    ("scan-execution-policies__01.yml", "top level must be a mapping"),
+    ("scan-result-policies__02.yml", "top level must be a mapping"),
+    ("scan_execution_policies__01.yml", "top level must be a mapping"),
+    ("scan_execution_policies__04.yml", "top level must be a mapping"),
+    ("scan_execution_policies__05.yml", "top level must be a mapping"),
+    ("scan_execution_policies__06.yml", "top level must be a mapping"),
 ];
 
 #[test]
 fn documented_policy_files_parse_and_bare_lists_do_not() {
     let Some(dir) = corpus() else { return };
     let files = yml_files(&dir.join("docs"));
-    assert!(
-        files.len() >= 30,
-        "corpus docs/ looks incomplete: {} files",
-        files.len()
-    );
+    assert!(files.len() >= 30, "corpus docs/ looks incomplete: {} files", files.len());
     for file in files {
         let n = name(&file);
         let result = parse(&std::fs::read(&file).expect("read"));
         match INVALID_DOCS.iter().find(|(f, _)| *f == n) {
             Some((_, reason)) => {
                 let err = result.expect_err(&format!("{n} should be invalid"));
-                assert!(
-                    err.reason.contains(reason),
-                    "{n}: unexpected reason {:?}",
-                    err.reason
-                );
+                assert!(err.reason.contains(reason), "{n}: unexpected reason {:?}", err.reason);
             }
             None => {
                 let set = result.unwrap_or_else(|e| panic!("{n} should parse: {e}"));
@@ -91,11 +62,9 @@ fn documented_policy_files_parse_and_bare_lists_do_not() {
 fn fragments_are_not_policy_files() {
     let Some(dir) = corpus() else { return };
     for file in yml_files(&dir.join("docs/fragments")) {
-        let err = parse(&std::fs::read(&file).expect("read"))
-            .expect_err(&format!("{} is a fragment", name(&file)));
+        let err = parse(&std::fs::read(&file).expect("read")).expect_err(&format!("{} is a fragment", name(&file)));
         assert!(
-            err.reason.contains("unknown top-level key")
-                || err.reason.contains("no policy-type key"),
+            err.reason.contains("unknown top-level key") || err.reason.contains("no policy-type key"),
             "{}: {}",
             name(&file),
             err.reason
@@ -116,27 +85,16 @@ fn real_files() {
         .expect_err("rules without branches");
     assert!(err.reason.contains("approval_policy[0] \"Require approval on HIGH/CRITICAL vulnerabilities\": rules[0] must have `branches` or `branch_type`"), "{}", err.reason);
 
-    let err =
-        parse(&std::fs::read(real.join("arif-900__Snap-Waste-Management-.yml")).expect("read"))
-            .expect_err("not a policy file");
-    assert!(
-        err.reason.contains("unknown top-level key `name`"),
-        "{}",
-        err.reason
-    );
+    let err = parse(&std::fs::read(real.join("arif-900__Snap-Waste-Management-.yml")).expect("read"))
+        .expect_err("not a policy file");
+    assert!(err.reason.contains("unknown top-level key `name`"), "{}", err.reason);
 }
 
 #[test]
 fn the_duplicate_name_example_keeps_both_policies() {
     let Some(dir) = corpus() else { return };
-    let set = parse(
-        &std::fs::read(dir.join("docs/merge_request_approval_policies__05.yml")).expect("read"),
-    )
-    .expect("parses");
-    let dupes = set
-        .policies
-        .iter()
-        .filter(|p| p.name == "critical vulnerability CS approvals")
-        .count();
+    let set =
+        parse(&std::fs::read(dir.join("docs/merge_request_approval_policies__05.yml")).expect("read")).expect("parses");
+    let dupes = set.policies.iter().filter(|p| p.name == "critical vulnerability CS approvals").count();
     assert_eq!(dupes, 2);
 }

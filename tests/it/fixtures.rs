@@ -30,31 +30,16 @@ fn project(event: &Value, subjects: &BTreeMap<String, String>) -> Value {
     let d = &event["details"];
     let mut m = Map::new();
     m.insert("event_type".into(), event["event_type"].clone());
-    for key in [
-        "policy_type",
-        "policy_name",
-        "merge_request",
-        "active_policies_names",
-        "active_skipped_policies_names",
-    ] {
+    for key in ["policy_type", "policy_name", "merge_request", "active_policies_names", "active_skipped_policies_names"]
+    {
         if !d[key].is_null() {
             m.insert(key.into(), d[key].clone());
         }
     }
     m.insert("author_name".into(), d["author_name"].clone());
     m.insert("author_email".into(), d["author_email"].clone());
-    let sha = d["security_policy_project_commit_sha"]
-        .as_str()
-        .unwrap_or_default();
-    m.insert(
-        "commit".into(),
-        json!(
-            subjects
-                .get(sha)
-                .cloned()
-                .unwrap_or_else(|| format!("<unknown commit {sha}>"))
-        ),
-    );
+    let sha = d["security_policy_project_commit_sha"].as_str().unwrap_or_default();
+    m.insert("commit".into(), json!(subjects.get(sha).cloned().unwrap_or_else(|| format!("<unknown commit {sha}>"))));
     m.insert("created_at".into(), event["created_at"].clone());
     if let Some(changes) = d["changes"].as_array() {
         let mut paths: Vec<&str> = changes.iter().filter_map(|c| c["path"].as_str()).collect();
@@ -69,18 +54,12 @@ fn project(event: &Value, subjects: &BTreeMap<String, String>) -> Value {
 
 fn run_case(name: &str) {
     let case_dir = fixtures_dir().join(name);
-    let case: Case =
-        toml::from_str(&std::fs::read_to_string(case_dir.join("case.toml")).expect("case.toml"))
-            .expect("case.toml parses");
-    let expected: Vec<Vec<Value>> = serde_json::from_str(
-        &std::fs::read_to_string(case_dir.join("expected.json")).expect("expected.json"),
-    )
-    .expect("expected.json parses");
-    assert_eq!(
-        case.phase.len(),
-        expected.len(),
-        "{name}: one expected list per phase"
-    );
+    let case: Case = toml::from_str(&std::fs::read_to_string(case_dir.join("case.toml")).expect("case.toml"))
+        .expect("case.toml parses");
+    let expected: Vec<Vec<Value>> =
+        serde_json::from_str(&std::fs::read_to_string(case_dir.join("expected.json")).expect("expected.json"))
+            .expect("expected.json parses");
+    assert_eq!(case.phase.len(), expected.len(), "{name}: one expected list per phase");
 
     let ws = Workspace::new();
     let repo = ws.init_repo("repo");
@@ -99,45 +78,28 @@ fn run_case(name: &str) {
             .env("HOME", ws.dir.path())
             .output()
             .expect("bash history.sh");
-        assert!(
-            script.status.success(),
-            "{name}: history.sh {n} failed: {}",
-            String::from_utf8_lossy(&script.stderr)
-        );
+        assert!(script.status.success(), "{name}: history.sh {n} failed: {}", String::from_utf8_lossy(&script.stderr));
         for line in git(&repo, &["log", "--all", "--format=%H %s"]).lines() {
             if let Some((sha, subject)) = line.split_once(' ') {
                 subjects.insert(sha.to_string(), subject.to_string());
             }
         }
-        let template = std::fs::read_to_string(
-            case_dir.join(phase.config.as_deref().unwrap_or("config.toml")),
-        )
-        .expect("config");
+        let template =
+            std::fs::read_to_string(case_dir.join(phase.config.as_deref().unwrap_or("config.toml"))).expect("config");
         let config = ws.write(
             "config.toml",
-            &template
-                .replace("@REPO@", &repo.to_string_lossy())
-                .replace("@STATE@", &state.to_string_lossy()),
+            &template.replace("@REPO@", &repo.to_string_lossy()).replace("@STATE@", &state.to_string_lossy()),
         );
         let mut args = vec!["reconcile"];
         args.extend(phase.reconcile_args.iter().map(String::as_str));
         let out = ws.run(&config, &args);
-        assert!(
-            out.status.success(),
-            "{name}: reconcile {n} failed ({:?}): {}",
-            out.status,
-            stderr(&out)
-        );
+        assert!(out.status.success(), "{name}: reconcile {n} failed ({:?}): {}", out.status, stderr(&out));
 
         let all = events_json(&ws, &config);
         let new: Vec<&Value> = all.iter().skip(seen).collect();
         seen = all.len();
         for e in &new {
-            assert!(
-                ids.insert(e["id"].as_str().unwrap_or_default().to_string()),
-                "{name}: duplicate id {}",
-                e["id"]
-            );
+            assert!(ids.insert(e["id"].as_str().unwrap_or_default().to_string()), "{name}: duplicate id {}", e["id"]);
         }
         let got: Vec<Value> = new.iter().map(|e| project(e, &subjects)).collect();
         assert_eq!(

@@ -44,12 +44,7 @@ impl GitHttpServer {
                 }
             }
         });
-        GitHttpServer {
-            port,
-            stop,
-            refused,
-            seen_auth,
-        }
+        GitHttpServer { port, stop, refused, seen_auth }
     }
 
     pub fn url(&self, name: &str) -> String {
@@ -76,10 +71,7 @@ fn serve(
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
     let mut parts = request_line.split_whitespace();
-    let (method, target) = (
-        parts.next().unwrap_or("GET").to_string(),
-        parts.next().unwrap_or("/").to_string(),
-    );
+    let (method, target) = (parts.next().unwrap_or("GET").to_string(), parts.next().unwrap_or("/").to_string());
     let mut headers = Vec::new();
     loop {
         let mut line = String::new();
@@ -92,12 +84,7 @@ fn serve(
             headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
     }
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let body = if let Some(len) = header("content-length").and_then(|l| l.parse::<usize>().ok()) {
         let mut body = vec![0; len];
         reader.read_exact(&mut body)?;
@@ -111,9 +98,7 @@ fn serve(
         seen.lock().map(|mut s| s.push(auth)).ok();
     }
     if let Some(token) = token {
-        let ok = header("authorization")
-            .and_then(|a| basic_password(&a))
-            .is_some_and(|p| p == token);
+        let ok = header("authorization").and_then(|a| basic_password(&a)).is_some_and(|p| p == token);
         if !ok {
             refused.fetch_add(1, Ordering::SeqCst);
             stream.write_all(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
@@ -133,10 +118,7 @@ fn serve(
         .env("CONTENT_TYPE", header("content-type").unwrap_or_default())
         .env("CONTENT_LENGTH", body.len().to_string())
         .env("GIT_PROTOCOL", header("git-protocol").unwrap_or_default())
-        .env(
-            "HTTP_CONTENT_ENCODING",
-            header("content-encoding").unwrap_or_default(),
-        )
+        .env("HTTP_CONTENT_ENCODING", header("content-encoding").unwrap_or_default())
         .env("REMOTE_ADDR", "127.0.0.1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -151,17 +133,9 @@ fn serve(
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map(|i| (i, 4))
-        .or_else(|| {
-            out.stdout
-                .windows(2)
-                .position(|w| w == b"\n\n")
-                .map(|i| (i, 2))
-        });
+        .or_else(|| out.stdout.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
     let (head, body) = match split {
-        Some((i, n)) => (
-            String::from_utf8_lossy(&out.stdout[..i]).into_owned(),
-            out.stdout[i + n..].to_vec(),
-        ),
+        Some((i, n)) => (String::from_utf8_lossy(&out.stdout[..i]).into_owned(), out.stdout[i + n..].to_vec()),
         None => (String::new(), out.stdout.clone()),
     };
     let mut status = "200 OK".to_string();
@@ -173,7 +147,10 @@ fn serve(
             None => {}
         }
     }
-    stream.write_all(format!("HTTP/1.1 {status}\r\n{response_headers}Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes())?;
+    stream.write_all(
+        format!("HTTP/1.1 {status}\r\n{response_headers}Content-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+            .as_bytes(),
+    )?;
     stream.write_all(&body)
 }
 
@@ -182,8 +159,7 @@ fn read_chunked(reader: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
     loop {
         let mut size = String::new();
         reader.read_line(&mut size)?;
-        let n =
-            usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16).unwrap_or(0);
+        let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16).unwrap_or(0);
         if n == 0 {
             let mut end = String::new();
             reader.read_line(&mut end)?;

@@ -31,10 +31,7 @@ pub struct Request {
 
 impl Request {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -73,11 +70,7 @@ impl Receiver {
                 }
             }
         });
-        Receiver {
-            port,
-            requests,
-            stop,
-        }
+        Receiver { port, requests, stop }
     }
 
     pub fn url(&self) -> String {
@@ -90,10 +83,7 @@ impl Receiver {
 
     /// Ids of the events received, in arrival order.
     pub fn ids(&self) -> Vec<String> {
-        self.requests()
-            .iter()
-            .map(|r| r.json()["id"].as_str().unwrap_or_default().to_string())
-            .collect()
+        self.requests().iter().map(|r| r.json()["id"].as_str().unwrap_or_default().to_string()).collect()
     }
 }
 
@@ -119,10 +109,8 @@ fn serve(
             return Ok(());
         }
         let mut parts = line.split_whitespace();
-        let (method, path) = (
-            parts.next().unwrap_or_default().to_string(),
-            parts.next().unwrap_or_default().to_string(),
-        );
+        let (method, path) =
+            (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or_default().to_string());
         let mut headers = Vec::new();
         loop {
             let mut h = String::new();
@@ -135,24 +123,11 @@ fn serve(
                 headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
             }
         }
-        let len = headers
-            .iter()
-            .find(|(k, _)| k == "content-length")
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or(0);
+        let len = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
         let mut body = vec![0; len];
         reader.read_exact(&mut body)?;
-        requests.lock().expect("lock").push(Request {
-            method,
-            path,
-            headers,
-            body,
-        });
-        let reply = script
-            .lock()
-            .expect("lock")
-            .pop_front()
-            .unwrap_or(Reply::Status(204));
+        requests.lock().expect("lock").push(Request { method, path, headers, body });
+        let reply = script.lock().expect("lock").pop_front().unwrap_or(Reply::Status(204));
         match reply {
             Reply::Status(code) => respond(&mut writer, code, &[])?,
             Reply::With(code, extra) => respond(&mut writer, code, &extra)?,

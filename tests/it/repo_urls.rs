@@ -9,17 +9,8 @@ const POLICY: &str = ".gitlab/security-policies/policy.yml";
 
 fn spp(ws: &Workspace) -> std::path::PathBuf {
     let repo = ws.init_repo("src/spp");
-    ws.write(
-        &format!("src/spp/{POLICY}"),
-        "approval_policy:\n- {name: One, enabled: true}\n",
-    );
-    commit(
-        &repo,
-        "Alice",
-        "alice@example.com",
-        "2024-01-01T10:00:00Z",
-        "create",
-    );
+    ws.write(&format!("src/spp/{POLICY}"), "approval_policy:\n- {name: One, enabled: true}\n");
+    commit(&repo, "Alice", "alice@example.com", "2024-01-01T10:00:00Z", "create");
     repo
 }
 
@@ -27,7 +18,13 @@ fn spp(ws: &Workspace) -> std::path::PathBuf {
 fn file_url_is_fetched() {
     let ws = Workspace::new();
     let repo = spp(&ws);
-    let config = ws.write("c.toml", &format!("state_dir = \"s\"\n[[projects]]\npath = \"a/spp\"\nurl = \"file://{}\"\ninitial_sync = \"backfill\"\n", repo.display()));
+    let config = ws.write(
+        "c.toml",
+        &format!(
+            "state_dir = \"s\"\n[[projects]]\npath = \"a/spp\"\nurl = \"file://{}\"\ninitial_sync = \"backfill\"\n",
+            repo.display()
+        ),
+    );
     let out = ws.run(&config, &["reconcile"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(events_json(&ws, &config).len(), 1);
@@ -38,16 +35,7 @@ fn http_fetch_sends_the_token_and_never_stores_or_prints_it() {
     let ws = Workspace::new();
     let repo = spp(&ws);
     let bare = ws.path("served/spp.git");
-    git(
-        ws.dir.path(),
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            &repo.to_string_lossy(),
-            &bare.to_string_lossy(),
-        ],
-    );
+    git(ws.dir.path(), &["clone", "-q", "--bare", &repo.to_string_lossy(), &bare.to_string_lossy()]);
     let token = "glpat-test-token-0123456789";
     let server = GitHttpServer::start(&ws.path("served"), Some(token));
     std::fs::write(ws.path("token"), format!("{token}\n")).expect("token file");
@@ -58,43 +46,19 @@ fn http_fetch_sends_the_token_and_never_stores_or_prints_it() {
     let out = ws.run(&config, &["reconcile"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(events_json(&ws, &config).len(), 1);
-    assert!(
-        server
-            .seen_auth
-            .lock()
-            .expect("lock")
-            .iter()
-            .any(|a| a.starts_with("Basic "))
-    );
+    assert!(server.seen_auth.lock().expect("lock").iter().any(|a| a.starts_with("Basic ")));
     // The token is nowhere in the state directory (mirror config included) nor in any output.
     for entry in walk(&ws.path("s")) {
         let bytes = std::fs::read(&entry).unwrap_or_default();
-        assert!(
-            !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
-            "token found in {}",
-            entry.display()
-        );
+        assert!(!bytes.windows(token.len()).any(|w| w == token.as_bytes()), "token found in {}", entry.display());
     }
     let status = ws.run(&config, &["status", "--json"]);
-    assert!(
-        !stdout(&status).contains(token)
-            && !stdout(&out).contains(token)
-            && !stderr(&out).contains(token)
-    );
+    assert!(!stdout(&status).contains(token) && !stdout(&out).contains(token) && !stderr(&out).contains(token));
 
     // A wrong token: the fetch fails with an error naming the project, and still no token is shown.
     std::fs::write(ws.path("token"), "wrong-token\n").expect("token file");
-    ws.write(
-        &format!("src/spp/{POLICY}"),
-        "approval_policy:\n- {name: Two, enabled: true}\n",
-    );
-    commit(
-        &repo,
-        "Bob",
-        "bob@example.com",
-        "2024-01-02T10:00:00Z",
-        "rename",
-    );
+    ws.write(&format!("src/spp/{POLICY}"), "approval_policy:\n- {name: Two, enabled: true}\n");
+    commit(&repo, "Bob", "bob@example.com", "2024-01-02T10:00:00Z", "rename");
     git(&repo, &["push", "-q", &bare.to_string_lossy(), "main"]);
     let out = ws.run(&config, &["reconcile"]);
     assert_eq!(out.status.code(), Some(1));

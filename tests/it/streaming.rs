@@ -37,13 +37,7 @@ fn repo_with_creates(ws: &Workspace, n: usize) -> PathBuf {
     for i in 0..n {
         text.push_str(&format!("- {{name: policy-{i}, enabled: false}}\n"));
         ws.write(&format!("spp/{POLICY}"), &text);
-        commit(
-            &repo,
-            "Alice",
-            "alice@example.com",
-            &format!("2024-01-01T10:{i:02}:00Z"),
-            &format!("add policy {i}"),
-        );
+        commit(&repo, "Alice", "alice@example.com", &format!("2024-01-01T10:{i:02}:00Z"), &format!("add policy {i}"));
     }
     repo
 }
@@ -77,10 +71,7 @@ fn open(config: &Path) -> (Config, Store) {
 }
 
 fn stored_ids(ws: &Workspace, config: &Path) -> Vec<String> {
-    events_json(ws, config)
-        .iter()
-        .map(|e| e["id"].as_str().unwrap_or_default().to_string())
-        .collect()
+    events_json(ws, config).iter().map(|e| e["id"].as_str().unwrap_or_default().to_string()).collect()
 }
 
 #[test]
@@ -89,21 +80,13 @@ fn requests_carry_gitlab_headers_and_a_verifiable_signature() {
     let repo = repo_with_creates(&ws, 3);
     let receiver = Receiver::start(vec![]);
     std::fs::write(ws.path("token"), "stream-token-123\n").expect("token");
-    std::fs::write(
-        ws.path("secret"),
-        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n",
-    )
-    .expect("secret");
+    std::fs::write(ws.path("secret"), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").expect("secret");
     let extra = "verification_token_file = \"token\"\nsigning_secret_file = \"secret\"\nheaders = { \"X-Source\" = \"policy-audit\" }";
     let config = write_config(&ws, &repo, &dest("siem", &receiver.url(), extra));
     let before = jiff::Timestamp::now().as_second();
     let out = ws.run(&config, &["reconcile"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains("destination siem: 3 delivered"),
-        "{}",
-        stdout(&out)
-    );
+    assert!(stdout(&out).contains("destination siem: 3 delivered"), "{}", stdout(&out));
 
     let stored: Vec<String> = {
         let out = ws.run(&config, &["events", "--format", "jsonl"]);
@@ -122,14 +105,8 @@ fn requests_carry_gitlab_headers_and_a_verifiable_signature() {
             "body is the stored event"
         );
         assert_eq!(req.header("content-type"), Some("application/json"));
-        assert_eq!(
-            req.header("x-gitlab-event-streaming-token"),
-            Some("stream-token-123")
-        );
-        assert_eq!(
-            req.header("x-gitlab-audit-event-type"),
-            body["event_type"].as_str()
-        );
+        assert_eq!(req.header("x-gitlab-event-streaming-token"), Some("stream-token-123"));
+        assert_eq!(req.header("x-gitlab-audit-event-type"), body["event_type"].as_str());
         assert_eq!(req.header("x-source"), Some("policy-audit"));
         let id = req.header("webhook-id").expect("webhook-id");
         assert_eq!(id, body["id"].as_str().unwrap_or_default());
@@ -148,9 +125,7 @@ fn requests_carry_gitlab_headers_and_a_verifiable_signature() {
 
 fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD
-        .decode(s)
-        .expect("base64")
+    base64::engine::general_purpose::STANDARD.decode(s).expect("base64")
 }
 
 fn base64_encode(b: &[u8]) -> String {
@@ -170,17 +145,11 @@ fn server_errors_are_retried_with_backoff_and_order_is_kept() {
     let clock = TestClock::now();
 
     let r = &deliver_due(&cfg, &store, &clock, 1).expect("round 1")[0];
-    assert_eq!(
-        (r.delivered, r.retried, r.pending),
-        (0, 1, 3),
-        "first attempt failed, everything waits"
-    );
+    assert_eq!((r.delivered, r.retried, r.pending), (0, 1, 3), "first attempt failed, everything waits");
     let head = &store.pending(Some("siem")).expect("pending")[0];
     assert_eq!(head.attempts, 1);
     assert_eq!(head.last_status, Some(503));
-    assert!(
-        head.next_attempt_at > clock.now_ms() - 1 && head.next_attempt_at <= clock.now_ms() + 1_000
-    );
+    assert!(head.next_attempt_at > clock.now_ms() - 1 && head.next_attempt_at <= clock.now_ms() + 1_000);
 
     // Not due yet: nothing is sent.
     let sent = receiver.requests().len();
@@ -188,11 +157,7 @@ fn server_errors_are_retried_with_backoff_and_order_is_kept() {
     let due = head.next_attempt_at;
     if due > clock.now_ms() {
         deliver_due(&cfg, &store, &clock, 2).expect("early round");
-        assert_eq!(
-            receiver.requests().len(),
-            sent,
-            "a delivery must not be tried before its time"
-        );
+        assert_eq!(receiver.requests().len(), sent, "a delivery must not be tried before its time");
     }
     clock.advance(Duration::from_secs(2));
     let r = &deliver_due(&cfg, &store, &clock, 3).expect("round 2")[0];
@@ -202,16 +167,8 @@ fn server_errors_are_retried_with_backoff_and_order_is_kept() {
     let r = &deliver_due(&cfg, &store, &clock, 4).expect("round 3")[0];
     assert_eq!((r.delivered, r.pending), (3, 0));
     let received = receiver.ids();
-    assert_eq!(
-        received.len(),
-        5,
-        "two refused attempts, then three deliveries"
-    );
-    assert_eq!(
-        &received[2..],
-        &ids[..],
-        "delivered once each, in stored order"
-    );
+    assert_eq!(received.len(), 5, "two refused attempts, then three deliveries");
+    assert_eq!(&received[2..], &ids[..], "delivered once each, in stored order");
     assert_eq!(received[0], ids[0]);
     assert_eq!(received[1], ids[0]);
 }
@@ -227,17 +184,10 @@ fn retry_after_is_honoured() {
     let clock = TestClock::now();
     deliver_due(&cfg, &store, &clock, 1).expect("round");
     let d = &store.pending(None).expect("pending")[0];
-    assert!(
-        d.next_attempt_at >= clock.now_ms() + 120_000,
-        "Retry-After: 120 must delay the retry by at least 120 s"
-    );
+    assert!(d.next_attempt_at >= clock.now_ms() + 120_000, "Retry-After: 120 must delay the retry by at least 120 s");
     clock.advance(Duration::from_secs(60));
     deliver_due(&cfg, &store, &clock, 2).expect("round");
-    assert_eq!(
-        receiver.requests().len(),
-        1,
-        "no attempt before Retry-After"
-    );
+    assert_eq!(receiver.requests().len(), 1, "no attempt before Retry-After");
     clock.advance(Duration::from_secs(61));
     let r = &deliver_due(&cfg, &store, &clock, 3).expect("round")[0];
     assert_eq!(r.delivered, 1);
@@ -248,10 +198,7 @@ fn client_errors_and_redirects_are_dead_and_do_not_block_the_rest() {
     let ws = Workspace::new();
     let repo = repo_with_creates(&ws, 3);
     let elsewhere = Receiver::start(vec![]);
-    let receiver = Receiver::start(vec![
-        Reply::Status(400),
-        Reply::With(301, vec![("Location", elsewhere.url())]),
-    ]);
+    let receiver = Receiver::start(vec![Reply::Status(400), Reply::With(301, vec![("Location", elsewhere.url())])]);
     let config = write_config(&ws, &repo, &dest("siem", &receiver.url(), ""));
     store_events(&ws, &config);
     let ids = stored_ids(&ws, &config);
@@ -260,21 +207,10 @@ fn client_errors_and_redirects_are_dead_and_do_not_block_the_rest() {
     assert_eq!((r.dead, r.delivered, r.pending), (2, 1, 0));
     let dead = store.dead(Some("siem")).expect("dead");
     assert_eq!(dead.len(), 2);
-    assert_eq!(
-        (dead[0].event_id.as_str(), dead[0].last_status),
-        (ids[0].as_str(), Some(400))
-    );
+    assert_eq!((dead[0].event_id.as_str(), dead[0].last_status), (ids[0].as_str(), Some(400)));
     assert_eq!(dead[1].last_status, Some(301));
-    assert!(
-        dead[1]
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("redirects are not followed"))
-    );
-    assert!(
-        elsewhere.requests().is_empty(),
-        "a redirect must not be followed"
-    );
+    assert!(dead[1].last_error.as_deref().is_some_and(|e| e.contains("redirects are not followed")));
+    assert!(elsewhere.requests().is_empty(), "a redirect must not be followed");
     assert_eq!(receiver.ids().last(), Some(&ids[2]));
 }
 
@@ -290,36 +226,20 @@ fn refused_hung_and_reset_connections_are_retried() {
     let hung = Receiver::start(vec![Reply::Hang(Duration::from_secs(4))]);
     let reset = Receiver::start(vec![Reply::Reset]);
     let refused = format!("http://127.0.0.1:{}/audit", closed_port());
-    let dests = [
-        dest("refused", &refused, ""),
-        dest("hung", &hung.url(), ""),
-        dest("reset", &reset.url(), ""),
-    ]
-    .concat();
+    let dests =
+        [dest("refused", &refused, ""), dest("hung", &hung.url(), ""), dest("reset", &reset.url(), "")].concat();
     let config = write_config(&ws, &repo, &dests);
     store_events(&ws, &config);
     let (cfg, store) = open(&config);
     let started = std::time::Instant::now();
     let reports = deliver_due(&cfg, &store, &TestClock::now(), 1).expect("round");
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "the 1 s timeout must cut the hung request short"
-    );
+    assert!(started.elapsed() < Duration::from_secs(4), "the 1 s timeout must cut the hung request short");
     for r in &reports {
-        assert_eq!(
-            (r.retried, r.dead, r.pending),
-            (1, 0, 1),
-            "{}: {r:?}",
-            r.destination
-        );
+        assert_eq!((r.retried, r.dead, r.pending), (1, 0, 1), "{}: {r:?}", r.destination);
     }
-    let errors: Vec<String> = reports
-        .iter()
-        .map(|r| r.last_error.clone().unwrap_or_default())
-        .collect();
+    let errors: Vec<String> = reports.iter().map(|r| r.last_error.clone().unwrap_or_default()).collect();
     assert!(
-        errors[0].to_lowercase().contains("connect")
-            || errors[0].to_lowercase().contains("refused"),
+        errors[0].to_lowercase().contains("connect") || errors[0].to_lowercase().contains("refused"),
         "{}",
         errors[0]
     );
@@ -332,11 +252,7 @@ fn max_attempts_makes_a_delivery_dead_and_deliveries_retry_sends_it() {
     let ws = Workspace::new();
     let repo = repo_with_creates(&ws, 1);
     let receiver = Receiver::start(vec![Reply::Status(500), Reply::Status(500)]);
-    let config = write_config(
-        &ws,
-        &repo,
-        &dest("siem", &receiver.url(), "max_attempts = 2"),
-    );
+    let config = write_config(&ws, &repo, &dest("siem", &receiver.url(), "max_attempts = 2"));
     store_events(&ws, &config);
     {
         let (cfg, store) = open(&config);
@@ -346,25 +262,14 @@ fn max_attempts_makes_a_delivery_dead_and_deliveries_retry_sends_it() {
         let r = &deliver_due(&cfg, &store, &clock, 2).expect("round")[0];
         assert_eq!(r.dead, 1);
         let dead = store.dead(None).expect("dead");
-        assert!(
-            dead[0]
-                .last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("gave up after 2 attempts")),
-            "{dead:?}"
-        );
+        assert!(dead[0].last_error.as_deref().is_some_and(|e| e.contains("gave up after 2 attempts")), "{dead:?}");
     }
     let out = ws.run(&config, &["deliveries", "--state", "dead"]);
-    assert!(
-        stdout(&out).contains("siem") && stdout(&out).contains("gave up after 2 attempts"),
-        "{}",
-        stdout(&out)
-    );
+    assert!(stdout(&out).contains("siem") && stdout(&out).contains("gave up after 2 attempts"), "{}", stdout(&out));
     let out = ws.run(&config, &["deliveries", "retry", "--destination", "siem"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("re-queued 1 dead delivery")
-            && stdout(&out).contains("siem: 1 delivered"),
+        stdout(&out).contains("re-queued 1 dead delivery") && stdout(&out).contains("siem: 1 delivered"),
         "{}",
         stdout(&out)
     );
@@ -379,44 +284,20 @@ fn a_destination_that_is_down_does_not_hold_up_another_or_polling() {
     let repo = repo_with_creates(&ws, 3);
     let up = Receiver::start(vec![]);
     let down = format!("http://127.0.0.1:{}/audit", closed_port());
-    let config = write_config(
-        &ws,
-        &repo,
-        &[dest("down", &down, ""), dest("up", &up.url(), "")].concat(),
-    );
+    let config = write_config(&ws, &repo, &[dest("down", &down, ""), dest("up", &up.url(), "")].concat());
     let out = ws.run(&config, &["reconcile"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "a delivery queued for retry is not a failure: {}",
-        stderr(&out)
-    );
-    assert!(
-        stdout(&out).contains("destination up: 3 delivered"),
-        "{}",
-        stdout(&out)
-    );
-    assert!(
-        stdout(&out).contains("destination down: 0 delivered, 3 queued for retry"),
-        "{}",
-        stdout(&out)
-    );
+    assert_eq!(out.status.code(), Some(0), "a delivery queued for retry is not a failure: {}", stderr(&out));
+    assert!(stdout(&out).contains("destination up: 3 delivered"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("destination down: 0 delivered, 3 queued for retry"), "{}", stdout(&out));
     assert_eq!(up.ids(), stored_ids(&ws, &config));
     // Polling goes on: a new commit is stored and delivered to the healthy destination.
     let mut text = std::fs::read_to_string(repo.join(POLICY)).expect("policy");
     text.push_str("- {name: late, enabled: false}\n");
     std::fs::write(repo.join(POLICY), text).expect("write");
-    commit(
-        &repo,
-        "Bob",
-        "bob@example.com",
-        "2024-02-01T10:00:00Z",
-        "late policy",
-    );
+    commit(&repo, "Bob", "bob@example.com", "2024-02-01T10:00:00Z", "late policy");
     let out = ws.run(&config, &["reconcile"]);
     assert!(
-        stdout(&out).contains("1 event(s) stored")
-            && stdout(&out).contains("destination up: 1 delivered"),
+        stdout(&out).contains("1 event(s) stored") && stdout(&out).contains("destination up: 1 delivered"),
         "{}",
         stdout(&out)
     );
@@ -432,64 +313,24 @@ fn a_destination_that_is_down_does_not_hold_up_another_or_polling() {
 fn filters_by_event_type_and_namespace() {
     let ws = Workspace::new();
     let repo = repo_with_creates(&ws, 2);
-    std::fs::write(
-        repo.join(POLICY),
-        "approval_policy:\n- {name: policy-0, enabled: false}\n",
-    )
-    .expect("write");
-    commit(
-        &repo,
-        "Bob",
-        "bob@example.com",
-        "2024-02-01T10:00:00Z",
-        "drop policy-1",
-    );
-    let (creates, by_ns, other_ns) = (
-        Receiver::start(vec![]),
-        Receiver::start(vec![]),
-        Receiver::start(vec![]),
-    );
+    std::fs::write(repo.join(POLICY), "approval_policy:\n- {name: policy-0, enabled: false}\n").expect("write");
+    commit(&repo, "Bob", "bob@example.com", "2024-02-01T10:00:00Z", "drop policy-1");
+    let (creates, by_ns, other_ns) = (Receiver::start(vec![]), Receiver::start(vec![]), Receiver::start(vec![]));
     let dests = [
-        dest(
-            "creates",
-            &creates.url(),
-            "event_types = [\"security_policy_create\"]",
-        ),
+        dest("creates", &creates.url(), "event_types = [\"security_policy_create\"]"),
         dest("linked", &by_ns.url(), "namespaces = [\"acme/web\"]"),
-        dest(
-            "other",
-            &other_ns.url(),
-            "namespaces = [\"acme/we\", \"globex\"]",
-        ),
+        dest("other", &other_ns.url(), "namespaces = [\"acme/we\", \"globex\"]"),
     ]
     .concat();
     let config = write_config(&ws, &repo, &dests);
     let out = ws.run(&config, &["reconcile"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let types = |r: &Receiver| {
-        r.requests()
-            .iter()
-            .map(|q| {
-                q.json()["event_type"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string()
-            })
-            .collect::<Vec<_>>()
+        r.requests().iter().map(|q| q.json()["event_type"].as_str().unwrap_or_default().to_string()).collect::<Vec<_>>()
     };
-    assert_eq!(
-        types(&creates),
-        ["security_policy_create", "security_policy_create"]
-    );
-    assert_eq!(
-        types(&by_ns).len(),
-        3,
-        "the linked namespace matches every event of this SPP"
-    );
-    assert!(
-        other_ns.requests().is_empty(),
-        "\"acme/we\" is not a path prefix of \"acme/web\""
-    );
+    assert_eq!(types(&creates), ["security_policy_create", "security_policy_create"]);
+    assert_eq!(types(&by_ns).len(), 3, "the linked namespace matches every event of this SPP");
+    assert!(other_ns.requests().is_empty(), "\"acme/we\" is not a path prefix of \"acme/web\"");
 }
 
 #[test]
