@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 mod deliveries;
 mod events;
@@ -42,6 +44,8 @@ pub enum Command {
     CheckConfig,
     /// Self-contained walkthrough on a sample policy project in a temporary folder
     Demo,
+    /// Daemon: reconcile on the schedule, deliver continuously, serve the control socket
+    Run,
 }
 
 #[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
@@ -160,12 +164,19 @@ pub fn parse_args() -> Cli {
 /// Logs go to stderr (journald under systemd); the level comes from `RUST_LOG`, else the
 /// config's `log_level`, else warnings only.
 pub fn init_logging(config_level: Option<&str>) {
+    use std::io::IsTerminal;
+    // The scheduler crate narrates its own start-up at info level: keep it to warnings.
+    let level = config_level.unwrap_or("warn");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::try_new(config_level.unwrap_or("warn"))
+        tracing_subscriber::EnvFilter::try_new(format!("{level},tokio_cron_scheduler=warn"))
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
     });
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
 }
 
 pub fn run(cli: Cli) -> Output {
@@ -178,6 +189,17 @@ pub fn run(cli: Cli) -> Output {
             init_logging(None);
             check_config(&cli)
         }
+        Command::Run => {
+            let config = match load_config(&cli) {
+                Ok(c) => c,
+                Err(out) => return out,
+            };
+            init_logging(Some(config.log_level.as_deref().unwrap_or("info")));
+            for w in &config.warnings {
+                tracing::warn!("{w}");
+            }
+            crate::daemon::run(&cli.config, config)
+        }
         command => {
             let config = match load_config(&cli) {
                 Ok(c) => c,
@@ -188,15 +210,15 @@ pub fn run(cli: Cli) -> Output {
             for w in &config.warnings {
                 out.err_line(format!("warning: {w}"));
             }
-            let store = match Store::open(&config.db_dir()) {
-                Ok(s) => s,
-                Err(e) => {
-                    out.stderr.push_str(&Output::unusable(format!("{e:#}")).stderr);
-                    out.code = EXIT_UNUSABLE;
-                    return out;
-                }
+            // A running daemon holds the store: ask it. Same command code, same output.
+            let result = match crate::daemon::control::try_daemon(&config, command) {
+                Some(Ok(answer)) => answer,
+                Some(Err(e)) => Output { stderr: format!("error: {e:#}\n"), code: EXIT_FAILED, ..Output::default() },
+                None => match Store::open(&config.db_dir()) {
+                    Ok(store) => execute(&config, &store, command, None),
+                    Err(e) => Output::unusable(format!("{e:#}")),
+                },
             };
-            let result = execute(&config, &store, command);
             out.stdout.push_str(&result.stdout);
             out.stderr.push_str(&result.stderr);
             out.code = result.code;
@@ -206,13 +228,16 @@ pub fn run(cli: Cli) -> Output {
 }
 
 /// Runs a command that needs the store.
-pub fn execute(config: &Config, store: &Store, command: &Command) -> Output {
+/// `stop` is the daemon's shutdown flag (None in-process).
+pub fn execute(config: &Config, store: &Store, command: &Command, stop: Option<Arc<AtomicBool>>) -> Output {
     match command {
-        Command::Reconcile(args) => reconcile::run(config, store, args),
+        Command::Reconcile(args) => reconcile::run(config, store, args, stop),
         Command::Events(args) => events::run(store, args),
         Command::Status(args) => status::run(config, store, args),
         Command::Deliveries(args) => deliveries::run(config, store, args),
-        Command::CheckConfig | Command::Demo => Output::unusable("internal: command does not use the store"),
+        Command::Run | Command::CheckConfig | Command::Demo => {
+            Output::unusable("internal: command does not use the store")
+        }
     }
 }
 

@@ -18,6 +18,8 @@ use gix::ObjectId;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// What the caller asks of a reconcile.
@@ -28,6 +30,14 @@ pub struct Options {
     pub backfill: bool,
     /// Show a progress bar for long walks (on a terminal).
     pub progress: bool,
+    /// Set on shutdown: stop before the next project, and before storing (never half-way).
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl Options {
+    fn stopped(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
 }
 
 /// Time spent per phase, for `--timings` and the performance work.
@@ -91,7 +101,9 @@ pub fn reconcile_project(
     };
     let started = Instant::now();
     let mirror = Mirror::open_or_init(&mirror_dir(config, project), &project.branch)?;
-    let tip = repo::fetch(&mirror, &project.url, project.token.as_ref(), config.fetch_timeout)?.tip;
+    let never = AtomicBool::new(false);
+    let stop = options.stop.as_deref().unwrap_or(&never);
+    let tip = repo::fetch(&mirror, &project.url, project.token.as_ref(), config.fetch_timeout, stop)?.tip;
     summary.timings.fetch_ms = ms(started.elapsed());
     summary.to = tip.to_string();
 
@@ -135,6 +147,9 @@ pub fn reconcile_project(
     let stored_at = Instant::now();
     let new_cursor =
         Cursor { commit: tip.to_string(), blob: state.blob, baseline: state.baseline, limits: state.limits };
+    if options.stopped() {
+        anyhow::bail!("stopped by shutdown before storing; nothing was written, the next run repeats this");
+    }
     let destinations_for = |e: &AuditEvent| destinations_for(config, e);
     summary.stored =
         store.commit_reconcile(&project.path, &new_cursor, &events, &destinations_for, now.as_millisecond())?;
@@ -408,7 +423,8 @@ pub fn count(events: &[AuditEvent], t: EventType) -> usize {
 }
 
 /// Runs the reconcile of each project, one after the other; a failure is recorded for that
-/// project and the others go on.
+/// project and the others go on. One reconcile at a time per store. On shutdown, the projects
+/// not started yet are left for the next run.
 pub fn reconcile_all(
     config: &Config,
     store: &Store,
@@ -416,8 +432,10 @@ pub fn reconcile_all(
     options: &Options,
     now: impl Fn() -> jiff::Timestamp,
 ) -> Vec<(String, Result<Summary>)> {
+    let _run = store.lock_reconcile();
     projects
         .iter()
+        .take_while(|_| !options.stopped())
         .map(|p| {
             let result =
                 reconcile_project(config, store, p, options, now()).with_context(|| format!("project {}", p.path));

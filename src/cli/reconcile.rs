@@ -6,8 +6,11 @@ use crate::config::{Config, Project};
 use crate::reconcile::{Options, Summary, reconcile_all};
 use crate::store::Store;
 use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
-pub fn run(config: &Config, store: &Store, args: &ReconcileArgs) -> Output {
+/// `stop` is the daemon's shutdown flag (None in-process).
+pub fn run(config: &Config, store: &Store, args: &ReconcileArgs, stop: Option<Arc<AtomicBool>>) -> Output {
     let mut out = Output::default();
     let projects: Vec<&Project> = if args.projects.is_empty() {
         config.projects.iter().collect()
@@ -27,7 +30,7 @@ pub fn run(config: &Config, store: &Store, args: &ReconcileArgs) -> Output {
         }
         chosen
     };
-    let options = Options { backfill: args.backfill, progress: !args.json };
+    let options = Options { backfill: args.backfill, progress: !args.json && stop.is_none(), stop };
     let results = reconcile_all(config, store, &projects, &options, jiff::Timestamp::now);
     let mut json_rows = Vec::new();
     for (path, result) in &results {

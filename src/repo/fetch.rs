@@ -21,7 +21,14 @@ pub struct FetchOutcome {
 ///
 /// The fetch runs on its own thread; when `deadline` passes it is told to stop and this returns
 /// an error at once, so a server that stalls cannot hold up the other projects.
-pub fn fetch(mirror: &Mirror, url: &str, token: Option<&Secret>, deadline: Duration) -> Result<FetchOutcome> {
+/// `stop` (shutdown) ends the wait early, like the deadline does.
+pub fn fetch(
+    mirror: &Mirror,
+    url: &str,
+    token: Option<&Secret>,
+    deadline: Duration,
+    stop: &AtomicBool,
+) -> Result<FetchOutcome> {
     let repo = mirror.repo.clone();
     let branch = mirror.branch.clone();
     let url_owned = url.to_string();
@@ -35,13 +42,22 @@ pub fn fetch(mirror: &Mirror, url: &str, token: Option<&Secret>, deadline: Durat
             let _ = tx.send(fetch_blocking(repo, &url_owned, &branch, token, deadline, &flag));
         })
         .context("cannot start fetch thread")?;
-    match rx.recv_timeout(deadline) {
-        Ok(result) => {
-            result.with_context(|| format!("fetch of branch {:?} from {} failed", mirror.branch, redact_url(url)))
-        }
-        Err(_) => {
-            interrupt.store(true, Ordering::SeqCst);
-            bail!("fetch from {} did not finish within {}", redact_url(url), humantime::format_duration(deadline))
+    let until = std::time::Instant::now() + deadline;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(result) => {
+                return result
+                    .with_context(|| format!("fetch of branch {:?} from {} failed", mirror.branch, redact_url(url)));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout)
+                if std::time::Instant::now() < until && !stop.load(Ordering::SeqCst) => {}
+            Err(_) => {
+                interrupt.store(true, Ordering::SeqCst);
+                if stop.load(Ordering::SeqCst) {
+                    bail!("fetch from {} stopped by shutdown", redact_url(url));
+                }
+                bail!("fetch from {} did not finish within {}", redact_url(url), humantime::format_duration(deadline))
+            }
         }
     }
 }

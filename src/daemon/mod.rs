@@ -1,0 +1,375 @@
+//! `policy-audit run`: the daemon. Reconciles on the cron schedule, delivers continuously by due
+//! time, serves the control socket, reloads on SIGHUP, drains and exits on SIGTERM/SIGINT.
+//!
+//! Invariants:
+//! - one reconcile at a time: a single worker runs them; schedule ticks that arrive while one
+//!   runs are coalesced into one (a capacity-1 channel), forced reconciles queue with their reply;
+//! - one delivery round at a time per store (the store's lock), so the continuous delivery loop,
+//!   forced reconciles and `deliveries retry` never send an event twice or out of order;
+//! - shutdown never interrupts a store transaction: work stops between projects and between
+//!   deliveries, and what was not stored is repeated by the next run.
+
+pub mod control;
+
+use crate::cli::{Command, EXIT_FAILED, EXIT_OK, EXIT_UNUSABLE, Output, ReconcileArgs};
+use crate::config::Config;
+use crate::store::Store;
+use crate::stream::{Clock, SystemClock, deliver_due_until};
+use anyhow::{Context, Result};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+
+/// How long the delivery loop sleeps when nothing is due.
+const IDLE_DELIVERY_CHECK: Duration = Duration::from_secs(30);
+
+struct Daemon {
+    config_path: PathBuf,
+    config: RwLock<Arc<Config>>,
+    store: Store,
+    stop: Arc<AtomicBool>,
+    /// Flips to true once, on SIGTERM/SIGINT; waiting tasks select on it.
+    shutdown: watch::Receiver<bool>,
+    wake_delivery: Notify,
+}
+
+type Forced = (ReconcileArgs, oneshot::Sender<Output>);
+
+impl Daemon {
+    fn config(&self) -> Arc<Config> {
+        self.config.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Returns the exit code's output.
+pub fn run(config_path: &Path, config: Config) -> Output {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return Output::unusable(format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(serve(config_path, config)) {
+        Ok(code) => Output { code, ..Output::default() },
+        Err(e) => Output::unusable(format!("{e:#}")),
+    }
+}
+
+async fn serve(config_path: &Path, config: Config) -> Result<u8> {
+    crate::store::create_private_dir(&config.state_dir)?;
+    let store = match Store::open(&config.db_dir()) {
+        Ok(s) => s,
+        Err(e) => {
+            let pid = std::fs::read_to_string(control::pid_path(&config)).unwrap_or_default();
+            let socket = control::socket_path(&config);
+            anyhow::bail!(
+                "another policy-audit daemon is running on {} (pid {}, control socket {}): {e:#}",
+                config.state_dir.display(),
+                pid.trim(),
+                socket.display()
+            );
+        }
+    };
+    std::fs::write(control::pid_path(&config), format!("{}\n", std::process::id())).context("cannot write pid file")?;
+    let socket_path = control::socket_path(&config);
+    let _ = std::fs::remove_file(&socket_path); // stale: we hold the store, so no daemon owns it
+    let listener = tokio::net::UnixListener::bind(&socket_path)
+        .with_context(|| format!("cannot listen on {}", socket_path.display()))?;
+    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let daemon = Arc::new(Daemon {
+        config_path: config_path.to_path_buf(),
+        config: RwLock::new(Arc::new(config)),
+        store,
+        stop: Arc::new(AtomicBool::new(false)),
+        shutdown: shutdown_rx,
+        wake_delivery: Notify::new(),
+    });
+    let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
+    let (forced_tx, forced_rx) = mpsc::channel::<Forced>(64);
+    let mut scheduler = Scheduler::start(&daemon.config(), tick_tx.clone()).await?;
+    let worker = tokio::spawn(worker(daemon.clone(), tick_rx, forced_rx));
+    let deliveries = tokio::spawn(delivery_loop(daemon.clone()));
+    let server = tokio::spawn(control_server(daemon.clone(), listener, forced_tx));
+    let _ = tick_tx.try_send(()); // catch up at start
+
+    let cfg = daemon.config();
+    tracing::info!(
+        projects = cfg.projects.len(),
+        destinations = cfg.destinations.len(),
+        schedule = %cfg.schedule,
+        socket = %socket_path.display(),
+        "policy-audit daemon started"
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                if let Some(new_schedule) = reload(&daemon) {
+                    scheduler.stop().await;
+                    match Scheduler::start(&new_schedule, tick_tx.clone()).await {
+                        Ok(s) => scheduler = s,
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot restart the scheduler after reload"),
+                    }
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+
+    tracing::info!("shutting down: finishing the current work");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    daemon.stop.store(true, Ordering::SeqCst);
+    let _ = shutdown_tx.send(true);
+    scheduler.stop().await;
+    server.abort();
+    let _ = std::fs::remove_file(&socket_path);
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        let _ = worker.await;
+        let _ = deliveries.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "work did not finish within 20 s; exiting anyway (nothing half-written: stores are transactional)"
+        );
+    }
+    daemon.store.flush()?;
+    let _ = std::fs::remove_file(control::pid_path(&daemon.config()));
+    tracing::info!("stopped");
+    Ok(EXIT_OK)
+}
+
+/// Re-reads the config; keeps the old one when the new one is invalid. Returns the new config
+/// when the schedule must be restarted.
+fn reload(daemon: &Daemon) -> Option<Config> {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+    let result = Config::load(&daemon.config_path);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let new = match result {
+        Ok(c) => c,
+        Err(e) => {
+            for line in &e.errors {
+                tracing::error!(error = %line, "config reload rejected; still running on the previous config");
+            }
+            return None;
+        }
+    };
+    let old = daemon.config();
+    if new.state_dir != old.state_dir {
+        tracing::error!("config reload rejected: state_dir cannot change while running (restart instead)");
+        return None;
+    }
+    for w in &new.warnings {
+        tracing::warn!("{w}");
+    }
+    let restart = (new.schedule != old.schedule || new.timezone != old.timezone).then(|| new.clone());
+    tracing::info!(projects = new.projects.len(), destinations = new.destinations.len(), "config reloaded");
+    if let Ok(mut c) = daemon.config.write() {
+        *c = Arc::new(new);
+    }
+    daemon.wake_delivery.notify_one();
+    restart
+}
+
+struct Scheduler {
+    inner: tokio_cron_scheduler::JobScheduler,
+}
+
+impl Scheduler {
+    async fn start(config: &Config, ticks: mpsc::Sender<()>) -> Result<Scheduler> {
+        let inner = tokio_cron_scheduler::JobScheduler::new().await.context("cannot create the scheduler")?;
+        let job = tokio_cron_scheduler::Job::new_async_tz(config.schedule.as_str(), config.timezone, move |_, _| {
+            let ticks = ticks.clone();
+            Box::pin(async move {
+                // Full means a reconcile is already waiting: this tick is coalesced into it.
+                let _ = ticks.try_send(());
+            })
+        })
+        .with_context(|| format!("cannot schedule {:?}", config.schedule))?;
+        inner.add(job).await.context("cannot add the schedule")?;
+        inner.start().await.context("cannot start the scheduler")?;
+        Ok(Scheduler { inner })
+    }
+
+    async fn stop(&mut self) {
+        let _ = self.inner.shutdown().await;
+    }
+}
+
+/// Runs reconciles one at a time: scheduled ones (coalesced) and forced ones (with a reply).
+async fn worker(daemon: Arc<Daemon>, mut ticks: mpsc::Receiver<()>, mut forced: mpsc::Receiver<Forced>) {
+    let mut shutdown = daemon.shutdown.clone();
+    loop {
+        let (args, reply) = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            Some((args, reply)) = forced.recv() => (args, Some(reply)),
+            Some(()) = ticks.recv() => (ReconcileArgs::default(), None),
+            else => return,
+        };
+        if daemon.stop.load(Ordering::SeqCst) {
+            if let Some(reply) = reply {
+                let _ = reply
+                    .send(Output::unusable("the daemon is shutting down; run the command again after it restarts"));
+            }
+            return;
+        }
+        let d = daemon.clone();
+        let scheduled = reply.is_none();
+        let output = tokio::task::spawn_blocking(move || {
+            let config = d.config();
+            let started = std::time::Instant::now();
+            let out = crate::cli::execute(&config, &d.store, &Command::Reconcile(args), Some(d.stop.clone()));
+            log_reconcile(&out, started.elapsed(), scheduled);
+            out
+        })
+        .await
+        .unwrap_or_else(|e| Output::unusable(format!("reconcile panicked: {e}")));
+        daemon.wake_delivery.notify_one();
+        if let Some(reply) = reply {
+            let _ = reply.send(output);
+        }
+        if daemon.stop.load(Ordering::SeqCst) {
+            return;
+        }
+    }
+}
+
+fn log_reconcile(out: &Output, took: Duration, scheduled: bool) {
+    let trigger = if scheduled { "schedule" } else { "forced" };
+    for line in out.stdout.lines().filter(|l| !l.trim_start().starts_with("timings")) {
+        tracing::info!(trigger, took_ms = took.as_millis() as u64, "{line}");
+    }
+    for line in out.stderr.lines() {
+        tracing::error!(trigger, "{}", line.trim_start_matches("error: "));
+    }
+}
+
+/// Delivers whenever something is due: sleeps until the earliest retry, or until woken by a
+/// reconcile or a reload.
+async fn delivery_loop(daemon: Arc<Daemon>) {
+    let mut shutdown = daemon.shutdown.clone();
+    let mut seed = SystemClock.now_ms() as u64;
+    while !daemon.stop.load(Ordering::SeqCst) {
+        let d = daemon.clone();
+        seed = seed.wrapping_add(1);
+        let reports = tokio::task::spawn_blocking(move || {
+            let config = d.config();
+            deliver_due_until(&config, &d.store, &SystemClock, seed, &d.stop)
+        })
+        .await;
+        let wait = match reports {
+            Ok(Ok(reports)) => {
+                for r in reports.iter().filter(|r| r.delivered + r.retried + r.dead > 0) {
+                    tracing::info!(
+                        destination = %r.destination,
+                        delivered = r.delivered,
+                        retried = r.retried,
+                        dead = r.dead,
+                        pending = r.pending,
+                        last_error = r.last_error.as_deref().unwrap_or(""),
+                        "delivery round"
+                    );
+                }
+                let now = SystemClock.now_ms();
+                reports
+                    .iter()
+                    .filter_map(|r| r.next_attempt_at)
+                    .min()
+                    .map(|due| Duration::from_millis(due.saturating_sub(now).max(0) as u64))
+                    .unwrap_or(IDLE_DELIVERY_CHECK)
+                    .min(IDLE_DELIVERY_CHECK)
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %format!("{e:#}"), "delivery round failed");
+                Duration::from_secs(5)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "delivery round panicked");
+                Duration::from_secs(5)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = daemon.wake_delivery.notified() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+async fn control_server(daemon: Arc<Daemon>, listener: tokio::net::UnixListener, forced: mpsc::Sender<Forced>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (daemon, forced) = (daemon.clone(), forced.clone());
+        tokio::spawn(async move {
+            let std_stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => return tracing::warn!(error = %e, "control connection failed"),
+            };
+            if let Err(e) = answer(daemon, std_stream, forced).await {
+                tracing::warn!(error = %format!("{e:#}"), "control request failed");
+            }
+        });
+    }
+}
+
+async fn answer(
+    daemon: Arc<Daemon>,
+    stream: std::os::unix::net::UnixStream,
+    forced: mpsc::Sender<Forced>,
+) -> Result<()> {
+    stream.set_nonblocking(false)?;
+    let reader_stream = stream.try_clone()?;
+    let request: control::Request = tokio::task::spawn_blocking(move || -> Result<control::Request> {
+        let mut line = String::new();
+        BufReader::new(reader_stream).read_line(&mut line)?;
+        Ok(serde_json::from_str(&line)?)
+    })
+    .await??;
+    let output = match request.command {
+        Command::Reconcile(args) => {
+            let (tx, rx) = oneshot::channel();
+            if forced.send((args, tx)).await.is_err() {
+                Output::unusable("the daemon is shutting down")
+            } else {
+                rx.await.unwrap_or_else(|_| Output {
+                    stderr: "error: the daemon stopped before the reconcile finished\n".into(),
+                    code: EXIT_FAILED,
+                    ..Output::default()
+                })
+            }
+        }
+        Command::Run | Command::CheckConfig | Command::Demo => {
+            Output::unusable("this command is not run through the control socket")
+        }
+        command => {
+            let d = daemon.clone();
+            tokio::task::spawn_blocking(move || crate::cli::execute(&d.config(), &d.store, &command, None))
+                .await
+                .unwrap_or_else(|e| Output {
+                    stderr: format!("error: {e}\n"),
+                    code: EXIT_UNUSABLE,
+                    ..Output::default()
+                })
+        }
+    };
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut stream = stream;
+        let mut line = serde_json::to_vec(&output)?;
+        line.push(b'\n');
+        stream.write_all(&line)?;
+        Ok(())
+    })
+    .await??;
+    Ok(())
+}
