@@ -214,7 +214,7 @@ pub fn run(cli: Cli) -> Output {
             let result = match crate::daemon::control::try_daemon(&config, command) {
                 Some(Ok(answer)) => answer,
                 Some(Err(e)) => Output { stderr: format!("error: {e:#}\n"), code: EXIT_FAILED, ..Output::default() },
-                None => match Store::open(&config.db_dir()) {
+                None => match Store::open_waiting(&config.db_dir(), std::time::Duration::from_secs(3)) {
                     Ok(store) => execute(&config, &store, command, None),
                     Err(e) => Output::unusable(format!("{e:#}")),
                 },

@@ -124,6 +124,20 @@ impl Store {
         self.reconcile_run.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Like [`Store::open`], but waits up to `patience` for another short-lived process (a
+    /// `check-config`, another `reconcile`) to release the database.
+    pub fn open_waiting(dir: &Path, patience: std::time::Duration) -> Result<Store> {
+        let until = std::time::Instant::now() + patience;
+        loop {
+            match Store::open(dir) {
+                Err(e) if format!("{e}").contains("in use by another") && std::time::Instant::now() < until => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
     pub fn cursor(&self, project: &str) -> Result<Option<Cursor>> {
         self.cursors.get(project)?.map(|v| decode(&v, "cursor")).transpose()
     }

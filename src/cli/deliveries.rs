@@ -18,6 +18,14 @@ pub fn run(config: &Config, store: &Store, args: &DeliveriesArgs) -> Output {
         ));
     }
     match &args.action {
+        Some(DeliveriesAction::Retry)
+            if args.destination.as_ref().is_some_and(|n| !config.destinations.iter().any(|d| &d.name == n)) =>
+        {
+            Output::unusable(format!(
+                "destination {:?} is not in the config: its deliveries cannot be sent; add it back first",
+                args.destination.as_deref().unwrap_or_default()
+            ))
+        }
         Some(DeliveriesAction::Retry) => retry(config, store, args.destination.as_deref()),
         None => list(store, args),
     }

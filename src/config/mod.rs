@@ -468,6 +468,15 @@ impl Checker<'_> {
             );
             let signing_secret =
                 self.secret(&who, "signing_secret", &raw.signing_secret_env, &raw.signing_secret_file, base);
+            if let Some(b64) = signing_secret.as_ref().and_then(|s| s.expose().strip_prefix("whsec_"))
+                && base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).is_err()
+                && let Some(at) = raw.signing_secret_env.as_ref().or(raw.signing_secret_file.as_ref())
+            {
+                self.error_at(
+                    at,
+                    format!("{who}: the signing secret starts with `whsec_` but the rest is not valid base64"),
+                );
+            }
             let has_secret = raw.verification_token_env.is_some()
                 || raw.verification_token_file.is_some()
                 || raw.signing_secret_env.is_some()

@@ -137,3 +137,14 @@ fn a_project_token_over_plain_http_needs_loopback_or_consent() {
     assert!(parse(&p.replace("gitlab.example.com", "127.0.0.1:8080")).is_ok());
     assert!(parse(&p.replace("http://", "https://")).is_ok());
 }
+
+#[test]
+fn a_malformed_whsec_secret_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad"), "whsec_not base64!\n").unwrap();
+    std::fs::write(dir.path().join("good"), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").unwrap();
+    let d = "[[destinations]]\nname = \"s\"\nurl = \"https://siem.example.com/x\"\n";
+    let e = Config::parse(&dir.path().join("c.toml"), &format!("{d}signing_secret_file = \"bad\"\n")).unwrap_err();
+    assert!(e.to_string().contains("not valid base64"), "{e}");
+    assert!(Config::parse(&dir.path().join("c.toml"), &format!("{d}signing_secret_file = \"good\"\n")).is_ok());
+}

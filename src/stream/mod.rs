@@ -104,15 +104,6 @@ fn deliver_destination(
             report.next_attempt_at = Some(delivery.next_attempt_at);
             break; // the head of the line is waiting: keep the order
         }
-        if now.saturating_sub(delivery.enqueued_at) > max_age_ms {
-            bury(
-                store,
-                &mut delivery,
-                format!("not delivered within max_age ({})", humantime::format_duration(dest.max_age)),
-                &mut report,
-            )?;
-            continue;
-        }
         let Some(body) = store.event_bytes(delivery.seq)? else {
             bury(store, &mut delivery, "the event is missing from the store".into(), &mut report)?;
             continue;
@@ -131,22 +122,18 @@ fn deliver_destination(
             }
             Decision::Retry { reason, not_before } => {
                 let wait = backoff(delivery.attempts, dest.backoff_initial, dest.backoff_max, not_before, &mut rng);
-                let due = now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+                // Every delivery is tried at least once; the last retry is pulled in to the
+                // max_age deadline rather than dropped before it.
+                let deadline = delivery.enqueued_at.saturating_add(max_age_ms);
+                let due = now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)).min(deadline);
                 if delivery.attempts >= dest.max_attempts {
                     let reason = format!("{reason}; gave up after {} attempts (max_attempts)", delivery.attempts);
                     bury(store, &mut delivery, reason, &mut report)?;
                     continue;
                 }
-                if due.saturating_sub(delivery.enqueued_at) > max_age_ms {
-                    bury(
-                        store,
-                        &mut delivery,
-                        format!(
-                            "{reason}; the next attempt would be past max_age ({})",
-                            humantime::format_duration(dest.max_age)
-                        ),
-                        &mut report,
-                    )?;
+                if now >= deadline {
+                    let age = humantime::format_duration(dest.max_age);
+                    bury(store, &mut delivery, format!("{reason}; not delivered within max_age ({age})"), &mut report)?;
                     continue;
                 }
                 tracing::info!(destination = %dest.name, event = %delivery.event_id, %reason, attempts = delivery.attempts, retry_in = %humantime::format_duration(Duration::from_millis(wait.as_millis() as u64)), "delivery will be retried");

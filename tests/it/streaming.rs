@@ -53,9 +53,13 @@ fn write_config(ws: &Workspace, repo: &Path, destinations: &str) -> PathBuf {
 }
 
 fn dest(name: &str, url: &str, extra: &str) -> String {
-    format!(
-        "[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\ntimeout = \"1s\"\nbackoff_initial = \"1s\"\nbackoff_max = \"60s\"\n{extra}\n"
-    )
+    let mut text = format!("[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n");
+    for (key, value) in [("timeout", "1s"), ("backoff_initial", "1s"), ("backoff_max", "60s")] {
+        if !extra.contains(key) {
+            text.push_str(&format!("{key} = \"{value}\"\n"));
+        }
+    }
+    text
 }
 
 /// Stores the events (and their outbox entries) without delivering.
@@ -355,4 +359,46 @@ fn deliveries_of_a_removed_destination_are_kept_and_reported() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn max_age_tries_every_delivery_at_least_once_and_retries_up_to_the_deadline() {
+    let ws = Workspace::new();
+    let repo = repo_with_creates(&ws, 2);
+    let receiver = Receiver::start(vec![Reply::Status(503), Reply::Status(503)]);
+    let config =
+        write_config(&ws, &repo, &dest("siem", &receiver.url(), "max_age = \"10s\"\nbackoff_initial = \"60s\""));
+    store_events(&ws, &config);
+    let (cfg, store) = open(&config);
+    let clock = TestClock::now();
+    // Long after max_age, an untried delivery is still tried (and here fails).
+    clock.advance(Duration::from_secs(3600));
+    let r = &deliver_due(&cfg, &store, &clock, 1).expect("round")[0];
+    assert_eq!(receiver.requests().len(), 2, "untried deliveries must be tried, whatever their age");
+    assert_eq!(r.dead, 2, "past max_age and failed: dead");
+    assert!(r.last_error.as_deref().is_some_and(|e| e.contains("max_age")), "{r:?}");
+    let dead = store.dead(None).expect("dead");
+    assert_eq!(dead.len(), 2);
+    assert!(dead.iter().all(|d| d.attempts == 1));
+}
+
+#[test]
+fn a_retry_is_pulled_in_to_the_max_age_deadline() {
+    let ws = Workspace::new();
+    let repo = repo_with_creates(&ws, 1);
+    let receiver = Receiver::start(vec![Reply::Status(503)]);
+    let config = write_config(
+        &ws,
+        &repo,
+        &dest("siem", &receiver.url(), "max_age = \"10s\"\nbackoff_initial = \"60s\"\nbackoff_max = \"60s\""),
+    );
+    store_events(&ws, &config);
+    let (cfg, store) = open(&config);
+    let clock = TestClock::now();
+    deliver_due(&cfg, &store, &clock, 1).expect("round");
+    let d = &store.pending(None).expect("pending")[0];
+    assert!(d.next_attempt_at <= d.enqueued_at + 10_000, "the retry must not be scheduled past max_age");
+    clock.advance(Duration::from_secs(11));
+    let r = &deliver_due(&cfg, &store, &clock, 2).expect("round")[0];
+    assert_eq!(r.delivered, 1, "the last attempt, at the deadline, succeeds");
 }
