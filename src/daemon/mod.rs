@@ -58,6 +58,12 @@ pub fn run(config_path: &Path, config: Config) -> Output {
 }
 
 async fn serve(config_path: &Path, config: Config) -> Result<u8> {
+    // First of all: SIGHUP's default action is to terminate, and a reload may come as soon as
+    // the socket (our readiness) exists.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     crate::store::create_private_dir(&config.state_dir)?;
     let store = match Store::open(&config.db_dir()) {
         Ok(s) => s,
@@ -106,10 +112,6 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             _ = hup.recv() => {

@@ -4,6 +4,7 @@
 mod cli;
 mod common;
 mod corpus;
+mod daemon;
 mod fixtures;
 mod git_http;
 mod receiver;

@@ -1,0 +1,254 @@
+//! The daemon as a user runs it: the real binary under `run`, driven by its schedule, the
+//! control socket and signals. Every daemon a test starts is stopped by a guard; every wait is
+//! bounded.
+
+use crate::common::{BIN, Workspace, commit, stderr, stdout};
+use crate::receiver::{Receiver, Reply};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const POLICY: &str = ".gitlab/security-policies/policy.yml";
+/// Once a year: the schedule never fires during a test unless a test says otherwise.
+const NEVER: &str = "0 0 0 1 1 *";
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(ws: &Workspace, config: &Path) -> Daemon {
+        let log = ws.path("daemon.log");
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env_remove("POLICY_AUDIT_CONFIG")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start daemon");
+        let daemon = Daemon { child, log };
+        let socket = ws.path("state/control.sock");
+        wait_for("the control socket", Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        daemon
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.pid()]).status().expect("kill").success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and the exit code, within `limit`.
+    fn terminate(mut self, limit: Duration) -> Option<i32> {
+        self.signal("-TERM");
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if ready() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+fn spp(ws: &Workspace) -> PathBuf {
+    let repo = ws.init_repo("spp");
+    ws.write(&format!("spp/{POLICY}"), "approval_policy:\n- {name: first, enabled: true}\n");
+    commit(&repo, "Alice", "alice@example.com", "2024-01-01T10:00:00Z", "first");
+    repo
+}
+
+fn add_policy(repo: &Path, name: &str, date: &str) {
+    let path = repo.join(POLICY);
+    let mut text = std::fs::read_to_string(&path).expect("policy");
+    text.push_str(&format!("- {{name: {name}, enabled: true}}\n"));
+    std::fs::write(&path, text).expect("write");
+    commit(repo, "Bob", "bob@example.com", date, &format!("add {name}"));
+}
+
+fn config(ws: &Workspace, schedule: &str, projects: &[(&str, &Path)], destinations: &str) -> PathBuf {
+    let mut text = format!("schedule = \"{schedule}\"\nstate_dir = \"state\"\n");
+    for (path, repo) in projects {
+        text.push_str(&format!(
+            "[[projects]]\npath = \"{path}\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+            repo.display()
+        ));
+    }
+    text.push_str(destinations);
+    ws.write("config.toml", &text)
+}
+
+fn destination(url: &str) -> String {
+    format!("[[destinations]]\nname = \"siem\"\nurl = \"{url}\"\nbackoff_initial = \"2s\"\nbackoff_max = \"2s\"\n")
+}
+
+#[test]
+fn the_schedule_picks_up_new_commits_and_delivers_them() {
+    let ws = Workspace::new();
+    let repo = spp(&ws);
+    let receiver = Receiver::start(vec![]);
+    let config = config(&ws, "* * * * * *", &[("acme/spp", &repo)], &destination(&receiver.url()));
+    let daemon = Daemon::start(&ws, &config);
+    wait_for("the first event", Duration::from_secs(15), || receiver.requests().len() == 1);
+    add_policy(&repo, "second", "2024-01-02T10:00:00Z");
+    wait_for("the scheduled reconcile to deliver the new event", Duration::from_secs(15), || {
+        receiver.requests().len() == 2
+    });
+    assert_eq!(receiver.requests()[1].json()["details"]["policy_name"], "second");
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn forced_reconcile_goes_through_the_daemon_and_returns_after_delivery() {
+    let ws = Workspace::new();
+    let repo = spp(&ws);
+    let receiver = Receiver::start(vec![]);
+    let config = config(&ws, NEVER, &[("acme/spp", &repo)], &destination(&receiver.url()));
+    let daemon = Daemon::start(&ws, &config);
+    wait_for("the start-up reconcile", Duration::from_secs(15), || receiver.requests().len() == 1);
+    add_policy(&repo, "second", "2024-01-02T10:00:00Z");
+    let started = Instant::now();
+    let out = ws.run(&config, &["reconcile"]);
+    let latency = started.elapsed();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("acme/spp: 1 commit(s), 1 policy change step(s), 1 event(s) stored (create 1)"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("destination siem: 1 delivered"), "{}", stdout(&out));
+    assert_eq!(receiver.requests().len(), 2, "the event is at the receiver when reconcile returns");
+    eprintln!("forced reconcile latency (command start to event at the receiver): {latency:?}");
+    // A project the daemon does not know is refused the same way as in-process.
+    let out = ws.run(&config, &["reconcile", "--project", "nope/nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(daemon.log().contains("trigger=\"forced\""), "{}", daemon.log());
+}
+
+#[test]
+fn read_commands_answer_the_same_through_the_socket_and_in_process() {
+    let ws = Workspace::new();
+    let repo = spp(&ws);
+    add_policy(&repo, "second", "2024-01-02T10:00:00Z");
+    let config = config(&ws, NEVER, &[("acme/spp", &repo)], "");
+    let daemon = Daemon::start(&ws, &config);
+    wait_for("the start-up reconcile", Duration::from_secs(15), || {
+        stdout(&ws.run(&config, &["events", "--format", "jsonl"])).lines().count() == 2
+    });
+    let commands: [&[&str]; 5] = [
+        &["events", "--format", "json"],
+        &["events", "--type", "create", "--format", "csv"],
+        &["status"],
+        &["status", "--json"],
+        &["deliveries"],
+    ];
+    let through_daemon: Vec<(String, String)> =
+        commands.iter().map(|c| ws.run(&config, c)).map(|o| (stdout(&o), stderr(&o))).collect();
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+    assert!(!ws.path("state/control.sock").exists(), "the socket is removed on exit");
+    for (command, daemon_answer) in commands.iter().zip(&through_daemon) {
+        let out = ws.run(&config, command);
+        assert_eq!((stdout(&out), stderr(&out)), *daemon_answer, "{command:?} differs between daemon and in-process");
+    }
+}
+
+#[test]
+fn sighup_reloads_the_config_and_a_broken_one_is_rejected() {
+    let ws = Workspace::new();
+    let repo = spp(&ws);
+    let other = ws.init_repo("other");
+    ws.write(&format!("other/{POLICY}"), "scan_execution_policy:\n- {name: dast, enabled: true}\n");
+    commit(&other, "Carol", "carol@example.com", "2024-01-03T10:00:00Z", "dast");
+    let config_path = config(&ws, NEVER, &[("acme/spp", &repo)], "");
+    let daemon = Daemon::start(&ws, &config_path);
+    // Add a project and reload.
+    config(&ws, NEVER, &[("acme/spp", &repo), ("acme/other", &other)], "");
+    daemon.signal("-HUP");
+    wait_for("the reload", Duration::from_secs(10), || daemon.log().contains("config reloaded"));
+    let out = ws.run(&config_path, &["reconcile", "--project", "acme/other"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("acme/other: 1 commit(s)"), "{}", stdout(&out));
+    // A broken config is rejected and the daemon keeps serving the previous one.
+    ws.write("config.toml", "schedule = \"not a cron\"\n[[projects]]\n");
+    daemon.signal("-HUP");
+    wait_for("the rejection", Duration::from_secs(10), || daemon.log().contains("config reload rejected"));
+    // The running daemon still has both projects: a forced reconcile through the socket (with
+    // a config file that points at the same state) reaches it.
+    let pointer = config(&ws, NEVER, &[("acme/spp", &repo), ("acme/other", &other)], "");
+    let out = ws.run(&pointer, &["reconcile"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("acme/spp: up to date") && stdout(&out).contains("acme/other: up to date"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_exits_2_naming_the_first() {
+    let ws = Workspace::new();
+    let repo = spp(&ws);
+    let config = config(&ws, NEVER, &[("acme/spp", &repo)], "");
+    let daemon = Daemon::start(&ws, &config);
+    let out = ws.run(&config, &["run"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("another policy-audit daemon is running") && err.contains(&format!("pid {}", daemon.pid())),
+        "{err}"
+    );
+    assert!(err.contains("control.sock"), "{err}");
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn a_retry_is_delivered_at_its_due_time_without_a_cron_tick() {
+    let ws = Workspace::new();
+    let repo = spp(&ws);
+    let receiver = Receiver::start(vec![Reply::Status(503)]);
+    let config = config(&ws, NEVER, &[("acme/spp", &repo)], &destination(&receiver.url()));
+    let daemon = Daemon::start(&ws, &config);
+    wait_for("the first, refused attempt", Duration::from_secs(15), || receiver.requests().len() == 1);
+    let first = Instant::now();
+    wait_for("the retry (due within 2 s)", Duration::from_secs(8), || receiver.requests().len() == 2);
+    let waited = first.elapsed();
+    assert!(waited <= Duration::from_secs(6), "the retry came after {waited:?}");
+    let out = ws.run(&config, &["deliveries"]);
+    assert_eq!(stdout(&out), "no deliveries\n");
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}
