@@ -252,3 +252,36 @@ fn a_retry_is_delivered_at_its_due_time_without_a_cron_tick() {
     assert_eq!(stdout(&out), "no deliveries\n");
     assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn systemd_units_have_the_required_directives_and_verify() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |name: &str| std::fs::read_to_string(dir.join("systemd").join(name)).expect("unit file");
+    let service = read("policy-audit.service");
+    for directive in [
+        "Type=notify",
+        "ExecStartPre=/usr/local/bin/policy-audit check-config",
+        "ExecStart=/usr/local/bin/policy-audit run",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "StateDirectory=policy-audit",
+        "EnvironmentFile=-/etc/default/policy-audit",
+        "Restart=on-failure",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "SystemCallFilter=@system-service",
+        "UMask=0077",
+    ] {
+        assert!(service.lines().any(|l| l == directive), "policy-audit.service lacks {directive}");
+    }
+    let oneshot = read("policy-audit-reconcile.service");
+    assert!(oneshot.contains("Type=oneshot") && oneshot.contains("ExecStart=/usr/local/bin/policy-audit reconcile"));
+    let timer = read("policy-audit-reconcile.timer");
+    for directive in ["OnCalendar=", "RandomizedDelaySec=", "Persistent=true"] {
+        assert!(timer.contains(directive), "timer lacks {directive}");
+    }
+    let out = Command::new("bash").arg(dir.join("scripts/verify-systemd.sh")).arg(BIN).output().expect("run verify script");
+    assert!(out.status.success(), "systemd-analyze verify: {}{}", stdout(&out), stderr(&out));
+}
