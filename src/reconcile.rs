@@ -71,6 +71,8 @@ pub struct Summary {
     /// The whole first-parent history was replayed.
     pub backfill: bool,
     pub timings: Timings,
+    /// Wall time of this project's reconcile.
+    pub duration_ms: f64,
 }
 
 impl Summary {
@@ -114,6 +116,7 @@ pub fn reconcile_project(
         && c.commit == summary.to
         && !backfill
     {
+        summary.duration_ms = ms(started.elapsed());
         return Ok(summary); // nothing new: no walk at all
     }
 
@@ -154,6 +157,7 @@ pub fn reconcile_project(
     summary.stored =
         store.commit_reconcile(&project.path, &new_cursor, &events, &destinations_for, now.as_millisecond())?;
     summary.timings.store_ms = ms(stored_at.elapsed());
+    summary.duration_ms = ms(started.elapsed());
     Ok(summary)
 }
 

@@ -83,10 +83,15 @@ fn short(sha: &str) -> &str {
 pub fn describe(s: &Summary) -> String {
     let flag = if s.flag_enabled { "" } else { " (feature flag off: no events made)" };
     if s.first_sync.as_deref() == Some("baseline") {
-        return format!("{}: first sync, baseline recorded at {} (no events){flag}", s.project, short(&s.to));
+        return format!(
+            "{}: first sync, baseline recorded at {} (no events){flag} in {:.0} ms",
+            s.project,
+            short(&s.to),
+            s.duration_ms
+        );
     }
     if s.commits == 0 && s.first_sync.is_none() {
-        return format!("{}: up to date at {}", s.project, short(&s.to));
+        return format!("{}: up to date at {} in {:.0} ms", s.project, short(&s.to), s.duration_ms);
     }
     let range = match &s.from {
         Some(from) if !s.backfill => format!("{}..{}", short(from), short(&s.to)),
@@ -99,7 +104,7 @@ pub fn describe(s: &Summary) -> String {
     let replayed = if replayed > 0 { format!(", {replayed} already stored") } else { String::new() };
     let rewritten = if s.history_rewritten { " [history rewritten]" } else { "" };
     format!(
-        "{}: {} commit(s), {} policy change step(s), {} event(s) stored{counts}{replayed} [{range}]{rewritten}{flag}",
-        s.project, s.commits, s.steps, s.stored
+        "{}: {} commit(s), {} policy change step(s), {} event(s) stored{counts}{replayed} [{range}]{rewritten}{flag} in {:.0} ms",
+        s.project, s.commits, s.steps, s.stored, s.duration_ms
     )
 }

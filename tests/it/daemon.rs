@@ -282,6 +282,7 @@ fn systemd_units_have_the_required_directives_and_verify() {
     for directive in ["OnCalendar=", "RandomizedDelaySec=", "Persistent=true"] {
         assert!(timer.contains(directive), "timer lacks {directive}");
     }
-    let out = Command::new("bash").arg(dir.join("scripts/verify-systemd.sh")).arg(BIN).output().expect("run verify script");
+    let out =
+        Command::new("bash").arg(dir.join("scripts/verify-systemd.sh")).arg(BIN).output().expect("run verify script");
     assert!(out.status.success(), "systemd-analyze verify: {}{}", stdout(&out), stderr(&out));
 }
