@@ -15,6 +15,7 @@ mod deliveries;
 mod events;
 mod reconcile;
 mod status;
+mod verify;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
@@ -40,6 +41,8 @@ pub enum Command {
     Status(StatusArgs),
     /// List pending or dead deliveries; `deliveries retry` re-queues dead ones
     Deliveries(DeliveriesArgs),
+    /// Recompute the tamper-evident chain over the stored events (exit 1 on a break)
+    Verify(VerifyArgs),
     /// Validate the config (and that secrets resolve) without touching state
     CheckConfig,
     /// Self-contained walkthrough on a sample policy project in a temporary folder
@@ -127,6 +130,12 @@ pub enum DeliveriesAction {
 pub enum DeliveryState {
     Pending,
     Dead,
+}
+
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+pub struct VerifyArgs {
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
@@ -235,6 +244,7 @@ pub fn execute(config: &Config, store: &Store, command: &Command, stop: Option<A
         Command::Events(args) => events::run(store, args),
         Command::Status(args) => status::run(config, store, args),
         Command::Deliveries(args) => deliveries::run(config, store, args),
+        Command::Verify(args) => verify::run(store, args),
         Command::Run | Command::CheckConfig | Command::Demo => {
             Output::unusable("internal: command does not use the store")
         }

@@ -47,8 +47,11 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
         d["removed_from_config"] = json!(true);
         removed.push(d);
     }
+    let chain = store.chain_head()?;
     Ok(json!({
         "events": store.event_count(),
+        "chain_head": chain.head,
+        "chain_events": chain.events,
         "projects": projects,
         "unconfigured_projects_with_state": unconfigured,
         "destinations": destinations,
@@ -79,6 +82,11 @@ fn destination(store: &Store, name: &str) -> anyhow::Result<serde_json::Value> {
 fn text(report: &serde_json::Value) -> String {
     let str_of = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
     let mut s = format!("events stored: {}\n", report["events"]);
+    s.push_str(&format!(
+        "chain head:    {} (covers {} events; `policy-audit verify` checks it)\n",
+        str_of(&report["chain_head"]),
+        report["chain_events"]
+    ));
     for p in report["projects"].as_array().into_iter().flatten() {
         let cursor = p["cursor"].as_str().map(|c| c.get(..12).unwrap_or(c).to_string());
         s.push_str(&format!("project {} ({})\n", str_of(&p["path"]), str_of(&p["branch"])));

@@ -233,6 +233,12 @@ async fn worker(daemon: Arc<Daemon>, mut ticks: mpsc::Receiver<()>, mut forced: 
             let started = std::time::Instant::now();
             let out = crate::cli::execute(&config, &d.store, &Command::Reconcile(args), Some(d.stop.clone()));
             log_reconcile(&out, started.elapsed(), scheduled);
+            // Logged after every reconcile so that removing the newest events, or rewriting the
+            // chain, is visible from outside the state directory.
+            match d.store.chain_head() {
+                Ok(head) => tracing::info!(events = head.events, chain_head = %head.head, "trail"),
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot read the chain head"),
+            }
             out
         })
         .await

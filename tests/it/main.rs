@@ -10,3 +10,4 @@ mod git_http;
 mod receiver;
 mod repo_urls;
 mod streaming;
+mod trail;

@@ -7,6 +7,8 @@
 //! - an event id is stored at most once (`event_ids`), so replaying a step is harmless;
 //! - events are numbered by a gap-free sequence in the order they were stored.
 
+pub mod chain;
+
 use crate::event::{AuditEvent, EventType};
 use crate::policy::{LimitState, PolicySet};
 use anyhow::{Context, Result, anyhow};
@@ -77,6 +79,8 @@ pub struct Store {
     db: sled::Db,
     cursors: sled::Tree,
     events: sled::Tree,
+    /// seq -> chain link (see `chain`).
+    chain: sled::Tree,
     event_ids: sled::Tree,
     outbox: sled::Tree,
     dead: sled::Tree,
@@ -85,6 +89,7 @@ pub struct Store {
 }
 
 const NEXT_SEQ: &[u8] = b"next_seq";
+const CHAIN_HEAD: &[u8] = b"chain_head";
 
 impl Store {
     /// Opens (or creates) the database in `dir`. Fails with a clear message when another
@@ -103,6 +108,7 @@ impl Store {
         Ok(Store {
             cursors: tree("cursors")?,
             events: tree("events")?,
+            chain: tree("chain")?,
             event_ids: tree("event_ids")?,
             outbox: tree("outbox")?,
             dead: tree("dead")?,
@@ -156,40 +162,43 @@ impl Store {
         let cursor_bytes = serde_json::to_vec(cursor)?;
         let encoded: Vec<(Vec<u8>, Vec<String>)> =
             events.iter().map(|e| Ok((serde_json::to_vec(e)?, destinations_for(e)))).collect::<Result<_>>()?;
-        let result = (&self.cursors, &self.events, &self.event_ids, &self.outbox, &self.meta).transaction(
-            |(cursors, tx_events, ids, outbox, meta)| {
-                let mut seq = meta.get(NEXT_SEQ)?.map(|v| be_u64(&v)).unwrap_or(0);
-                let mut stored = 0;
-                for (event, (bytes, dests)) in events.iter().zip(&encoded) {
-                    if ids.get(event.id.as_bytes())?.is_some() {
-                        continue;
-                    }
-                    ids.insert(event.id.as_bytes(), &seq.to_be_bytes())?;
-                    tx_events.insert(&seq.to_be_bytes(), bytes.as_slice())?;
-                    for dest in dests {
-                        let delivery = Delivery {
-                            destination: dest.clone(),
-                            seq,
-                            event_id: event.id.clone(),
-                            event_type: event.event_type,
-                            attempts: 0,
-                            enqueued_at: now_ms,
-                            next_attempt_at: now_ms,
-                            last_status: None,
-                            last_error: None,
-                        };
-                        let value = serde_json::to_vec(&delivery)
-                            .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                        outbox.insert(delivery_key(dest, seq), value)?;
-                    }
-                    seq += 1;
-                    stored += 1;
+        let trees = (&self.cursors, &self.events, &self.event_ids, &self.outbox, &self.meta, &self.chain);
+        let result = trees.transaction(|(cursors, tx_events, ids, outbox, meta, links)| {
+            let mut seq = meta.get(NEXT_SEQ)?.map(|v| be_u64(&v)).unwrap_or(0);
+            let mut head = meta.get(CHAIN_HEAD)?.map(|v| chain::to_link(&v)).unwrap_or(chain::GENESIS);
+            let mut stored = 0;
+            for (event, (bytes, dests)) in events.iter().zip(&encoded) {
+                if ids.get(event.id.as_bytes())?.is_some() {
+                    continue;
                 }
-                meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
-                cursors.insert(project.as_bytes(), cursor_bytes.as_slice())?;
-                Ok(stored)
-            },
-        );
+                ids.insert(event.id.as_bytes(), &seq.to_be_bytes())?;
+                tx_events.insert(&seq.to_be_bytes(), bytes.as_slice())?;
+                head = chain::link(&head, bytes);
+                links.insert(&seq.to_be_bytes(), &head)?;
+                for dest in dests {
+                    let delivery = Delivery {
+                        destination: dest.clone(),
+                        seq,
+                        event_id: event.id.clone(),
+                        event_type: event.event_type,
+                        attempts: 0,
+                        enqueued_at: now_ms,
+                        next_attempt_at: now_ms,
+                        last_status: None,
+                        last_error: None,
+                    };
+                    let value = serde_json::to_vec(&delivery)
+                        .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                    outbox.insert(delivery_key(dest, seq), value)?;
+                }
+                seq += 1;
+                stored += 1;
+            }
+            meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
+            meta.insert(CHAIN_HEAD, &head)?;
+            cursors.insert(project.as_bytes(), cursor_bytes.as_slice())?;
+            Ok(stored)
+        });
         let stored =
             result.map_err(|e: TransactionError<String>| anyhow!("store transaction for {project} failed: {e}"))?;
         self.db.flush().context("cannot flush the state database")?;

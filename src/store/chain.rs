@@ -1,0 +1,121 @@
+//! The tamper-evident chain over the stored events: link(n) = SHA-256(link(n-1) || bytes(n)),
+//! where bytes(n) are event n's stored (and streamed) JSON bytes and link(-1) is 32 zero bytes.
+//! Links are written in the transaction that stores their event; `verify` recomputes them.
+//!
+//! What it proves: any change, removal or reordering of stored events is found by `verify`,
+//! unless the chain was recomputed from that point on. Such a rewrite, and removing the newest
+//! events, change the chain head — which `status` shows and the daemon logs after every
+//! reconcile, so it can be compared with a copy kept elsewhere (the journal, a SIEM).
+
+use super::{CHAIN_HEAD, NEXT_SEQ, Store, be_u64};
+use anyhow::Result;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+pub const GENESIS: [u8; 32] = [0; 32];
+
+pub fn link(previous: &[u8; 32], event_bytes: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(previous);
+    h.update(event_bytes);
+    h.finalize().into()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(super) fn to_link(bytes: &[u8]) -> [u8; 32] {
+    bytes.try_into().unwrap_or(GENESIS)
+}
+
+/// The newest link and how many events it covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChainHead {
+    pub events: u64,
+    pub head: String,
+}
+
+/// The first place where the stored trail does not match its chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Break {
+    /// Event `seq` is gone.
+    Removed { seq: u64 },
+    /// Event `seq`'s bytes are not the ones that were chained.
+    Altered { seq: u64, id: String },
+    /// Event `seq` holds the bytes chained at `seq + 1`: events were swapped.
+    Reordered { seq: u64, id: String },
+    /// Event `seq` has no link.
+    Unlinked { seq: u64 },
+    /// The recorded head is not the last link: the newest events were removed, or the head
+    /// was rewritten.
+    HeadMismatch { recorded: String, computed: String },
+    /// Events stored beyond the recorded end of the trail.
+    Extra { seq: u64 },
+}
+
+impl std::fmt::Display for Break {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Break::Removed { seq } => write!(f, "event #{seq} was removed"),
+            Break::Altered { seq, id } => write!(f, "event #{seq} (id {id}) was altered"),
+            Break::Reordered { seq, id } => write!(f, "event #{seq} (id {id}) is out of order: events were reordered"),
+            Break::Unlinked { seq } => write!(f, "event #{seq} has no chain link"),
+            Break::HeadMismatch { recorded, computed } => write!(
+                f,
+                "the recorded chain head {recorded} is not the last link {computed}: the newest events were removed or the head was rewritten"
+            ),
+            Break::Extra { seq } => write!(f, "event #{seq} lies beyond the recorded end of the trail"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verification {
+    pub events: u64,
+    pub head: String,
+    pub first_break: Option<Break>,
+}
+
+impl Store {
+    pub fn chain_head(&self) -> Result<ChainHead> {
+        let events = self.meta.get(NEXT_SEQ)?.map(|v| be_u64(&v)).unwrap_or(0);
+        let head = self.meta.get(CHAIN_HEAD)?.map(|v| to_link(&v)).unwrap_or(GENESIS);
+        Ok(ChainHead { events, head: hex(&head) })
+    }
+
+    /// Recomputes the chain over every stored event and reports the first break.
+    pub fn verify_chain(&self) -> Result<Verification> {
+        let recorded = self.chain_head()?;
+        let mut previous = GENESIS;
+        let result =
+            |first_break| Ok(Verification { events: recorded.events, head: recorded.head.clone(), first_break });
+        for seq in 0..recorded.events {
+            let Some(bytes) = self.events.get(seq.to_be_bytes())? else {
+                return result(Some(Break::Removed { seq }));
+            };
+            let Some(stored) = self.chain.get(seq.to_be_bytes())? else {
+                return result(Some(Break::Unlinked { seq }));
+            };
+            let stored = to_link(&stored);
+            if link(&previous, &bytes) != stored {
+                let id = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v["id"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let swapped =
+                    self.events.get((seq + 1).to_be_bytes())?.is_some_and(|next| link(&previous, &next) == stored);
+                return result(Some(if swapped { Break::Reordered { seq, id } } else { Break::Altered { seq, id } }));
+            }
+            previous = stored;
+        }
+        if self.events.get(recorded.events.to_be_bytes())?.is_some() {
+            return result(Some(Break::Extra { seq: recorded.events }));
+        }
+        if hex(&previous) != recorded.head {
+            return result(Some(Break::HeadMismatch { recorded: recorded.head.clone(), computed: hex(&previous) }));
+        }
+        result(None)
+    }
+}

@@ -1,0 +1,124 @@
+//! The tamper-evident trail: `verify` finds an altered, removed or reordered event, and the
+//! removal of the newest ones, when the sled database is edited behind policy-audit's back.
+
+use crate::common::{Workspace, commit, stderr, stdout};
+use std::path::PathBuf;
+
+const POLICY: &str = ".gitlab/security-policies/policy.yml";
+
+/// A trail of 5 events (five policy creations), with its config.
+fn trail(ws: &Workspace) -> PathBuf {
+    let repo = ws.init_repo("spp");
+    let mut text = String::from("approval_policy:\n");
+    for i in 0..5 {
+        text.push_str(&format!("- {{name: p{i}, enabled: false}}\n"));
+        ws.write(&format!("spp/{POLICY}"), &text);
+        commit(&repo, "Alice", "alice@example.com", &format!("2024-01-0{}T10:00:00Z", i + 1), &format!("p{i}"));
+    }
+    let config = ws.write(
+        "config.toml",
+        &format!(
+            "state_dir = \"state\"\n[[projects]]\npath = \"a/spp\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+            repo.display()
+        ),
+    );
+    let out = ws.run(&config, &["reconcile"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    config
+}
+
+/// Opens the database directly, as someone with access to the state directory could.
+fn tamper(ws: &Workspace, edit: impl FnOnce(&sled::Db)) {
+    let db = sled::open(ws.path("state/db")).expect("open sled");
+    edit(&db);
+    db.flush().expect("flush");
+}
+
+fn key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+fn verify(ws: &Workspace, config: &std::path::Path) -> (Option<i32>, String) {
+    let out = ws.run(config, &["verify"]);
+    (out.status.code(), stdout(&out) + &stderr(&out))
+}
+
+#[test]
+fn an_intact_trail_verifies_and_status_shows_the_same_head() {
+    let ws = Workspace::new();
+    let config = trail(&ws);
+    let (code, text) = verify(&ws, &config);
+    assert_eq!(code, Some(0), "{text}");
+    let head = text.trim().rsplit(' ').next().expect("head").to_string();
+    assert_eq!(head.len(), 64);
+    assert!(text.contains("trail verified: 5 events"));
+    let status = ws.run(&config, &["status"]);
+    assert!(stdout(&status).contains(&format!("chain head:    {head}")), "{}", stdout(&status));
+}
+
+#[test]
+fn an_altered_event_is_found() {
+    let ws = Workspace::new();
+    let config = trail(&ws);
+    tamper(&ws, |db| {
+        let events = db.open_tree("events").expect("tree");
+        let bytes = events.get(key(2)).expect("get").expect("event 2");
+        let altered = String::from_utf8_lossy(&bytes).replace("Alice", "Mallory");
+        events.insert(key(2), altered.as_bytes()).expect("insert");
+    });
+    let (code, text) = verify(&ws, &config);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("event #2 (id ") && text.contains("was altered"), "{text}");
+}
+
+#[test]
+fn a_removed_event_is_found() {
+    let ws = Workspace::new();
+    let config = trail(&ws);
+    tamper(&ws, |db| {
+        db.open_tree("events").expect("tree").remove(key(1)).expect("remove");
+    });
+    let (code, text) = verify(&ws, &config);
+    assert_eq!(code, Some(1));
+    assert!(text.contains("event #1 was removed"), "{text}");
+}
+
+#[test]
+fn reordered_events_are_found() {
+    let ws = Workspace::new();
+    let config = trail(&ws);
+    tamper(&ws, |db| {
+        let events = db.open_tree("events").expect("tree");
+        let (a, b) = (events.get(key(1)).expect("get").expect("1"), events.get(key(2)).expect("get").expect("2"));
+        events.insert(key(1), b).expect("insert");
+        events.insert(key(2), a).expect("insert");
+    });
+    let (code, text) = verify(&ws, &config);
+    assert_eq!(code, Some(1));
+    assert!(text.contains("event #1 (id ") && text.contains("events were reordered"), "{text}");
+}
+
+#[test]
+fn removing_the_newest_events_changes_the_head_or_is_found() {
+    let ws = Workspace::new();
+    let config = trail(&ws);
+    let before = verify(&ws, &config).1;
+    // Only the events and their links: the recorded head no longer matches.
+    tamper(&ws, |db| {
+        db.open_tree("events").expect("tree").remove(key(4)).expect("remove");
+        db.open_tree("chain").expect("tree").remove(key(4)).expect("remove");
+        db.open_tree("meta").expect("tree").insert("next_seq", &key(4)).expect("insert");
+    });
+    let (code, text) = verify(&ws, &config);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("newest events were removed"), "{text}");
+    // Rewriting the head too passes `verify`, but the head differs from the one logged before.
+    tamper(&ws, |db| {
+        let link = db.open_tree("chain").expect("tree").get(key(3)).expect("get").expect("link 3");
+        db.open_tree("meta").expect("tree").insert("chain_head", link).expect("insert");
+    });
+    let (code, text) = verify(&ws, &config);
+    assert_eq!(code, Some(0));
+    assert_ne!(text.trim().rsplit(' ').next(), before.trim().rsplit(' ').next(), "the head must change");
+    assert!(text.contains("4 events"));
+}
