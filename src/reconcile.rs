@@ -88,8 +88,32 @@ pub fn mirror_dir(config: &Config, project: &Project) -> PathBuf {
     config.mirrors_dir().join(format!("{readable}-{:08x}.git", crc32fast::hash(project.path.as_bytes())))
 }
 
+/// A read of the mirror failed after a successful fetch: objects are missing or corrupt.
+#[derive(Debug, thiserror::Error)]
+#[error("the mirror cannot be read: {0}")]
+pub struct MirrorDamaged(String);
+
 /// Reconciles one project. `now` is the clock (passed in so tests control `detected_at`).
+/// A mirror whose objects cannot be read is removed and cloned again, once.
 pub fn reconcile_project(
+    config: &Config,
+    store: &Store,
+    project: &Project,
+    options: &Options,
+    now: jiff::Timestamp,
+) -> Result<Summary> {
+    match attempt(config, store, project, options, now) {
+        Err(e) if e.downcast_ref::<MirrorDamaged>().is_some() => {
+            let dir = mirror_dir(config, project);
+            tracing::warn!(project = %project.path, mirror = %dir.display(), error = %format!("{e:#}"), "re-cloning a damaged mirror");
+            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove damaged mirror {}", dir.display()))?;
+            attempt(config, store, project, options, now).context("after re-cloning a damaged mirror")
+        }
+        other => other,
+    }
+}
+
+fn attempt(
     config: &Config,
     store: &Store,
     project: &Project,
@@ -105,7 +129,12 @@ pub fn reconcile_project(
     let mirror = Mirror::open_or_init(&mirror_dir(config, project), &project.branch)?;
     let never = AtomicBool::new(false);
     let stop = options.stop.as_deref().unwrap_or(&never);
-    let tip = repo::fetch(&mirror, &project.url, project.token.as_ref(), config.fetch_timeout, stop)?.tip;
+    let tip = match repo::fetch(&mirror, &project.url, project.token.as_ref(), config.fetch_timeout, stop) {
+        Ok(fetched) => fetched.tip,
+        // A fetch also fails when the mirror's own objects are gone: re-clone then.
+        Err(e) if !mirror.is_sound() => return Err(anyhow::Error::new(MirrorDamaged(format!("{e:#}")))),
+        Err(e) => return Err(e),
+    };
     summary.timings.fetch_ms = ms(started.elapsed());
     summary.to = tip.to_string();
 
@@ -119,31 +148,12 @@ pub fn reconcile_project(
         summary.duration_ms = ms(started.elapsed());
         return Ok(summary); // nothing new: no walk at all
     }
-
     summary.backfill = backfill;
-    let mut walker = Walker::new(config, project, &mirror, &mut summary, options.progress);
-    let (state, plan) = match (&cursor, backfill) {
-        (_, true) => (State::before_history(), Plan::Steps(mirror.first_parent_steps(tip, None)?)),
-        (None, false) => (walker.baseline_at(tip)?, Plan::Nothing),
-        (Some(c), false) => {
-            let since = ObjectId::from_hex(c.commit.as_bytes()).ok();
-            match since {
-                Some(since) if mirror.has_commit(since) && mirror.is_ancestor(since, tip)? => {
-                    (State::from_cursor(c), Plan::Steps(mirror.first_parent_steps(tip, Some(since))?))
-                }
-                _ => (State::from_cursor(c), Plan::Rewritten(tip)),
-            }
-        }
-    };
     if cursor.is_none() {
-        walker.summary.first_sync = Some(if backfill { "backfill" } else { "baseline" }.into());
+        summary.first_sync = Some(if backfill { "backfill" } else { "baseline" }.into());
     }
-    let emit = walker.summary.flag_enabled;
-    let (state, events) = match plan {
-        Plan::Nothing => (state, Vec::new()),
-        Plan::Steps(steps) => walker.walk(state, &steps, emit, now)?,
-        Plan::Rewritten(tip) => walker.rewritten(state, tip, emit, now)?,
-    };
+    let (state, events) = walk_new_history(config, project, &mirror, &mut summary, options, cursor.as_ref(), tip, now)
+        .map_err(|e| anyhow::Error::new(MirrorDamaged(format!("{e:#}"))))?;
     for e in &events {
         *summary.events.entry(e.event_type.name().to_string()).or_default() += 1;
     }
@@ -159,6 +169,39 @@ pub fn reconcile_project(
     summary.timings.store_ms = ms(stored_at.elapsed());
     summary.duration_ms = ms(started.elapsed());
     Ok(summary)
+}
+
+/// Works out the steps since the cursor (or the baseline, or the rewrite) and their events.
+/// Every error here is a failed read of the mirror.
+#[allow(clippy::too_many_arguments)]
+fn walk_new_history(
+    config: &Config,
+    project: &Project,
+    mirror: &Mirror,
+    summary: &mut Summary,
+    options: &Options,
+    cursor: Option<&Cursor>,
+    tip: ObjectId,
+    now: jiff::Timestamp,
+) -> Result<(State, Vec<AuditEvent>)> {
+    let backfill = summary.backfill;
+    let mut walker = Walker::new(config, project, mirror, summary, options.progress);
+    let (state, plan) = match (cursor, backfill) {
+        (_, true) => (State::before_history(), Plan::Steps(mirror.first_parent_steps(tip, None)?)),
+        (None, false) => (walker.baseline_at(tip)?, Plan::Nothing),
+        (Some(c), false) => match ObjectId::from_hex(c.commit.as_bytes()).ok() {
+            Some(since) if mirror.has_commit(since) && mirror.is_ancestor(since, tip)? => {
+                (State::from_cursor(c), Plan::Steps(mirror.first_parent_steps(tip, Some(since))?))
+            }
+            _ => (State::from_cursor(c), Plan::Rewritten(tip)),
+        },
+    };
+    let emit = walker.summary.flag_enabled;
+    match plan {
+        Plan::Nothing => Ok((state, Vec::new())),
+        Plan::Steps(steps) => walker.walk(state, &steps, emit, now),
+        Plan::Rewritten(tip) => walker.rewritten(state, tip, emit, now),
+    }
 }
 
 /// The destinations whose filters accept an event.

@@ -36,12 +36,17 @@ pub fn fetch(
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&interrupt);
     let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("fetch".into())
-        .spawn(move || {
-            let _ = tx.send(fetch_blocking(repo, &url_owned, &branch, token, deadline, &flag));
-        })
-        .context("cannot start fetch thread")?;
+    let dir = mirror.dir.clone();
+    in_flight_set().insert(dir.clone());
+    let spawned = std::thread::Builder::new().name("fetch".into()).spawn(move || {
+        let result = fetch_blocking(repo, &url_owned, &branch, token, deadline, &flag);
+        in_flight_set().remove(&dir);
+        let _ = tx.send(result);
+    });
+    if let Err(e) = spawned {
+        in_flight_set().remove(&mirror.dir);
+        return Err(e).context("cannot start fetch thread");
+    }
     let until = std::time::Instant::now() + deadline;
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -109,11 +114,19 @@ fn fetch_blocking(
         })),
         _ => Ok(None),
     });
-    let outcome = connection
+    // gix says "None of the refspec(s) ... matched": name the branch instead.
+    let missing_branch = |e: anyhow::Error| {
+        if format!("{e:#}").contains("None of the refspec") {
+            anyhow::anyhow!("branch {branch:?} does not exist in the repository")
+        } else {
+            e
+        }
+    };
+    let prepared = connection
         .prepare_fetch(gix::progress::Discard, Default::default())
-        .map_err(anyhow::Error::new)?
-        .receive(gix::progress::Discard, interrupt)
-        .map_err(anyhow::Error::new)?;
+        .map_err(|e| missing_branch(anyhow::Error::new(e)))?;
+    let outcome =
+        prepared.receive(gix::progress::Discard, interrupt).map_err(|e| missing_branch(anyhow::Error::new(e)))?;
     let wanted = format!("refs/heads/{branch}");
     let tip = outcome
         .ref_map
@@ -125,6 +138,18 @@ fn fetch_blocking(
         Some(tip) => Ok(FetchOutcome { tip }),
         None => bail!("branch {branch:?} does not exist in the repository"),
     }
+}
+
+/// Mirrors with a fetch thread still running in this process (one that passed its deadline
+/// keeps running until its transport gives up).
+fn in_flight_set() -> std::sync::MutexGuard<'static, std::collections::HashSet<std::path::PathBuf>> {
+    static SET: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>> =
+        std::sync::LazyLock::new(Default::default);
+    SET.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(super) fn in_flight(dir: &std::path::Path) -> bool {
+    in_flight_set().contains(dir)
 }
 
 /// The URL with any `user:password@` removed, for messages and logs.

@@ -1,10 +1,12 @@
 //! The one integration-test binary: runs the real `policy-audit` executable against real git
 //! repositories and a real sled directory in per-test temporary folders.
 
+mod bad_input;
 mod cli;
 mod common;
 mod corpus;
 mod daemon;
+mod faults;
 mod fixtures;
 mod git_http;
 mod receiver;

@@ -18,6 +18,10 @@ pub enum Reply {
     Hang(Duration),
     /// Start a response, then reset the connection.
     Reset,
+    /// Answer 200 with a body of this many bytes.
+    HugeBody(usize),
+    /// Send the status line and a few body bytes, then stall this long.
+    Stall(Duration),
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +136,24 @@ fn serve(
             Reply::Status(code) => respond(&mut writer, code, &[])?,
             Reply::With(code, extra) => respond(&mut writer, code, &extra)?,
             Reply::Hang(d) => {
+                std::thread::sleep(d);
+                return Ok(());
+            }
+            Reply::HugeBody(n) => {
+                writer.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").as_bytes())?;
+                let chunk = vec![b'x'; 64 * 1024];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(chunk.len());
+                    if writer.write_all(&chunk[..k]).is_err() {
+                        return Ok(()); // the client stopped reading: fine
+                    }
+                    left -= k;
+                }
+            }
+            Reply::Stall(d) => {
+                writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-git-upload-pack-advertisement\r\nContent-Length: 100000\r\n\r\n001e# service=git-upload")?;
+                writer.flush()?;
                 std::thread::sleep(d);
                 return Ok(());
             }
