@@ -217,7 +217,7 @@ fn a_full_disk_gives_a_clear_error_and_nothing_half_written() {
     let names: Vec<String> = (0..400).map(|k| format!("policy number {k}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     set_policies(&repo, &refs, "2024-02-01T10:00:00Z", "many policies");
-    let config = write_config(&ws, &project("acme/spp", &repo.to_string_lossy()));
+    write_config(&ws, &project("acme/spp", &repo.to_string_lossy()));
     // The state directory (database and mirror) sits on a 256 KiB tmpfs, then gets room.
     let script = r#"
         mkdir -p state
@@ -252,7 +252,7 @@ fn a_full_disk_gives_a_clear_error_and_nothing_half_written() {
 fn a_read_only_state_directory_gives_a_clear_error_and_loses_nothing() {
     let ws = Workspace::new();
     let repo = spp(&ws, "spp", &["a"]);
-    let config = write_config(&ws, &project("acme/spp", &repo.to_string_lossy()));
+    write_config(&ws, &project("acme/spp", &repo.to_string_lossy()));
     let script = r#"
         mkdir -p state
         mount -t tmpfs -o size=64m tmpfs state
