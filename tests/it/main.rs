@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod common;
 mod corpus;
+mod crash;
 mod daemon;
 mod faults;
 mod fixtures;

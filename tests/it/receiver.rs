@@ -53,6 +53,11 @@ impl Receiver {
     /// Answers each request with the next scripted reply, then with `204` once the script is
     /// used up.
     pub fn start(script: Vec<Reply>) -> Receiver {
+        Receiver::start_slow(script, Duration::ZERO)
+    }
+
+    /// Like [`Receiver::start`], taking `delay` before every answer (a slow SIEM).
+    pub fn start_slow(script: Vec<Reply>, delay: Duration) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("addr").port();
@@ -67,7 +72,7 @@ impl Receiver {
                     Ok((stream, _)) => {
                         let (r, s, st) = (r.clone(), s.clone(), st.clone());
                         std::thread::spawn(move || {
-                            let _ = serve(stream, &r, &s, &st);
+                            let _ = serve(stream, &r, &s, &st, delay);
                         });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
@@ -102,6 +107,7 @@ fn serve(
     requests: &Mutex<Vec<Request>>,
     script: &Mutex<VecDeque<Reply>>,
     stop: &AtomicBool,
+    delay: Duration,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -132,6 +138,7 @@ fn serve(
         reader.read_exact(&mut body)?;
         requests.lock().expect("lock").push(Request { method, path, headers, body });
         let reply = script.lock().expect("lock").pop_front().unwrap_or(Reply::Status(204));
+        std::thread::sleep(delay);
         match reply {
             Reply::Status(code) => respond(&mut writer, code, &[])?,
             Reply::With(code, extra) => respond(&mut writer, code, &extra)?,
