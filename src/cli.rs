@@ -170,16 +170,37 @@ pub fn parse_args() -> Cli {
     Cli::parse()
 }
 
+/// Crates whose debug output would contain secrets (request headers and bodies).
+const QUIET_TARGETS: &[&str] = &[
+    "ureq",
+    "ureq_proto",
+    "rustls",
+    "reqwest",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "gix_transport",
+    "gix_protocol",
+    "gix_credentials",
+];
+
 /// Logs go to stderr (journald under systemd); the level comes from `RUST_LOG`, else the
 /// config's `log_level`, else warnings only.
 pub fn init_logging(config_level: Option<&str>) {
     use std::io::IsTerminal;
     // The scheduler crate narrates its own start-up at info level: keep it to warnings.
     let level = config_level.unwrap_or("warn");
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::try_new(format!("{level},tokio_cron_scheduler=warn"))
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
     });
+    // Whatever RUST_LOG says: the HTTP and TLS stacks dump raw request bytes (tokens included)
+    // at debug and trace level.
+    for quiet in QUIET_TARGETS {
+        if let Ok(directive) = format!("{quiet}=info").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -210,6 +231,22 @@ pub fn run(cli: Cli) -> Output {
             crate::daemon::run(&cli.config, config)
         }
         command => {
+            // A running daemon holds the store and the secrets: ask it. Same command code,
+            // same output.
+            let client = match Config::load_without_secrets(&cli.config) {
+                Ok(c) => c,
+                Err(_) => match load_config(&cli) {
+                    Ok(c) => c,
+                    Err(out) => return out,
+                },
+            };
+            match crate::daemon::control::try_daemon(&client, command) {
+                Some(Ok(answer)) => return answer,
+                Some(Err(e)) => {
+                    return Output { stderr: format!("error: {e:#}\n"), code: EXIT_UNUSABLE, ..Output::default() };
+                }
+                None => {}
+            }
             let config = match load_config(&cli) {
                 Ok(c) => c,
                 Err(out) => return out,
@@ -219,14 +256,9 @@ pub fn run(cli: Cli) -> Output {
             for w in &config.warnings {
                 out.err_line(format!("warning: {w}"));
             }
-            // A running daemon holds the store: ask it. Same command code, same output.
-            let result = match crate::daemon::control::try_daemon(&config, command) {
-                Some(Ok(answer)) => answer,
-                Some(Err(e)) => Output { stderr: format!("error: {e:#}\n"), code: EXIT_FAILED, ..Output::default() },
-                None => match Store::open_waiting(&config.db_dir(), std::time::Duration::from_secs(3)) {
-                    Ok(store) => execute(&config, &store, command, None),
-                    Err(e) => Output::unusable(format!("{e:#}")),
-                },
+            let result = match Store::open_waiting(&config.db_dir(), std::time::Duration::from_secs(3)) {
+                Ok(store) => execute(&config, &store, command, None),
+                Err(e) => Output::unusable(format!("{e:#}")),
             };
             out.stdout.push_str(&result.stdout);
             out.stderr.push_str(&result.stderr);

@@ -121,14 +121,29 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, true)
+    }
+
+    /// Reads a config without resolving its secrets (they are all None): enough to find the
+    /// state directory and a running daemon, which has the secrets. An admin's `status` must not
+    /// need the service's tokens.
+    pub fn load_without_secrets(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, false)
+    }
+
+    fn load_with(path: &Path, resolve_secrets: bool) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError { errors: vec![format!("{}: cannot read config file: {e}", path.display())] })?;
-        Config::parse(path, &text)
+        Config::parse_with(path, &text, resolve_secrets)
     }
 
     /// Validates config text; `path` names the file in errors and anchors relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let mut checker = Checker { file: path, text, errors: Vec::new() };
+        Config::parse_with(path, text, true)
+    }
+
+    fn parse_with(path: &Path, text: &str, resolve_secrets: bool) -> Result<Config, ConfigError> {
+        let mut checker = Checker { file: path, text, errors: Vec::new(), resolve_secrets };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let at = e.span().map(|s| checker.locate(s.start)).unwrap_or_else(|| path.display().to_string());
             ConfigError { errors: vec![format!("{at}: {}", e.message().trim())] }
@@ -157,6 +172,8 @@ struct Checker<'a> {
     file: &'a Path,
     text: &'a str,
     errors: Vec<String>,
+    /// False for a CLI that only needs to find the daemon: secrets stay unread.
+    resolve_secrets: bool,
 }
 
 impl Checker<'_> {
@@ -431,6 +448,7 @@ impl Checker<'_> {
                 self.error_at(e, format!("{owner}: set either `{what}_env` or `{what}_file`, not both"));
                 None
             }
+            _ if !self.resolve_secrets => None,
             (Some(e), None) => Secret::from_env(e.get_ref())
                 .map_err(|msg| self.error_at(e, format!("{owner}: `{what}_env`: {msg}")))
                 .ok(),

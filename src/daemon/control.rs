@@ -30,7 +30,16 @@ pub fn pid_path(config: &Config) -> PathBuf {
 /// no daemon answers (no socket, or a stale one): the caller runs the command in-process.
 pub fn try_daemon(config: &Config, command: &Command) -> Option<Result<Output>> {
     let path = socket_path(config);
-    let stream = UnixStream::connect(&path).ok()?;
+    let stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Some(Err(anyhow::anyhow!(
+                "cannot connect to the daemon's control socket {}: permission denied (run as the service's user or root)",
+                path.display()
+            )));
+        }
+        Err(_) => return None, // no daemon (no socket, or a stale one)
+    };
     Some(exchange(stream, command).with_context(|| format!("the daemon at {} did not answer", path.display())))
 }
 

@@ -34,9 +34,9 @@ fn long_history(ws: &Workspace, commits: usize, every: usize) -> PathBuf {
         if i > 0 {
             writeln!(stream, "from :{i}").ok();
         }
-        if i % every == 0 {
+        if i.is_multiple_of(every) {
             let step = i / every;
-            if step % 3 == 0 || live.len() < 3 {
+            if step.is_multiple_of(3) || live.len() < 3 {
                 live.push((next_policy, 0));
                 next_policy += 1;
             }

@@ -19,8 +19,13 @@ struct Daemon {
 
 impl Daemon {
     fn start(ws: &Workspace, config: &Path) -> Daemon {
+        Daemon::start_with_env(ws, config, &[])
+    }
+
+    fn start_with_env(ws: &Workspace, config: &Path, env: &[(&str, &str)]) -> Daemon {
         let log = ws.path("daemon.log");
         let child = Command::new(BIN)
+            .envs(env.iter().copied())
             .arg("--config")
             .arg(config)
             .arg("run")
@@ -285,4 +290,26 @@ fn systemd_units_have_the_required_directives_and_verify() {
     let out =
         Command::new("bash").arg(dir.join("scripts/verify-systemd.sh")).arg(BIN).output().expect("run verify script");
     assert!(out.status.success(), "systemd-analyze verify: {}{}", stdout(&out), stderr(&out));
+}
+
+#[test]
+fn an_admin_needs_no_service_secrets_to_talk_to_the_daemon() {
+    let ws = Workspace::new();
+    let repo = spp(&ws);
+    let receiver = Receiver::start(vec![]);
+    let dest = format!("{}verification_token_env = \"PA_DAEMON_ONLY_TOKEN\"\n", destination(&receiver.url()));
+    let config = config(&ws, NEVER, &[("acme/spp", &repo)], &dest);
+    let daemon = Daemon::start_with_env(&ws, &config, &[("PA_DAEMON_ONLY_TOKEN", "t0k3n")]);
+    wait_for("the start-up delivery", Duration::from_secs(15), || receiver.requests().len() == 1);
+    // This shell does not have the token: status and a forced reconcile still work.
+    let out = ws.run(&config, &["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("destination siem: 0 pending"), "{}", stdout(&out));
+    let out = ws.run(&config, &["reconcile"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Without the daemon, the secret is needed and its absence is named.
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+    let out = ws.run(&config, &["reconcile"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("PA_DAEMON_ONLY_TOKEN is not set"), "{}", stderr(&out));
 }

@@ -12,5 +12,6 @@ mod fixtures;
 mod git_http;
 mod receiver;
 mod repo_urls;
+mod secrets;
 mod streaming;
 mod trail;
