@@ -170,53 +170,14 @@ pub fn parse_args() -> Cli {
     Cli::parse()
 }
 
-/// Crates whose debug output would contain secrets (request headers and bodies).
-const QUIET_TARGETS: &[&str] = &[
-    "ureq",
-    "ureq_proto",
-    "rustls",
-    "reqwest",
-    "hyper",
-    "hyper_util",
-    "h2",
-    "gix_transport",
-    "gix_protocol",
-    "gix_credentials",
-];
-
-/// Logs go to stderr (journald under systemd); the level comes from `RUST_LOG`, else the
-/// config's `log_level`, else warnings only.
-pub fn init_logging(config_level: Option<&str>) {
-    use std::io::IsTerminal;
-    // The scheduler crate narrates its own start-up at info level: keep it to warnings.
-    let level = config_level.unwrap_or("warn");
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::try_new(format!("{level},tokio_cron_scheduler=warn"))
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
-    });
-    // Whatever RUST_LOG says: the HTTP and TLS stacks dump raw request bytes (tokens included)
-    // at debug and trace level.
-    for quiet in QUIET_TARGETS {
-        if let Ok(directive) = format!("{quiet}=info").parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
-}
-
 pub fn run(cli: Cli) -> Output {
     match &cli.command {
         Command::Demo => {
-            init_logging(None);
+            crate::logging::init(None);
             crate::demo::run()
         }
         Command::CheckConfig => {
-            init_logging(None);
+            crate::logging::init(None);
             check_config(&cli)
         }
         Command::Run => {
@@ -224,7 +185,7 @@ pub fn run(cli: Cli) -> Output {
                 Ok(c) => c,
                 Err(out) => return out,
             };
-            init_logging(Some(config.log_level.as_deref().unwrap_or("info")));
+            crate::logging::init(Some(config.log_level.as_deref().unwrap_or("info")));
             for w in &config.warnings {
                 tracing::warn!("{w}");
             }
@@ -251,7 +212,7 @@ pub fn run(cli: Cli) -> Output {
                 Ok(c) => c,
                 Err(out) => return out,
             };
-            init_logging(config.log_level.as_deref());
+            crate::logging::init(config.log_level.as_deref());
             let mut out = Output::default();
             for w in &config.warnings {
                 out.err_line(format!("warning: {w}"));

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod event;
+pub mod logging;
 pub mod policy;
 pub mod reconcile;
 pub mod repo;

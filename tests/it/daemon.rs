@@ -313,3 +313,17 @@ fn an_admin_needs_no_service_secrets_to_talk_to_the_daemon() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("PA_DAEMON_ONLY_TOKEN is not set"), "{}", stderr(&out));
 }
+
+#[test]
+fn under_journald_lines_carry_their_syslog_priority() {
+    let ws = Workspace::new();
+    let repo = spp(&ws);
+    let config = config(&ws, NEVER, &[("acme/spp", &repo)], "");
+    let daemon = Daemon::start_with_env(&ws, &config, &[("JOURNAL_STREAM", "8:1234")]);
+    wait_for("the start-up reconcile", Duration::from_secs(15), || daemon.log().contains("1 event(s) stored"));
+    let log = daemon.log();
+    assert!(log.lines().all(|l| l.starts_with('<')), "every line has a priority prefix:\n{log}");
+    assert!(log.lines().any(|l| l.starts_with("<6>") && l.contains("policy-audit daemon started")), "{log}");
+    assert!(!log.contains("Uninited"), "the scheduler's own chatter stays out: {log}");
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}
