@@ -37,6 +37,9 @@ impl std::error::Error for InvalidPolicyFile {}
 
 /// Parses and validates a policy file.
 pub fn parse(bytes: &[u8]) -> Result<PolicySet, InvalidPolicyFile> {
+    // A UTF-8 byte order mark (some Windows editors write one) is not content: YAML allows it at
+    // the start of the stream, but serde_yaml reports "more than one document" for it.
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
     let text = std::str::from_utf8(bytes)
         .map_err(|e| InvalidPolicyFile::new(format!("not UTF-8 text (invalid byte at offset {})", e.valid_up_to())))?;
     let mut doc: Yaml =
@@ -308,6 +311,18 @@ experiments: {pipeline_execution_schedule_policy: {enabled: true}}
     fn accepts_unknown_keys_inside_a_policy() {
         let set = parse(b"approval_policy: [{name: x, enabled: true, new_gitlab_key: {a: 1}}]\n").unwrap();
         assert_eq!(set.policies[0].content["new_gitlab_key"]["a"], 1);
+    }
+
+    #[test]
+    fn a_utf8_byte_order_mark_is_not_content() {
+        // Block style is what serde_yaml misreads ("more than one document"); flow style was fine.
+        for plain in ["approval_policy:\n- name: x\n  enabled: true\n", "approval_policy: [{name: x, enabled: true}]\n"]
+        {
+            let mut bom = b"\xef\xbb\xbf".to_vec();
+            bom.extend_from_slice(plain.as_bytes());
+            assert!(parse(plain.as_bytes()).is_ok());
+            assert_eq!(parse(&bom), parse(plain.as_bytes()), "{plain:?}");
+        }
     }
 
     #[test]
