@@ -8,10 +8,32 @@
 use super::{Policy, PolicySet, PolicyType};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::Digest;
 use std::collections::BTreeMap;
 
 /// At most this many field changes are listed for one update, so events stay short.
 pub const MAX_FIELD_CHANGES: usize = 50;
+
+/// A changed value longer than this (as JSON) is shown as a summary with its hash.
+pub const MAX_VALUE_BYTES: usize = 1024;
+
+/// Keeps `changes` short and readable: a large value becomes `"<string of N bytes, sha256
+/// 1a2b3c4d5e6f>"`, enough to tell versions apart without copying them into every event.
+fn summarize(value: &Value) -> Value {
+    let text = value.to_string();
+    if text.len() <= MAX_VALUE_BYTES {
+        return value.clone();
+    }
+    let kind = match value {
+        Value::String(_) => "string",
+        Value::Array(_) => "list",
+        Value::Object(_) => "mapping",
+        _ => "value",
+    };
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    let short: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    Value::String(format!("<{kind} of {} bytes, sha256 {short}>", text.len()))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ChangeKind {
@@ -123,7 +145,7 @@ fn walk(path: String, before: Option<&Value>, after: Option<&Value>, out: &mut V
                 walk(format!("{path}[{i}]"), Some(bv), Some(av), out);
             }
         }
-        (b, a) if b != a => out.push(FieldChange { path, before: b.cloned(), after: a.cloned() }),
+        (b, a) if b != a => out.push(FieldChange { path, before: b.map(summarize), after: a.map(summarize) }),
         _ => {}
     }
 }
@@ -286,6 +308,16 @@ approval_policy:
         assert_eq!(summary(&changes), ["Created approval_policy x"]);
         let both_gone = diff(&set(a), &set("approval_policy: []"));
         assert_eq!(both_gone.iter().map(|c| c.occurrence).collect::<Vec<_>>(), [0, 1]);
+    }
+
+    #[test]
+    fn large_values_are_summarised() {
+        let a = format!("approval_policy: [{{name: x, enabled: true, d: '{}'}}]", "a".repeat(5000));
+        let b = format!("approval_policy: [{{name: x, enabled: true, d: '{}'}}]", "b".repeat(5000));
+        let f = &diff(&set(&a), &set(&b))[0].fields[0];
+        let (before, after) = (f.before.as_ref().unwrap(), f.after.as_ref().unwrap());
+        assert!(before.as_str().unwrap().starts_with("<string of 5002 bytes, sha256 "), "{before}");
+        assert_ne!(before, after, "different values keep different summaries");
     }
 
     #[test]

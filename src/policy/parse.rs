@@ -42,6 +42,12 @@ pub fn parse(bytes: &[u8]) -> Result<PolicySet, InvalidPolicyFile> {
     let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
     let text = std::str::from_utf8(bytes)
         .map_err(|e| InvalidPolicyFile::new(format!("not UTF-8 text (invalid byte at offset {})", e.valid_up_to())))?;
+    if super::depth::flow_nesting_exceeds(text, super::depth::MAX_DEPTH) {
+        return Err(InvalidPolicyFile::new(format!(
+            "not valid YAML: lists or mappings nested deeper than {} levels",
+            super::depth::MAX_DEPTH
+        )));
+    }
     let mut doc: Yaml =
         serde_yaml::from_str(text).map_err(|e| InvalidPolicyFile::new(format!("not valid YAML: {e}")))?;
     doc.apply_merge().map_err(|e| InvalidPolicyFile::new(format!("invalid YAML merge key: {e}")))?;

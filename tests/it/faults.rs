@@ -236,6 +236,7 @@ fn a_full_disk_gives_a_clear_error_and_nothing_half_written() {
     let read = |f: &str| std::fs::read_to_string(ws.path(f)).unwrap_or_default();
     assert_ne!(read("full.code").trim(), "0", "a full disk must fail the run");
     let err = read("full.err");
+    eprintln!("observed with a full disk: {}", err.trim());
     assert!(err.contains("No space left on device") || err.to_lowercase().contains("space"), "unclear error: {err}");
     assert!(!err.contains("panicked"), "{err}");
     // After space is back, everything is there exactly once and the chain verifies.
@@ -274,6 +275,7 @@ fn a_read_only_state_directory_gives_a_clear_error_and_loses_nothing() {
     let read = |f: &str| std::fs::read_to_string(ws.path(f)).unwrap_or_default();
     assert_ne!(read("ro.code").trim(), "0");
     let err = read("ro.err");
+    eprintln!("observed with a read-only state directory: {}", err.trim());
     assert!(err.to_lowercase().contains("read-only"), "unclear error: {err}");
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(read("events.jsonl").lines().count(), 2, "the change made while read-only is stored afterwards");
