@@ -1,0 +1,373 @@
+//! `cargo run --release --bin bench -- [all|backfill|fleet|delivery|store] [--quick]`: builds
+//! its own repositories and prints one table, each figure measured in the same run next to a
+//! baseline (git itself, or wrk). Figures, never assertions: see docs/performance.md.
+
+mod measure;
+mod repos;
+
+use anyhow::{Context, Result, bail};
+use measure::{Sample, du, mib, ms, run};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Bench {
+    bin: PathBuf,
+    work: PathBuf,
+    runs: usize,
+    quick: bool,
+    rows: Vec<[String; 5]>,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let what = args.iter().find(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "all".into());
+    if let Err(e) = start(&what, quick) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn start(what: &str, quick: bool) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("policy-audit");
+    if !bin.exists() {
+        bail!("{} not found: build it first (cargo build --release)", bin.display());
+    }
+    let tmp = tempfile::tempdir()?;
+    let mut bench = Bench { bin, work: tmp.path().to_path_buf(), runs: if quick { 1 } else { 3 }, quick, rows: Vec::new() };
+    eprintln!("working in {} ({} run(s) per figure, median)", bench.work.display(), bench.runs);
+    let all = what == "all";
+    if all || what == "backfill" {
+        bench.backfill()?;
+    }
+    if all || what == "fleet" {
+        bench.fleet()?;
+    }
+    if all || what == "delivery" {
+        bench.delivery()?;
+    }
+    if all || what == "store" {
+        bench.store()?;
+    }
+    bench.print();
+    Ok(())
+}
+
+impl Bench {
+    fn row(&mut self, what: &str, ours: String, baseline: String, ratio: String, rss: String) {
+        eprintln!("  {what}: {ours} vs {baseline} ({ratio})");
+        self.rows.push([what.into(), ours, baseline, ratio, rss]);
+    }
+
+    fn print(&self) {
+        let header = ["figure", "policy-audit", "baseline", "ratio / target", "peak RSS"];
+        let mut widths = header.map(str::len);
+        for r in &self.rows {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.len());
+            }
+        }
+        let line = |cells: &[String]| {
+            let parts: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            format!("| {} |", parts.join(" | "))
+        };
+        println!("{}", line(&header.map(String::from)));
+        println!("|{}|", widths.iter().map(|w| "-".repeat(w + 2)).collect::<Vec<_>>().join("|"));
+        for r in &self.rows {
+            println!("{}", line(r));
+        }
+    }
+
+    fn policy_audit(&self, config: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--config").arg(config).args(args).stdout(std::process::Stdio::null()).env_remove("RUST_LOG");
+        cmd
+    }
+
+    /// First sync with backfill of a 20,000-commit repository vs `git clone --mirror` plus
+    /// `git log -- <policy file>`; then the walk phases alone vs `git log`.
+    fn backfill(&mut self) -> Result<()> {
+        let commits = if self.quick { 5_000 } else { 20_000 };
+        let src = self.work.join("long");
+        eprintln!("building a {commits}-commit repository...");
+        repos::long_history(&src, commits, 10, 480)?;
+        let packed = du(&src.join(".git/objects"));
+        let config = self.work.join("backfill.toml");
+        std::fs::write(
+            &config,
+            format!("state_dir = \"bf-state\"\n[[projects]]\npath = \"acme/long\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n", src.display()),
+        )?;
+        let ours = measure::median(self.runs, || {
+            let _ = std::fs::remove_dir_all(self.work.join("bf-state"));
+            run(&mut self.policy_audit(&config, &["reconcile"]))
+        })?;
+        let mirror = self.work.join("git-mirror.git");
+        let git_total = measure::median(self.runs, || {
+            let _ = std::fs::remove_dir_all(&mirror);
+            let script = format!(
+                // --no-local: transfer a pack like any remote clone (a local clone hardlinks).
+                "git clone -q --no-local --mirror {} {} && git -C {} log --format=%H -- {} > /dev/null",
+                src.display(),
+                mirror.display(),
+                mirror.display(),
+                repos::POLICY
+            );
+            run(Command::new("bash").args(["-c", &script]).env("GIT_CONFIG_GLOBAL", "/dev/null"))
+        })?;
+        let what = format!("backfill, {commits} commits ({:.1} MB packed)", packed as f64 / 1e6);
+        self.row(&what, fmt_ms(ours), format!("{} (git clone --no-local --mirror + git log)", fmt_ms(git_total)), ratio(ours, git_total, "≤ 1.0"), fmt_rss(ours));
+
+        // Walk alone: our walk+parse+diff phases (from --timings) vs git log on the mirror.
+        let _ = std::fs::remove_dir_all(self.work.join("bf-state"));
+        let out = Command::new(&self.bin).arg("--config").arg(&config).args(["reconcile", "--json", "--no-deliver"]).output()?;
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).context("reconcile --json")?;
+        let t = &summary["projects"][0]["timings"];
+        let walk_ms = t["walk_ms"].as_f64().unwrap_or(0.0) + t["parse_ms"].as_f64().unwrap_or(0.0) + t["diff_ms"].as_f64().unwrap_or(0.0);
+        let log = measure::median(self.runs, || {
+            let script = format!("git -C {} log --format=%H -- {} > /dev/null", mirror.display(), repos::POLICY);
+            run(Command::new("bash").args(["-c", &script]))
+        })?;
+        self.row(
+            "walk alone (walk+parse+diff phases)",
+            format!("{walk_ms:.0} ms (fetch {:.0}, store {:.0})", t["fetch_ms"].as_f64().unwrap_or(0.0), t["store_ms"].as_f64().unwrap_or(0.0)),
+            format!("{} (git log -- policy.yml)", fmt_ms(log)),
+            format!("{:.2}", walk_ms / ms(log.wall)),
+            "-".into(),
+        );
+        Ok(())
+    }
+
+    /// 1,000 projects: an idle reconcile vs a shell loop of `git fetch`; then one new policy
+    /// commit in each.
+    fn fleet(&mut self) -> Result<()> {
+        let n = if self.quick { 200 } else { 1000 };
+        eprintln!("building {n} repositories...");
+        let template = self.work.join("fleet-template");
+        repos::long_history(&template, 20, 4, 200)?;
+        let fleet = self.work.join("fleet");
+        std::fs::create_dir_all(&fleet)?;
+        let mut config = String::from("state_dir = \"fleet-state\"\n");
+        for i in 0..n {
+            let repo = fleet.join(format!("spp{i:04}"));
+            run(Command::new("cp").arg("-a").arg(&template).arg(&repo))?;
+            config.push_str(&format!("[[projects]]\npath = \"group{}/spp{i:04}\"\nurl = \"{}\"\n", i % 10, repo.display()));
+        }
+        let config_path = self.work.join("fleet.toml");
+        std::fs::write(&config_path, config)?;
+        run(&mut self.policy_audit(&config_path, &["reconcile"]))?; // first sync: baselines
+        let mirrors: Vec<PathBuf> = std::fs::read_dir(self.work.join("fleet-state/mirrors"))?.flatten().map(|e| e.path()).collect();
+        let fetch_loop = |mirrors: &[PathBuf]| -> String {
+            let mut script = String::new();
+            for (i, m) in mirrors.iter().enumerate() {
+                let name = m.file_name().and_then(|f| f.to_str()).unwrap_or_default();
+                let idx: String = name.chars().skip(name.find("spp").map(|p| p + 3).unwrap_or(0)).take(4).collect();
+                let _ = i;
+                script.push_str(&format!(
+                    "git -C {} fetch -q {}/spp{idx} +refs/heads/main:refs/remotes/origin/main\n",
+                    m.display(),
+                    fleet.display()
+                ));
+            }
+            script
+        };
+        let script = fetch_loop(&mirrors);
+        let script_path = self.work.join("fetch-loop.sh");
+        std::fs::write(&script_path, &script)?;
+        let ours = measure::median(self.runs, || run(&mut self.policy_audit(&config_path, &["reconcile"])))?;
+        let git = measure::median(self.runs, || run(Command::new("bash").arg(&script_path).env("GIT_CONFIG_GLOBAL", "/dev/null")))?;
+        let per = ms(ours.wall) / n as f64;
+        self.row(
+            &format!("idle fleet, {n} projects, nothing new"),
+            format!("{} ({per:.2} ms/project)", fmt_ms(ours)),
+            format!("{} (git fetch loop)", fmt_ms(git)),
+            format!("{:.1}x faster (target ≥ 5x, < 2 ms/project)", ms(git.wall) / ms(ours.wall)),
+            fmt_rss(ours),
+        );
+
+        eprintln!("adding one policy commit to each of {n} repositories...");
+        for i in 0..n {
+            let repo = fleet.join(format!("spp{i:04}"));
+            std::fs::write(repo.join(repos::POLICY), repos::policy_file(8, 999))?;
+            repos::git(&repo, &["-c", "user.name=Bench", "-c", "user.email=b@example.com", "commit", "-qam", "busy"])?;
+        }
+        let busy = run(&mut self.policy_audit(&config_path, &["reconcile"]))?;
+        let git_busy = run(Command::new("bash").arg(&script_path).env("GIT_CONFIG_GLOBAL", "/dev/null"))?;
+        self.row(
+            &format!("busy fleet, {n} projects, 1 new policy commit each"),
+            format!("{} ({:.2} ms/project)", fmt_ms(busy), ms(busy.wall) / n as f64),
+            format!("{} (git fetch loop)", fmt_ms(git_busy)),
+            format!("{:.1}x faster", ms(git_busy.wall) / ms(busy.wall)),
+            fmt_rss(busy),
+        );
+        Ok(())
+    }
+
+    /// A 20,000-event outbox drained to nginx (204) vs wrk posting the same body over one
+    /// connection.
+    fn delivery(&mut self) -> Result<()> {
+        let events = if self.quick { 5_000 } else { 20_000 };
+        let port = free_port()?;
+        let nginx = Nginx::start(&self.work, port)?;
+        let url = format!("http://127.0.0.1:{port}/audit");
+        let state = self.work.join("dl-state");
+        let config = self.work.join("delivery.toml");
+        std::fs::write(self.work.join("secret"), "whsec_YmVuY2htYXJrLXNpZ25pbmcta2V5")?;
+        std::fs::write(&config, format!("state_dir = \"dl-state\"\n[[destinations]]\nname = \"nginx\"\nurl = \"{url}\"\nsigning_secret_file = \"secret\"\n"))?;
+        let body = synthetic_outbox(&config, events)?;
+        let ours = run(&mut self.policy_audit(&config, &["deliveries", "retry"]))?; // drains the outbox
+        let _ = std::fs::remove_dir_all(&state);
+        let rate = events as f64 / ours.wall.as_secs_f64();
+        let wrk = wrk_rate(&self.work, &url, &body)?;
+        drop(nginx);
+        self.row(
+            &format!("delivery, {events}-event outbox to nginx (204)"),
+            format!("{rate:.0} events/s"),
+            format!("{wrk:.0} requests/s (wrk, 1 connection)"),
+            format!("{:.2} of wrk (target ≥ 0.5)", rate / wrk),
+            fmt_rss(ours),
+        );
+        Ok(())
+    }
+
+    /// Bytes on disk per 100,000 stored events (with their chain links and delivered outbox).
+    fn store(&mut self) -> Result<()> {
+        let events = if self.quick { 20_000 } else { 100_000 };
+        let config = self.work.join("store.toml");
+        std::fs::write(&config, "state_dir = \"st-state\"\n")?;
+        synthetic_events(&config, events, false)?;
+        let bytes = du(&self.work.join("st-state/db"));
+        let per_100k = bytes as f64 * 100_000.0 / events as f64;
+        self.row(
+            &format!("store, {events} events"),
+            format!("{:.1} MB per 100,000 events", per_100k / 1e6),
+            "-".into(),
+            format!("{:.0} bytes/event", bytes as f64 / events as f64),
+            "-".into(),
+        );
+        Ok(())
+    }
+}
+
+fn fmt_ms(s: Sample) -> String {
+    format!("{:.0} ms", ms(s.wall))
+}
+
+fn fmt_rss(s: Sample) -> String {
+    format!("{:.1} MiB (target ≤ 64)", mib(s.max_rss_kib))
+}
+
+fn ratio(ours: Sample, base: Sample, target: &str) -> String {
+    format!("{:.2} (target {target})", ms(ours.wall) / ms(base.wall))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Stores `n` synthetic (but schema-complete) events, with an outbox entry each when
+/// `outbox`. Returns one event body.
+fn synthetic_events(config_path: &Path, n: usize, outbox: bool) -> Result<Vec<u8>> {
+    use policy_audit::config::Config;
+    use policy_audit::event::StepContext;
+    use policy_audit::policy::{PolicySet, diff, parse};
+    use policy_audit::store::{Cursor, Store};
+    let text = std::fs::read_to_string(config_path)?;
+    let with_project = format!("{text}\n[[projects]]\npath = \"acme/security-policies\"\nurl = \"/nonexistent\"\nlinked = [\"acme\"]\n");
+    let config = Config::parse(config_path, &with_project).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = Store::open(&config.db_dir())?;
+    let set = parse(include_bytes!("../../../benches/data/approval_policy.yml"))?;
+    let change = diff(&PolicySet::default(), &set).into_iter().next().context("no change")?;
+    let project = &config.projects[0];
+    let destinations: Vec<String> = if outbox { config.destinations.iter().map(|d| d.name.clone()).collect() } else { Vec::new() };
+    let mut batch = Vec::with_capacity(1000);
+    for i in 0..n {
+        let sha = format!("{i:040x}");
+        let ctx = StepContext {
+            project,
+            sha: &sha,
+            previous_sha: None,
+            author_name: "Bench",
+            author_email: "bench@example.com",
+            author_id: None,
+            committed_at: 1_700_000_000 + i as i64,
+            message: "bench",
+            detected_at: jiff::Timestamp::now(),
+            history_rewritten: false,
+        };
+        batch.push(ctx.change_event(&change));
+        if batch.len() == 1000 || i + 1 == n {
+            let cursor = Cursor { commit: sha.clone(), blob: String::new(), baseline: None, limits: Default::default() };
+            store.commit_reconcile(&project.path, &cursor, &batch, &|_| destinations.clone(), jiff::Timestamp::now().as_millisecond())?;
+            batch.clear();
+        }
+    }
+    store.flush()?;
+    Ok(store.event_bytes(0)?.map(|b| b.to_vec()).unwrap_or_default())
+}
+
+fn synthetic_outbox(config: &Path, n: usize) -> Result<Vec<u8>> {
+    synthetic_events(config, n, true)
+}
+
+struct Nginx {
+    child: std::process::Child,
+}
+
+impl Nginx {
+    fn start(work: &Path, port: u16) -> Result<Nginx> {
+        let dir = work.join("nginx");
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let conf = format!(
+            "worker_processes 1;\npid {0}/nginx.pid;\nerror_log {0}/logs/error.log;\ndaemon off;\nevents {{ worker_connections 64; }}\n\
+             http {{ access_log off; client_body_temp_path {0}; server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000; \
+             location / {{ client_max_body_size 1m; return 204; }} }} }}\n",
+            dir.display()
+        );
+        std::fs::write(dir.join("nginx.conf"), conf)?;
+        let child = Command::new("nginx")
+            .args(["-p", &dir.to_string_lossy(), "-c", &dir.join("nginx.conf").to_string_lossy()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start nginx (apt-get install nginx-light)")?;
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if std::time::Instant::now() > until {
+                bail!("nginx did not start");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(Nginx { child })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// wrk's request rate for POSTing `body` over one connection for 5 s.
+fn wrk_rate(work: &Path, url: &str, body: &[u8]) -> Result<f64> {
+    let body_path = work.join("body.json");
+    std::fs::write(&body_path, body)?;
+    let lua = format!(
+        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nlocal f = io.open(\"{}\", \"rb\")\nwrk.body = f:read(\"*a\")\nf:close()\n",
+        body_path.display()
+    );
+    std::fs::write(work.join("post.lua"), lua)?;
+    let out = Command::new("wrk")
+        .args(["-t1", "-c1", "-d5s", "-s"])
+        .arg(work.join("post.lua"))
+        .arg(url)
+        .output()
+        .context("cannot run wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rate = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("cannot read wrk output: {text}"))?;
+    Ok(rate)
+}
