@@ -25,6 +25,7 @@ pub const DEFAULT_SCHEDULE: &str = "0 */5 * * * *";
 pub const DEFAULT_POLICY_FILE: &str = ".gitlab/security-policies/policy.yml";
 pub const DEFAULT_MAX_POLICY_FILE_BYTES: u64 = 1024 * 1024;
 pub const MAX_CUSTOM_HEADERS: usize = 20;
+pub const DEFAULT_PARALLELISM: usize = 4;
 /// Headers policy-audit sets itself; config may not override them.
 const RESERVED_HEADERS: &[&str] = &[
     "content-type",
@@ -47,6 +48,8 @@ pub struct Config {
     pub fetch_timeout: Duration,
     pub max_policy_file_bytes: u64,
     pub log_level: Option<String>,
+    /// Projects reconciled at once.
+    pub parallelism: usize,
     pub flag: FeatureFlag,
     /// Commit email (lowercase) -> GitLab user id.
     pub authors: BTreeMap<String, i64>,
@@ -281,6 +284,14 @@ impl Checker<'_> {
             );
         }
         let log_level = raw.log_level.map(Spanned::into_inner);
+        let parallelism = match &raw.parallelism {
+            Some(n) if !(1..=64).contains(n.get_ref()) => {
+                self.error_at(n, "`parallelism` must be between 1 and 64");
+                DEFAULT_PARALLELISM
+            }
+            Some(n) => *n.get_ref(),
+            None => DEFAULT_PARALLELISM,
+        };
         Some(Config {
             source: self.file.to_path_buf(),
             schedule,
@@ -289,6 +300,7 @@ impl Checker<'_> {
             fetch_timeout,
             max_policy_file_bytes,
             log_level,
+            parallelism,
             flag,
             authors,
             projects: projects.0,

@@ -14,6 +14,7 @@ pub struct RawConfig {
     pub fetch_timeout: Option<Spanned<String>>,
     pub max_policy_file_bytes: Option<Spanned<u64>>,
     pub log_level: Option<Spanned<String>>,
+    pub parallelism: Option<Spanned<usize>>,
     #[serde(default)]
     pub feature_flags: RawFeatureFlags,
     #[serde(default)]

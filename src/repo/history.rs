@@ -19,6 +19,13 @@ pub struct Commit {
     pub message: String,
 }
 
+/// A commit on the first-parent chain, as much as deciding whether it is a step needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link {
+    pub id: ObjectId,
+    pub tree: ObjectId,
+}
+
 /// What sits at the policy file's path in one commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PolicyBlob {
@@ -110,6 +117,43 @@ impl Mirror {
         }
         ids.reverse();
         Ok(ids)
+    }
+
+    /// The first-parent chain from `tip` back to (excluding) `since`, oldest first, reading only
+    /// each commit's tree and first parent. None when `since` is not on the chain (it may still
+    /// be an ancestor: a merge made the old tip a second parent); see [`Mirror::first_parent_steps`].
+    pub fn first_parent_chain(&self, tip: ObjectId, since: Option<ObjectId>) -> Result<Option<Vec<Link>>> {
+        let mut chain = Vec::new();
+        let mut buf = Vec::new();
+        let mut next = Some(tip);
+        while let Some(id) = next {
+            if Some(id) == since {
+                chain.reverse();
+                return Ok(Some(chain));
+            }
+            let mut iter =
+                self.repo.objects.find_commit_iter(&id, &mut buf).with_context(|| format!("cannot read commit {id}"))?;
+            let tree = iter.tree_id().with_context(|| format!("commit {id} has no tree"))?;
+            next = iter.parent_ids().next();
+            chain.push(Link { id, tree });
+        }
+        if since.is_some() {
+            return Ok(None);
+        }
+        chain.reverse();
+        Ok(Some(chain))
+    }
+
+    /// Links for commits found another way (by [`Mirror::first_parent_steps`]).
+    pub fn links(&self, ids: &[ObjectId]) -> Result<Vec<Link>> {
+        let mut buf = Vec::new();
+        ids.iter()
+            .map(|&id| {
+                let mut iter =
+                    self.repo.objects.find_commit_iter(&id, &mut buf).with_context(|| format!("cannot read commit {id}"))?;
+                Ok(Link { id, tree: iter.tree_id().with_context(|| format!("commit {id} has no tree"))? })
+            })
+            .collect()
     }
 
     pub fn commit(&self, id: ObjectId) -> Result<Commit> {

@@ -210,8 +210,8 @@ impl Store {
     }
 
     pub fn set_project_status(&self, project: &str, status: &ProjectStatus) -> Result<()> {
+        // Flushed with the run (reconcile_all), not per project: status is bookkeeping.
         self.status.insert(project, serde_json::to_vec(status)?)?;
-        self.db.flush().context("cannot flush the state database")?;
         Ok(())
     }
 
