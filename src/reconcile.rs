@@ -132,7 +132,8 @@ fn attempt(
     // A local repository can be asked directly: when its branch is where we left it, there is
     // nothing to fetch or walk (the common case for a fleet, at a fraction of a fetch's cost).
     if let (Some(c), false) = (&cursor, backfill)
-        && repo::local_tip(&project.url, &project.branch).is_some_and(|tip| tip.to_string() == c.commit)
+        && repo::local_tip(&project.url, &project.branch)
+            .is_some_and(|tip| ObjectId::from_hex(c.commit.as_bytes()).is_ok_and(|synced| synced == tip))
     {
         summary.to = c.commit.clone();
         summary.timings.fetch_ms = ms(started.elapsed());
@@ -492,6 +493,9 @@ pub fn count(events: &[AuditEvent], t: EventType) -> usize {
     events.iter().filter(|e| e.event_type == t).count()
 }
 
+/// One project's reconcile, named.
+pub type Outcome = (String, Result<Summary>);
+
 /// Runs the reconcile of each project, one after the other; a failure is recorded for that
 /// project and the others go on. One reconcile at a time per store. On shutdown, the projects
 /// not started yet are left for the next run.
@@ -506,8 +510,7 @@ pub fn reconcile_all(
     // Projects are independent: run up to `parallelism` at once (fetches mostly wait on I/O),
     // and report in config order.
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let slots: Vec<std::sync::Mutex<Option<(String, Result<Summary>)>>> =
-        projects.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let slots: Vec<std::sync::Mutex<Option<Outcome>>> = projects.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let workers = config.parallelism.clamp(1, projects.len().max(1));
     std::thread::scope(|scope| {
         for _ in 0..workers {

@@ -131,8 +131,11 @@ impl Mirror {
                 chain.reverse();
                 return Ok(Some(chain));
             }
-            let mut iter =
-                self.repo.objects.find_commit_iter(&id, &mut buf).with_context(|| format!("cannot read commit {id}"))?;
+            let mut iter = self
+                .repo
+                .objects
+                .find_commit_iter(&id, &mut buf)
+                .with_context(|| format!("cannot read commit {id}"))?;
             let tree = iter.tree_id().with_context(|| format!("commit {id} has no tree"))?;
             next = iter.parent_ids().next();
             chain.push(Link { id, tree });
@@ -149,8 +152,11 @@ impl Mirror {
         let mut buf = Vec::new();
         ids.iter()
             .map(|&id| {
-                let mut iter =
-                    self.repo.objects.find_commit_iter(&id, &mut buf).with_context(|| format!("cannot read commit {id}"))?;
+                let mut iter = self
+                    .repo
+                    .objects
+                    .find_commit_iter(&id, &mut buf)
+                    .with_context(|| format!("cannot read commit {id}"))?;
                 Ok(Link { id, tree: iter.tree_id().with_context(|| format!("commit {id} has no tree"))? })
             })
             .collect()

@@ -35,7 +35,8 @@ fn start(what: &str, quick: bool) -> Result<()> {
         bail!("{} not found: build it first (cargo build --release)", bin.display());
     }
     let tmp = tempfile::tempdir()?;
-    let mut bench = Bench { bin, work: tmp.path().to_path_buf(), runs: if quick { 1 } else { 3 }, quick, rows: Vec::new() };
+    let mut bench =
+        Bench { bin, work: tmp.path().to_path_buf(), runs: if quick { 1 } else { 3 }, quick, rows: Vec::new() };
     eprintln!("working in {} ({} run(s) per figure, median)", bench.work.display(), bench.runs);
     let all = what == "all";
     if all || what == "backfill" {
@@ -96,7 +97,10 @@ impl Bench {
         let config = self.work.join("backfill.toml");
         std::fs::write(
             &config,
-            format!("state_dir = \"bf-state\"\n[[projects]]\npath = \"acme/long\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n", src.display()),
+            format!(
+                "state_dir = \"bf-state\"\n[[projects]]\npath = \"acme/long\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+                src.display()
+            ),
         )?;
         let ours = measure::median(self.runs, || {
             let _ = std::fs::remove_dir_all(self.work.join("bf-state"));
@@ -116,21 +120,37 @@ impl Bench {
             run(Command::new("bash").args(["-c", &script]).env("GIT_CONFIG_GLOBAL", "/dev/null"))
         })?;
         let what = format!("backfill, {commits} commits ({:.1} MB packed)", packed as f64 / 1e6);
-        self.row(&what, fmt_ms(ours), format!("{} (git clone --no-local --mirror + git log)", fmt_ms(git_total)), ratio(ours, git_total, "≤ 1.0"), fmt_rss(ours));
+        self.row(
+            &what,
+            fmt_ms(ours),
+            format!("{} (git clone --no-local --mirror + git log)", fmt_ms(git_total)),
+            ratio(ours, git_total, "≤ 1.0"),
+            fmt_rss(ours),
+        );
 
         // Walk alone: our walk+parse+diff phases (from --timings) vs git log on the mirror.
         let _ = std::fs::remove_dir_all(self.work.join("bf-state"));
-        let out = Command::new(&self.bin).arg("--config").arg(&config).args(["reconcile", "--json", "--no-deliver"]).output()?;
+        let out = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&config)
+            .args(["reconcile", "--json", "--no-deliver"])
+            .output()?;
         let summary: serde_json::Value = serde_json::from_slice(&out.stdout).context("reconcile --json")?;
         let t = &summary["projects"][0]["timings"];
-        let walk_ms = t["walk_ms"].as_f64().unwrap_or(0.0) + t["parse_ms"].as_f64().unwrap_or(0.0) + t["diff_ms"].as_f64().unwrap_or(0.0);
+        let walk_ms = t["walk_ms"].as_f64().unwrap_or(0.0)
+            + t["parse_ms"].as_f64().unwrap_or(0.0)
+            + t["diff_ms"].as_f64().unwrap_or(0.0);
         let log = measure::median(self.runs, || {
             let script = format!("git -C {} log --format=%H -- {} > /dev/null", mirror.display(), repos::POLICY);
             run(Command::new("bash").args(["-c", &script]))
         })?;
         self.row(
             "walk alone (walk+parse+diff phases)",
-            format!("{walk_ms:.0} ms (fetch {:.0}, store {:.0})", t["fetch_ms"].as_f64().unwrap_or(0.0), t["store_ms"].as_f64().unwrap_or(0.0)),
+            format!(
+                "{walk_ms:.0} ms (fetch {:.0}, store {:.0})",
+                t["fetch_ms"].as_f64().unwrap_or(0.0),
+                t["store_ms"].as_f64().unwrap_or(0.0)
+            ),
             format!("{} (git log -- policy.yml)", fmt_ms(log)),
             format!("{:.2}", walk_ms / ms(log.wall)),
             "-".into(),
@@ -151,12 +171,17 @@ impl Bench {
         for i in 0..n {
             let repo = fleet.join(format!("spp{i:04}"));
             run(Command::new("cp").arg("-a").arg(&template).arg(&repo))?;
-            config.push_str(&format!("[[projects]]\npath = \"group{}/spp{i:04}\"\nurl = \"{}\"\n", i % 10, repo.display()));
+            config.push_str(&format!(
+                "[[projects]]\npath = \"group{}/spp{i:04}\"\nurl = \"{}\"\n",
+                i % 10,
+                repo.display()
+            ));
         }
         let config_path = self.work.join("fleet.toml");
         std::fs::write(&config_path, config)?;
         run(&mut self.policy_audit(&config_path, &["reconcile"]))?; // first sync: baselines
-        let mirrors: Vec<PathBuf> = std::fs::read_dir(self.work.join("fleet-state/mirrors"))?.flatten().map(|e| e.path()).collect();
+        let mirrors: Vec<PathBuf> =
+            std::fs::read_dir(self.work.join("fleet-state/mirrors"))?.flatten().map(|e| e.path()).collect();
         let fetch_loop = |mirrors: &[PathBuf]| -> String {
             let mut script = String::new();
             for (i, m) in mirrors.iter().enumerate() {
@@ -175,7 +200,9 @@ impl Bench {
         let script_path = self.work.join("fetch-loop.sh");
         std::fs::write(&script_path, &script)?;
         let ours = measure::median(self.runs, || run(&mut self.policy_audit(&config_path, &["reconcile"])))?;
-        let git = measure::median(self.runs, || run(Command::new("bash").arg(&script_path).env("GIT_CONFIG_GLOBAL", "/dev/null")))?;
+        let git = measure::median(self.runs, || {
+            run(Command::new("bash").arg(&script_path).env("GIT_CONFIG_GLOBAL", "/dev/null"))
+        })?;
         let per = ms(ours.wall) / n as f64;
         self.row(
             &format!("idle fleet, {n} projects, nothing new"),
@@ -213,7 +240,12 @@ impl Bench {
         let state = self.work.join("dl-state");
         let config = self.work.join("delivery.toml");
         std::fs::write(self.work.join("secret"), "whsec_YmVuY2htYXJrLXNpZ25pbmcta2V5")?;
-        std::fs::write(&config, format!("state_dir = \"dl-state\"\n[[destinations]]\nname = \"nginx\"\nurl = \"{url}\"\nsigning_secret_file = \"secret\"\n"))?;
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"dl-state\"\n[[destinations]]\nname = \"nginx\"\nurl = \"{url}\"\nsigning_secret_file = \"secret\"\n"
+            ),
+        )?;
         let body = synthetic_outbox(&config, events)?;
         let ours = run(&mut self.policy_audit(&config, &["deliveries", "retry"]))?; // drains the outbox
         let _ = std::fs::remove_dir_all(&state);
@@ -273,13 +305,16 @@ fn synthetic_events(config_path: &Path, n: usize, outbox: bool) -> Result<Vec<u8
     use policy_audit::policy::{PolicySet, diff, parse};
     use policy_audit::store::{Cursor, Store};
     let text = std::fs::read_to_string(config_path)?;
-    let with_project = format!("{text}\n[[projects]]\npath = \"acme/security-policies\"\nurl = \"/nonexistent\"\nlinked = [\"acme\"]\n");
+    let with_project = format!(
+        "{text}\n[[projects]]\npath = \"acme/security-policies\"\nurl = \"/nonexistent\"\nlinked = [\"acme\"]\n"
+    );
     let config = Config::parse(config_path, &with_project).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open(&config.db_dir())?;
     let set = parse(include_bytes!("../../../benches/data/approval_policy.yml"))?;
     let change = diff(&PolicySet::default(), &set).into_iter().next().context("no change")?;
     let project = &config.projects[0];
-    let destinations: Vec<String> = if outbox { config.destinations.iter().map(|d| d.name.clone()).collect() } else { Vec::new() };
+    let destinations: Vec<String> =
+        if outbox { config.destinations.iter().map(|d| d.name.clone()).collect() } else { Vec::new() };
     let mut batch = Vec::with_capacity(1000);
     for i in 0..n {
         let sha = format!("{i:040x}");
@@ -297,8 +332,15 @@ fn synthetic_events(config_path: &Path, n: usize, outbox: bool) -> Result<Vec<u8
         };
         batch.push(ctx.change_event(&change));
         if batch.len() == 1000 || i + 1 == n {
-            let cursor = Cursor { commit: sha.clone(), blob: String::new(), baseline: None, limits: Default::default() };
-            store.commit_reconcile(&project.path, &cursor, &batch, &|_| destinations.clone(), jiff::Timestamp::now().as_millisecond())?;
+            let cursor =
+                Cursor { commit: sha.clone(), blob: String::new(), baseline: None, limits: Default::default() };
+            store.commit_reconcile(
+                &project.path,
+                &cursor,
+                &batch,
+                &|_| destinations.clone(),
+                jiff::Timestamp::now().as_millisecond(),
+            )?;
             batch.clear();
         }
     }
