@@ -22,6 +22,46 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let what = args.iter().find(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "all".into());
+    // `bench http URL N`: raw ureq POST loop (profiling aid).
+    if what == "http" {
+        let url = args.get(1).cloned().unwrap_or_default();
+        let n: usize = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(10_000);
+        let t = Some(std::time::Duration::from_secs(10));
+        let kind = std::env::var("TIMEOUT_KIND").unwrap_or_default();
+        let mut builder = ureq::Agent::config_builder();
+        builder = match kind.as_str() {
+            "none" => builder,
+            "per_call" => builder.timeout_per_call(t),
+            "phases" => builder
+                .timeout_connect(t)
+                .timeout_send_request(t)
+                .timeout_send_body(t)
+                .timeout_recv_response(t)
+                .timeout_recv_body(t),
+            "connect_recv" => builder.timeout_connect(t).timeout_recv_response(t),
+            _ => builder.timeout_global(t),
+        };
+        let agent: ureq::Agent = builder.max_redirects(0).http_status_as_error(false).build().into();
+        let body = vec![b'x'; 1100];
+        let started = std::time::Instant::now();
+        for _ in 0..n {
+            let _ = agent.post(&url).header("Content-Type", "application/json").send(&body[..]);
+        }
+        println!("{:.0} requests/s", n as f64 / started.elapsed().as_secs_f64());
+        return;
+    }
+    // `bench fill CONFIG N`: store N synthetic events with outbox entries (for profiling).
+    if what == "fill" {
+        let (Some(config), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse().ok())) else {
+            eprintln!("usage: bench fill CONFIG N");
+            std::process::exit(2);
+        };
+        if let Err(e) = synthetic_outbox(Path::new(config), n) {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Err(e) = start(&what, quick) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -385,7 +425,9 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SIGTERM, not SIGKILL: the master then stops its workers (a killed master orphans them).
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let _ = self.child.wait();
     }
 }
