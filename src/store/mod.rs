@@ -89,6 +89,8 @@ pub struct Store {
 }
 
 const NEXT_SEQ: &[u8] = b"next_seq";
+/// sled's page cache (its default is 1 GiB): the daemon should stay small (≤ 64 MiB resident).
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 const CHAIN_HEAD: &[u8] = b"chain_head";
 
 impl Store {
@@ -96,7 +98,7 @@ impl Store {
     /// process holds it: sled admits one process.
     pub fn open(dir: &Path) -> Result<Store> {
         create_private_dir(dir)?;
-        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
+        let db = sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).open().map_err(|e| match e {
             sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => anyhow!(
                 "the state database {} is in use by another policy-audit process (is the daemon running? then it answers through its control socket)",
                 dir.display()
