@@ -88,6 +88,23 @@ pub fn mirror_dir(config: &Config, project: &Project) -> PathBuf {
     config.mirrors_dir().join(format!("{readable}-{:08x}.git", crc32fast::hash(project.path.as_bytes())))
 }
 
+/// Storing a chunk of a long walk failed (not a mirror problem).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct StoreFailed(String);
+
+/// Events stored per transaction during a long walk: bounds memory, keeps transactions small.
+const CHUNK_EVENTS: usize = 1000;
+
+/// Chunk writer: stores the events with the cursor they lead to; returns how many were new.
+type Sink<'a> = dyn Fn(&Cursor, &[AuditEvent]) -> Result<usize> + 'a;
+
+fn count_events(summary: &mut Summary, events: &[AuditEvent]) {
+    for e in events {
+        *summary.events.entry(e.event_type.name().to_string()).or_default() += 1;
+    }
+}
+
 /// A read of the mirror failed after a successful fetch: objects are missing or corrupt.
 #[derive(Debug, thiserror::Error)]
 #[error("the mirror cannot be read: {0}")]
@@ -162,21 +179,37 @@ fn attempt(
     if cursor.is_none() {
         summary.first_sync = Some(if backfill { "backfill" } else { "baseline" }.into());
     }
-    let (state, events) = walk_new_history(config, project, &mirror, &mut summary, options, cursor.as_ref(), tip, now)
-        .map_err(|e| anyhow::Error::new(MirrorDamaged(format!("{e:#}"))))?;
-    for e in &events {
-        *summary.events.entry(e.event_type.name().to_string()).or_default() += 1;
-    }
+    let destinations_for = |e: &AuditEvent| destinations_for(config, e);
+    // A long walk is stored in chunks, each transaction holding its events and the cursor at
+    // the step it ends on: as atomic and resumable as one transaction, in bounded memory.
+    let sink = |at: &Cursor, events: &[AuditEvent]| -> Result<usize> {
+        if options.stopped() {
+            anyhow::bail!("stopped by shutdown; what was stored is consistent, the next run goes on from there");
+        }
+        store
+            .commit_reconcile(&project.path, at, events, &destinations_for, now.as_millisecond())
+            .map_err(|e| anyhow::Error::new(StoreFailed(format!("{e:#}"))))
+    };
+    let (state, events) =
+        walk_new_history(config, project, &mirror, &mut summary, options, cursor.as_ref(), tip, now, &sink).map_err(
+            |e| {
+                if e.downcast_ref::<StoreFailed>().is_some() || options.stopped() {
+                    e
+                } else {
+                    anyhow::Error::new(MirrorDamaged(format!("{e:#}")))
+                }
+            },
+        )?;
+    count_events(&mut summary, &events);
     let stored_at = Instant::now();
     let new_cursor =
         Cursor { commit: tip.to_string(), blob: state.blob, baseline: state.baseline, limits: state.limits };
     if options.stopped() {
         anyhow::bail!("stopped by shutdown before storing; nothing was written, the next run repeats this");
     }
-    let destinations_for = |e: &AuditEvent| destinations_for(config, e);
-    summary.stored =
+    summary.stored +=
         store.commit_reconcile(&project.path, &new_cursor, &events, &destinations_for, now.as_millisecond())?;
-    summary.timings.store_ms = ms(stored_at.elapsed());
+    summary.timings.store_ms += ms(stored_at.elapsed());
     summary.duration_ms = ms(started.elapsed());
     Ok(summary)
 }
@@ -193,6 +226,7 @@ fn walk_new_history(
     cursor: Option<&Cursor>,
     tip: ObjectId,
     now: jiff::Timestamp,
+    sink: &Sink<'_>,
 ) -> Result<(State, Vec<AuditEvent>)> {
     let backfill = summary.backfill;
     let chain_started = Instant::now();
@@ -219,7 +253,7 @@ fn walk_new_history(
     let emit = walker.summary.flag_enabled;
     match plan {
         Plan::Nothing => Ok((state, Vec::new())),
-        Plan::Steps(steps) => walker.walk(state, &steps, emit, now),
+        Plan::Steps(steps) => walker.walk(state, &steps, emit, now, sink),
         Plan::Rewritten(tip) => walker.rewritten(state, tip, emit, now),
     }
 }
@@ -321,6 +355,7 @@ impl<'a> Walker<'a> {
         steps: &[Link],
         emit: bool,
         now: jiff::Timestamp,
+        sink: &Sink<'_>,
     ) -> Result<(State, Vec<AuditEvent>)> {
         let bar = self.progress_bar(steps.len());
         let mut events = Vec::new();
@@ -341,6 +376,20 @@ impl<'a> Walker<'a> {
             let previous = commit.first_parent.map(|p| p.to_string());
             self.step(&mut state, &commit, &blob, previous.as_deref(), false, emit, now, &mut events)?;
             stepping += step_started.elapsed();
+            if events.len() >= CHUNK_EVENTS {
+                let stored_at = Instant::now();
+                let at = Cursor {
+                    commit: link.id.to_string(),
+                    blob: state.blob.clone(),
+                    baseline: state.baseline.clone(),
+                    limits: state.limits.clone(),
+                };
+                self.summary.stored += sink(&at, &events)?;
+                count_events(self.summary, &events);
+                events.clear();
+                self.summary.timings.store_ms += ms(stored_at.elapsed());
+                stepping += stored_at.elapsed();
+            }
         }
         // Parse and diff time is counted by `step`; the rest of the loop is walking.
         self.summary.timings.walk_ms += ms(walk_started.elapsed().saturating_sub(stepping));

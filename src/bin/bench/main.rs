@@ -50,6 +50,18 @@ fn main() {
         println!("{:.0} requests/s", n as f64 / started.elapsed().as_secs_f64());
         return;
     }
+    // `bench make-repo DIR N`: the backfill benchmark's repository, kept (profiling aid).
+    if what == "make-repo" {
+        let (Some(dir), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse().ok())) else {
+            eprintln!("usage: bench make-repo DIR N");
+            std::process::exit(2);
+        };
+        if let Err(e) = repos::long_history(Path::new(dir), n, 10, 480) {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     // `bench fill CONFIG N`: store N synthetic events with outbox entries (for profiling).
     if what == "fill" {
         let (Some(config), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse().ok())) else {

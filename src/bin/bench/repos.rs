@@ -21,7 +21,8 @@ pub fn git(dir: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A policy file of `n` approval policies at revision `rev` (a realistic 1-3 KiB file).
+/// A policy file of `n` approval policies at revision `rev`: one policy differs from revision
+/// to revision (a realistic 2-4 KiB file).
 pub fn policy_file(n: usize, rev: usize) -> String {
     let mut text = String::from("approval_policy:\n");
     for k in 0..n {
@@ -29,7 +30,7 @@ pub fn policy_file(n: usize, rev: usize) -> String {
             "- name: Policy {k}\n  description: Revision {}\n  enabled: {}\n  rules:\n  - type: scan_finding\n    branches: [main]\n    scanners: [sast, dependency_scanning]\n    vulnerabilities_allowed: {}\n    severity_levels: [critical, high]\n  actions:\n  - type: require_approval\n    approvals_required: 1\n    role_approvers: [maintainer]\n",
             if k == rev % n { rev } else { 0 },
             k < 5,
-            rev % 3
+            if k == rev % n { rev % 3 } else { 0 }
         ));
     }
     text
