@@ -250,3 +250,40 @@ fn demo_prints_a_trail() {
         assert!(text.contains(needle), "demo output lacks {needle:?}:\n{text}");
     }
 }
+
+#[test]
+fn a_backfill_larger_than_one_store_chunk_is_stored_whole_and_in_order() {
+    let ws = Workspace::new();
+    let repo = ws.init_repo("big");
+    let mut text = String::from("approval_policy:\n");
+    for round in 0..3 {
+        for k in 0..600 {
+            text.push_str(&format!("- {{name: p{round}-{k:03}, enabled: false}}\n"));
+        }
+        ws.write(&format!("big/{POLICY}"), &text);
+        commit(
+            &repo,
+            "Alice",
+            "alice@example.com",
+            &format!("2024-01-0{}T10:00:00Z", round + 1),
+            &format!("round {round}"),
+        );
+    }
+    let config = ws.write(
+        "big.toml",
+        &format!(
+            "state_dir = \"big-state\"\n[[projects]]\npath = \"a/big\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+            repo.display()
+        ),
+    );
+    let out = ws.run(&config, &["reconcile"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("1800 event(s) stored"), "{}", stdout(&out));
+    let events = events_json(&ws, &config);
+    assert_eq!(events.len(), 1800);
+    let names: Vec<&str> = events.iter().map(|e| e["details"]["policy_name"].as_str().unwrap_or_default()).collect();
+    assert_eq!((names[0], names[599], names[600], names[1799]), ("p0-000", "p0-599", "p1-000", "p2-599"));
+    assert!(ws.run(&config, &["verify"]).status.success());
+    let out = ws.run(&config, &["reconcile"]);
+    assert!(stdout(&out).contains("up to date"), "{}", stdout(&out));
+}
