@@ -99,3 +99,18 @@ pub fn events_json(ws: &Workspace, config: &Path) -> Vec<serde_json::Value> {
     assert!(out.status.success(), "events failed: {}", stderr(&out));
     serde_json::from_slice(&out.stdout).expect("events --format json is a JSON array")
 }
+
+/// Starts `policy-audit --config <config> run` with info logs to `stderr`.
+pub fn spawn_daemon(config: &Path, stderr: std::process::Stdio, env: &[(&str, &str)]) -> std::process::Child {
+    Command::new(BIN)
+        .envs(env.iter().copied())
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .env_remove("POLICY_AUDIT_CONFIG")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("start daemon")
+}

@@ -6,7 +6,7 @@
 //! Bounded for CI (8 kills); `POLICY_AUDIT_CRASH_KILLS=200 POLICY_AUDIT_CRASH_SEED=7` (or
 //! `scripts/soak.sh`) runs a longer soak.
 
-use crate::common::{BIN, Workspace, git_command, stderr, stdout};
+use crate::common::{Workspace, git_command, stderr, stdout};
 use crate::receiver::Receiver;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -102,16 +102,8 @@ impl Rng {
 }
 
 fn spawn(config: &Path, log: &Path) -> Child {
-    Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .arg("run")
-        .env_remove("POLICY_AUDIT_CONFIG")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log"))
-        .spawn()
-        .expect("start daemon")
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log");
+    crate::common::spawn_daemon(config, log.into(), &[])
 }
 
 fn env_number(name: &str, default: u64) -> u64 {

@@ -5,7 +5,7 @@
 use crate::common::{BIN, Workspace, commit, stderr, stdout};
 use crate::receiver::{Receiver, Reply};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const POLICY: &str = ".gitlab/security-policies/policy.yml";
@@ -24,17 +24,7 @@ impl Daemon {
 
     fn start_with_env(ws: &Workspace, config: &Path, env: &[(&str, &str)]) -> Daemon {
         let log = ws.path("daemon.log");
-        let child = Command::new(BIN)
-            .envs(env.iter().copied())
-            .arg("--config")
-            .arg(config)
-            .arg("run")
-            .env_remove("POLICY_AUDIT_CONFIG")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("start daemon");
+        let child = crate::common::spawn_daemon(config, std::fs::File::create(&log).expect("log file").into(), env);
         let daemon = Daemon { child, log };
         let socket = ws.path("state/control.sock");
         wait_for("the control socket", Duration::from_secs(20), || {

@@ -9,6 +9,7 @@ mod crash;
 mod daemon;
 mod faults;
 mod fixtures;
+mod fuzz_regressions;
 mod git_http;
 mod receiver;
 mod repo_urls;
