@@ -10,8 +10,23 @@
 /// serde_yaml's own recursion limit: deeper files are invalid either way.
 pub const MAX_DEPTH: usize = 128;
 
+/// What the guard found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Scan {
+    /// Flow collections nest deeper than the limit.
+    pub too_deep: bool,
+    /// An alias (`*name`) appears where a value starts.
+    pub has_alias: bool,
+}
+
 /// Whether flow collections in `text` nest deeper than `limit`.
 pub fn flow_nesting_exceeds(text: &str, limit: usize) -> bool {
+    scan(text, limit).too_deep
+}
+
+/// One linear pass: nesting depth of flow collections, and whether any alias is used.
+pub fn scan(text: &str, limit: usize) -> Scan {
+    let mut found = Scan::default();
     let mut depth = 0usize;
     let mut block_scalar_indent: Option<usize> = None;
     for line in text.lines() {
@@ -46,10 +61,12 @@ pub fn flow_nesting_exceeds(text: &str, limit: usize) -> bool {
             match c {
                 '#' if prev.is_none_or(|p| p == ' ' || p == '\t') => break,
                 '\'' | '"' if token_start => quote = Some(c),
+                '*' if token_start => found.has_alias = true,
                 '[' | '{' if depth > 0 || value_start(prev) => {
                     depth += 1;
                     if depth > limit {
-                        return true;
+                        found.too_deep = true;
+                        return found;
                     }
                 }
                 ']' | '}' if depth > 0 => depth -= 1,
@@ -63,7 +80,7 @@ pub fn flow_nesting_exceeds(text: &str, limit: usize) -> bool {
             prev = Some(c);
         }
     }
-    false
+    found
 }
 
 /// In block context a flow collection (or block scalar) starts a value: at the start of a line,

@@ -9,6 +9,7 @@
 //!
 //! serde_yaml is used only in `parse.rs`, so it can be swapped without touching the rest.
 
+mod aliases;
 mod depth;
 mod diff;
 mod limits;

@@ -42,10 +42,17 @@ pub fn parse(bytes: &[u8]) -> Result<PolicySet, InvalidPolicyFile> {
     let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
     let text = std::str::from_utf8(bytes)
         .map_err(|e| InvalidPolicyFile::new(format!("not UTF-8 text (invalid byte at offset {})", e.valid_up_to())))?;
-    if super::depth::flow_nesting_exceeds(text, super::depth::MAX_DEPTH) {
+    let scan = super::depth::scan(text, super::depth::MAX_DEPTH);
+    if scan.too_deep {
         return Err(InvalidPolicyFile::new(format!(
             "not valid YAML: lists or mappings nested deeper than {} levels",
             super::depth::MAX_DEPTH
+        )));
+    }
+    if scan.has_alias && super::aliases::expansion_exceeds(text, super::aliases::MAX_EXPANDED_VALUES) {
+        return Err(InvalidPolicyFile::new(format!(
+            "the parsed YAML is too big: its aliases expand to more than {} values",
+            super::aliases::MAX_EXPANDED_VALUES
         )));
     }
     let mut doc: Yaml =

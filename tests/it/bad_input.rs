@@ -181,7 +181,7 @@ fn policy_cases() -> Vec<Case> {
 
     vec![
         // Resource exhaustion.
-        invalid("alias bomb (billion laughs, 9 levels)", alias_bomb(), "not valid YAML: repetition limit exceeded"),
+        invalid("alias bomb (billion laughs, 9 levels)", alias_bomb(), "the parsed YAML is too big: its aliases expand to more than 250000 values"),
         invalid(
             "deep nesting (10,000 nested `[`)",
             with_in_first_policy(&format!("  deep: {}{}\n", "[".repeat(10_000), "]".repeat(10_000))),
