@@ -19,11 +19,6 @@ pub struct Scan {
     pub has_alias: bool,
 }
 
-/// Whether flow collections in `text` nest deeper than `limit`.
-pub fn flow_nesting_exceeds(text: &str, limit: usize) -> bool {
-    scan(text, limit).too_deep
-}
-
 /// One linear pass: nesting depth of flow collections, and whether any alias is used.
 pub fn scan(text: &str, limit: usize) -> Scan {
     let mut found = Scan::default();
@@ -93,6 +88,10 @@ fn value_start(prev: Option<char>) -> bool {
 mod tests {
     use super::*;
 
+    fn flow_nesting_exceeds(text: &str, limit: usize) -> bool {
+        scan(text, limit).too_deep
+    }
+
     #[test]
     fn counts_real_flow_nesting_only() {
         assert!(!flow_nesting_exceeds("a: [[[1]]]\n", 3));
@@ -109,6 +108,13 @@ mod tests {
             "[".repeat(300)
         );
         assert!(!flow_nesting_exceeds(&text, MAX_DEPTH), "false positive");
+    }
+
+    #[test]
+    fn aliases_are_noticed_only_where_a_value_starts() {
+        assert!(scan("a: &x [1]\nb: *x\n", MAX_DEPTH).has_alias);
+        assert!(scan("a: [*x]\n", MAX_DEPTH).has_alias);
+        assert!(!scan("cadence: '0 2 * * *'\nb: a*b\n# *x\n", MAX_DEPTH).has_alias);
     }
 
     #[test]
