@@ -545,9 +545,10 @@ pub fn count(events: &[AuditEvent], t: EventType) -> usize {
 /// One project's reconcile, named.
 pub type Outcome = (String, Result<Summary>);
 
-/// Runs the reconcile of each project, one after the other; a failure is recorded for that
-/// project and the others go on. One reconcile at a time per store. On shutdown, the projects
-/// not started yet are left for the next run.
+/// Runs the reconcile of every project, up to `config.parallelism` at once, and returns the
+/// results in config order; a failure is recorded for that project and the others go on. One
+/// reconcile at a time per store; the store is flushed before this returns. On shutdown, the
+/// projects not started yet are left for the next run.
 pub fn reconcile_all(
     config: &Config,
     store: &Store,
