@@ -9,7 +9,7 @@
 //! - authors come from the step commit only, never from a later one.
 
 use crate::config::{Config, InitialSync, Project};
-use crate::event::{AuditEvent, EventType, StepContext};
+use crate::event::{AuditEvent, StepContext};
 use crate::policy::{self, LimitState, PolicySet, diff, limit_breaches};
 use crate::repo::{self, Commit, Link, Mirror, PolicyBlob, PolicyPath};
 use crate::store::{Cursor, Store};
@@ -535,11 +535,6 @@ fn limit_map(set: &PolicySet, project: &Project) -> LimitState {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// Convenience for callers that count events by type.
-pub fn count(events: &[AuditEvent], t: EventType) -> usize {
-    events.iter().filter(|e| e.event_type == t).count()
 }
 
 /// One project's reconcile, named.

@@ -60,24 +60,11 @@ impl Mirror {
         Ok(Mirror::from_repo(repo, branch, dir))
     }
 
-    /// Opens an existing mirror read-only, or None when none was ever created.
-    pub fn open_existing(dir: &Path, branch: &str) -> Result<Option<Mirror>> {
-        if !dir.join("HEAD").exists() {
-            return Ok(None);
-        }
-        let repo = gix::open(dir).with_context(|| format!("cannot open mirror {}", dir.display()))?;
-        Ok(Some(Mirror::from_repo(repo, branch, dir)))
-    }
-
     fn from_repo(mut repo: gix::Repository, branch: &str, dir: &Path) -> Mirror {
         // Measured: a small object cache and no pack cache make long first-parent walks ~1.5x faster.
         repo.object_cache_size(1024 * 1024);
         repo.objects.unset_pack_cache();
         Mirror { repo, branch: branch.to_string(), dir: dir.to_path_buf() }
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     pub fn tracking_ref(&self) -> String {

@@ -226,10 +226,6 @@ impl Store {
         self.events.len()
     }
 
-    pub fn event(&self, seq: u64) -> Result<Option<AuditEvent>> {
-        self.events.get(seq.to_be_bytes())?.map(|v| decode(&v, "event")).transpose()
-    }
-
     /// Matching events, oldest first (by `created_at`, then by storage order).
     pub fn events(&self, q: &EventQuery) -> Result<Vec<AuditEvent>> {
         let mut out = Vec::new();
