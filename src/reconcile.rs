@@ -306,10 +306,14 @@ struct Walker<'a> {
     path: PolicyPath,
     /// Parsed files by blob id: a reverted file is not parsed twice. Bounded.
     parsed: HashMap<ObjectId, Result<PolicySet, String>>,
+    /// Files of the current window, parsed ahead in parallel.
+    ahead: HashMap<ObjectId, Result<PolicySet, String>>,
     progress: bool,
 }
 
 const PARSE_CACHE_ENTRIES: usize = 64;
+/// Steps whose files are parsed ahead at once.
+const PARSE_WINDOW: usize = 64;
 
 impl<'a> Walker<'a> {
     fn new(
@@ -326,6 +330,7 @@ impl<'a> Walker<'a> {
             summary,
             path: PolicyPath::new(&project.policy_file),
             parsed: HashMap::new(),
+            ahead: HashMap::new(),
             progress,
         }
     }
@@ -339,7 +344,7 @@ impl<'a> Walker<'a> {
         let mut at = Some(commit);
         while let Some(c) = at {
             let blob = self.path.lookup(self.mirror, c.tree)?;
-            if let Ok(set) = self.load(&blob) {
+            if let Ok(set) = self.load(&blob)? {
                 state.limits = limit_map(&set, self.project);
                 state.baseline = Some(set);
                 break;
@@ -361,34 +366,47 @@ impl<'a> Walker<'a> {
         let mut events = Vec::new();
         let walk_started = Instant::now();
         let mut stepping = Duration::ZERO;
+        // Which commits change the file: a cheap pass over trees only.
+        let mut changes: Vec<(Link, PolicyBlob)> = Vec::new();
+        let mut key = state.blob.clone();
         for link in steps {
             bar.inc(1);
             self.summary.commits += 1;
             let blob = self.path.lookup(self.mirror, link.tree)?;
-            let key = blob_key(&blob);
-            if key == state.blob {
-                continue; // the file did not change: no need to read the commit itself
+            let next = blob_key(&blob);
+            if next != key {
+                key = next;
+                changes.push((*link, blob));
             }
-            let step_started = Instant::now();
-            let commit = self.mirror.commit(link.id)?;
-            self.summary.steps += 1;
-            state.blob = key;
-            let previous = commit.first_parent.map(|p| p.to_string());
-            self.step(&mut state, &commit, &blob, previous.as_deref(), false, emit, now, &mut events)?;
-            stepping += step_started.elapsed();
-            if events.len() >= CHUNK_EVENTS {
-                let stored_at = Instant::now();
-                let at = Cursor {
-                    commit: link.id.to_string(),
-                    blob: state.blob.clone(),
-                    baseline: state.baseline.clone(),
-                    limits: state.limits.clone(),
-                };
-                self.summary.stored += sink(&at, &events)?;
-                count_events(self.summary, &events);
-                events.clear();
-                self.summary.timings.store_ms += ms(stored_at.elapsed());
-                stepping += stored_at.elapsed();
+        }
+        // Then window by window: parse ahead on all cores, diff in order.
+        for window in changes.chunks(PARSE_WINDOW) {
+            let parse_started = Instant::now();
+            self.parse_ahead(window.iter().map(|(_, blob)| blob))?;
+            self.summary.timings.parse_ms += ms(parse_started.elapsed());
+            stepping += parse_started.elapsed();
+            for (link, blob) in window {
+                let step_started = Instant::now();
+                let commit = self.mirror.commit(link.id)?;
+                self.summary.steps += 1;
+                state.blob = blob_key(blob);
+                let previous = commit.first_parent.map(|p| p.to_string());
+                self.step(&mut state, &commit, blob, previous.as_deref(), false, emit, now, &mut events)?;
+                stepping += step_started.elapsed();
+                if events.len() >= CHUNK_EVENTS {
+                    let stored_at = Instant::now();
+                    let at = Cursor {
+                        commit: link.id.to_string(),
+                        blob: state.blob.clone(),
+                        baseline: state.baseline.clone(),
+                        limits: state.limits.clone(),
+                    };
+                    self.summary.stored += sink(&at, &events)?;
+                    count_events(self.summary, &events);
+                    events.clear();
+                    self.summary.timings.store_ms += ms(stored_at.elapsed());
+                    stepping += stored_at.elapsed();
+                }
             }
         }
         // Parse and diff time is counted by `step`; the rest of the loop is walking.
@@ -433,7 +451,7 @@ impl<'a> Walker<'a> {
         events: &mut Vec<AuditEvent>,
     ) -> Result<()> {
         let parse_started = Instant::now();
-        let loaded = self.load(blob);
+        let loaded = self.load(blob)?;
         self.summary.timings.parse_ms += ms(parse_started.elapsed());
         let diff_started = Instant::now();
         let sha = commit.id.to_string();
@@ -476,33 +494,78 @@ impl<'a> Walker<'a> {
     }
 
     /// The policy set in a blob, or why it is invalid (missing, not a file, too big, bad YAML).
-    fn load(&mut self, blob: &PolicyBlob) -> Result<PolicySet, String> {
+    /// The outer error is a failed read of the mirror: never reported as an invalid file.
+    fn load(&mut self, blob: &PolicyBlob) -> Result<Result<PolicySet, String>> {
         let file = &self.project.policy_file;
         let id = match blob {
-            PolicyBlob::Missing => return Err(format!("{file} does not exist")),
-            PolicyBlob::NotAFile(kind, _) => return Err(format!("{file} is {kind}, not a file")),
+            PolicyBlob::Missing => return Ok(Err(format!("{file} does not exist"))),
+            PolicyBlob::NotAFile(kind, _) => return Ok(Err(format!("{file} is {kind}, not a file"))),
             PolicyBlob::File(id) => *id,
         };
         if let Some(cached) = self.parsed.get(&id) {
-            return cached.clone();
+            return Ok(cached.clone());
         }
-        let result = self.read_and_parse(id);
+        let result = match self.ahead.remove(&id) {
+            Some(parsed) => parsed,
+            None => match self.read(id)? {
+                Ok(bytes) => policy::parse(&bytes).map_err(|e| e.reason),
+                Err(too_big) => Err(too_big),
+            },
+        };
         if self.parsed.len() >= PARSE_CACHE_ENTRIES {
             self.parsed.clear();
         }
         self.parsed.insert(id, result.clone());
-        result
+        Ok(result)
     }
 
-    fn read_and_parse(&self, id: ObjectId) -> Result<PolicySet, String> {
+    /// A blob's bytes, or why it is not read (over `max_policy_file_bytes`).
+    fn read(&self, id: ObjectId) -> Result<Result<Vec<u8>, String>> {
         let file = &self.project.policy_file;
         let max = self.config.max_policy_file_bytes;
-        let size = self.mirror.blob_size(id).map_err(|e| format!("{file}: {e:#}"))?;
+        let size = self.mirror.blob_size(id)?;
         if size > max {
-            return Err(format!("{file} is {size} bytes, over the limit of {max} bytes (max_policy_file_bytes)"));
+            return Ok(Err(format!("{file} is {size} bytes, over the limit of {max} bytes (max_policy_file_bytes)")));
         }
-        let bytes = self.mirror.read_blob(id).map_err(|e| format!("{file}: {e:#}"))?;
-        policy::parse(&bytes).map_err(|e| e.reason)
+        Ok(Ok(self.mirror.read_blob(id)?))
+    }
+
+    /// Parses the files of the coming steps on all cores (they are independent; parsing is
+    /// most of a long walk's time), so `load` finds them ready.
+    fn parse_ahead<'b>(&mut self, blobs: impl Iterator<Item = &'b PolicyBlob>) -> Result<()> {
+        self.ahead.clear();
+        let mut todo: Vec<(ObjectId, Vec<u8>)> = Vec::new();
+        for blob in blobs {
+            let PolicyBlob::File(id) = blob else { continue };
+            if self.parsed.contains_key(id) || self.ahead.contains_key(id) || todo.iter().any(|(t, _)| t == id) {
+                continue;
+            }
+            match self.read(*id)? {
+                Ok(bytes) => todo.push((*id, bytes)),
+                Err(too_big) => {
+                    self.ahead.insert(*id, Err(too_big));
+                }
+            }
+        }
+        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 8);
+        let per_worker = todo.len().div_ceil(workers).max(1);
+        let parsed: Vec<(ObjectId, Result<PolicySet, String>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = todo
+                .chunks(per_worker)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|(id, bytes)| (*id, policy::parse(bytes).map_err(|e| e.reason)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            // A worker that panicked leaves its files to `load`, which parses them itself.
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        });
+        self.ahead.extend(parsed);
+        Ok(())
     }
 
     fn progress_bar(&self, len: usize) -> indicatif::ProgressBar {
