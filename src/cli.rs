@@ -244,21 +244,44 @@ pub fn execute(config: &Config, store: &Store, command: &Command, stop: Option<A
     }
 }
 
-/// Deliveries queued for destinations the config no longer has. Reads the store only when it
-/// exists and no other process holds it (check-config never creates or waits for state).
+/// Deliveries queued for destinations the config being checked no longer has: asked of the
+/// running daemon, or read from a store of our own; check-config never creates state.
 fn orphaned_deliveries(config: &Config) -> Vec<String> {
-    if !config.db_dir().join("conf").exists() {
-        return Vec::new();
+    let mut counts: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    let list = Command::Deliveries(DeliveriesArgs { json: true, ..DeliveriesArgs::default() });
+    match crate::daemon::control::try_daemon(config, &list) {
+        Some(Ok(answer)) => {
+            let items: Vec<serde_json::Value> = serde_json::from_str(&answer.stdout).unwrap_or_default();
+            for item in items {
+                let name = item["destination"].as_str().unwrap_or_default().to_string();
+                let entry = counts.entry(name).or_default();
+                if item["state"] == "dead" { entry.1 += 1 } else { entry.0 += 1 }
+            }
+        }
+        Some(Err(_)) => return Vec::new(),
+        None => {
+            // No daemon: read the store ourselves, but only one that is ours, so that an admin's
+            // check never leaves files owned by another user in a service's state directory.
+            use std::os::unix::fs::MetadataExt;
+            let db = config.db_dir();
+            // SAFETY: geteuid has no preconditions.
+            let mine = std::fs::metadata(&db).is_ok_and(|m| m.uid() == unsafe { libc::geteuid() });
+            if !mine || !db.join("conf").exists() {
+                return Vec::new();
+            }
+            let Ok(store) = Store::open(&db) else { return Vec::new() };
+            for d in store.pending(None).unwrap_or_default() {
+                counts.entry(d.destination).or_default().0 += 1;
+            }
+            for d in store.dead(None).unwrap_or_default() {
+                counts.entry(d.destination).or_default().1 += 1;
+            }
+        }
     }
-    let Ok(store) = Store::open(&config.db_dir()) else {
-        return Vec::new();
-    };
-    let names = status::removed_destinations(config, &store).unwrap_or_default();
-    names
+    counts
         .into_iter()
-        .map(|name| {
-            let pending = store.pending(Some(&name)).map(|p| p.len()).unwrap_or(0);
-            let dead = store.dead(Some(&name)).map(|p| p.len()).unwrap_or(0);
+        .filter(|(name, _)| !config.destinations.iter().any(|d| &d.name == name))
+        .map(|(name, (pending, dead))| {
             format!("destination {name:?} is no longer configured but has {pending} pending and {dead} dead deliveries in the state; they are kept, not delivered")
         })
         .collect()

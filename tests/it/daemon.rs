@@ -317,3 +317,26 @@ fn under_journald_lines_carry_their_syslog_priority() {
     assert!(!log.contains("Uninited"), "the scheduler's own chatter stays out: {log}");
     assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn check_config_asks_the_daemon_about_deliveries_a_new_config_would_orphan() {
+    let ws = Workspace::new();
+    let repo = spp(&ws);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let down = format!("http://127.0.0.1:{port}/audit");
+    let config_path = config(&ws, NEVER, &[("acme/spp", &repo)], &destination(&down));
+    let daemon = Daemon::start(&ws, &config_path);
+    wait_for("a queued delivery", Duration::from_secs(15), || {
+        stdout(&ws.run(&config_path, &["deliveries"])).contains("siem")
+    });
+    // The edited config drops the destination; the daemon (still on the old one) holds the store.
+    config(&ws, NEVER, &[("acme/spp", &repo)], "");
+    let out = ws.run(&config_path, &["check-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("destination \"siem\" is no longer configured but has 1 pending"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}
