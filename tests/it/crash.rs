@@ -62,7 +62,20 @@ fn long_history(ws: &Workspace, commits: usize, every: usize) -> PathBuf {
         git_command(&repo).args(["fast-import", "--quiet"]).stdin(Stdio::piped()).spawn().expect("fast-import");
     child.stdin.take().expect("stdin").write_all(&stream).expect("write stream");
     assert!(child.wait().expect("wait").success(), "fast-import failed");
+    crate::common::git(&repo, &["reset", "-q", "--hard"]); // fast-import leaves no work tree
     repo
+}
+
+/// One more policy commit, so that every daemon life has work to do.
+fn add_policy(repo: &Path, n: u64) {
+    let file = repo.join(".gitlab/security-policies/policy.yml");
+    let mut text = std::fs::read_to_string(&file).expect("policy file");
+    text.push_str(&format!(
+        "- name: late {n}\n  enabled: false\n  rules:\n  - {{type: scan_finding, branches: [main]}}\n"
+    ));
+    std::fs::write(&file, text).expect("write");
+    let date = format!("2025-01-01T00:{:02}:{:02}Z", n / 60, n % 60);
+    crate::common::commit(repo, "Dave", "dave@example.com", &date, &format!("late policy {n}"));
 }
 
 fn write_config(ws: &Workspace, name: &str, state: &str, repo: &Path, destination: Option<&str>) -> PathBuf {
@@ -117,20 +130,13 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let ws = Workspace::new();
     let repo = long_history(&ws, 2000, 10);
 
-    // What an uninterrupted run stores.
-    let expected_config = write_config(&ws, "expected.toml", "expected-state", &repo, None);
-    let out = ws.run(&expected_config, &["reconcile", "--no-deliver"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let expected = ids(&ws, &expected_config);
-    assert!(expected.len() > 150, "the history should produce many events, got {}", expected.len());
-
-    // 3 ms per request: delivering the backlog takes about a second, so kills land in it too.
-    let receiver = Receiver::start_slow(vec![], Duration::from_millis(3));
+    // 10 ms per request: delivering the backlog takes over 3 s, so kills land in it too.
+    let receiver = Receiver::start_slow(vec![], Duration::from_millis(10));
     let config = write_config(&ws, "config.toml", "state", &repo, Some(&receiver.url()));
     let log = ws.path("daemon.log");
     let mut rng = Rng(seed);
     let mut kill_points = Vec::new();
-    for _ in 0..kills {
+    for k in 0..kills {
         let mut child = spawn(&config, &log);
         let delay = Duration::from_millis(rng.below(2500));
         std::thread::sleep(delay);
@@ -138,7 +144,15 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         child.kill().expect("SIGKILL");
         child.wait().expect("reap");
         kill_points.push((delay.as_millis(), receiver.requests().len(), stored));
+        add_policy(&repo, k); // new work for the next life: a fetch, a step, a store, a delivery
     }
+
+    // What an uninterrupted run stores for the final history.
+    let expected_config = write_config(&ws, "expected.toml", "expected-state", &repo, None);
+    let out = ws.run(&expected_config, &["reconcile", "--no-deliver"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let expected = ids(&ws, &expected_config);
+    assert!(expected.len() > 150, "the history should produce many events, got {}", expected.len());
 
     // Let one daemon finish the job, bounded.
     let mut child = spawn(&config, &log);
