@@ -15,8 +15,13 @@ use yaml_rust2::parser::{Event, Parser};
 pub const MAX_EXPANDED_VALUES: u64 = 250_000;
 
 /// Whether the document's aliases expand it beyond `limit` values. Syntax errors return false:
-/// the real parser reports them with a position.
+/// the real parser reports them with a position. Should the event parser panic on hostile input,
+/// the file counts as too big: refused, never a crash of the reconcile.
 pub fn expansion_exceeds(text: &str, limit: u64) -> bool {
+    std::panic::catch_unwind(|| count_exceeds(text, limit)).unwrap_or(true)
+}
+
+fn count_exceeds(text: &str, limit: u64) -> bool {
     let mut parser = Parser::new_from_str(text);
     let mut total: u64 = 0;
     let mut sizes: HashMap<usize, u64> = HashMap::new();
