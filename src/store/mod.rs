@@ -248,6 +248,11 @@ impl Store {
         scan(&self.outbox, destination)
     }
 
+    /// How many deliveries of `destination` are pending, without decoding them.
+    pub fn pending_count(&self, destination: &str) -> usize {
+        self.outbox.scan_prefix(destination_prefix(destination)).keys().count()
+    }
+
     pub fn dead(&self, destination: Option<&str>) -> Result<Vec<Delivery>> {
         scan(&self.dead, destination)
     }

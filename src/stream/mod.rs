@@ -147,7 +147,7 @@ fn deliver_destination(
             }
         }
     }
-    report.pending = store.pending(Some(&dest.name))?.len();
+    report.pending = store.pending_count(&dest.name);
     Ok(report)
 }
 
