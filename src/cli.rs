@@ -196,10 +196,7 @@ pub fn run(cli: Cli) -> Output {
             // same output.
             let client = match Config::load_without_secrets(&cli.config) {
                 Ok(c) => c,
-                Err(_) => match load_config(&cli) {
-                    Ok(c) => c,
-                    Err(out) => return out,
-                },
+                Err(e) => return config_errors(&e),
             };
             match crate::daemon::control::try_daemon(&client, command) {
                 Some(Ok(answer)) => return answer,
@@ -288,13 +285,16 @@ fn orphaned_deliveries(config: &Config) -> Vec<String> {
 }
 
 fn load_config(cli: &Cli) -> Result<Config, Output> {
-    Config::load(&cli.config).map_err(|e| {
-        let mut out = Output { code: EXIT_UNUSABLE, ..Output::default() };
-        for line in &e.errors {
-            out.err_line(format!("error: {line}"));
-        }
-        out
-    })
+    Config::load(&cli.config).map_err(|e| config_errors(&e))
+}
+
+/// One `error:` line per problem, exit 2.
+fn config_errors(e: &crate::config::ConfigError) -> Output {
+    let mut out = Output { code: EXIT_UNUSABLE, ..Output::default() };
+    for line in &e.errors {
+        out.err_line(format!("error: {line}"));
+    }
+    out
 }
 
 fn check_config(cli: &Cli) -> Output {
