@@ -15,5 +15,5 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
-cargo build --release --quiet --bins
+cargo build --release --quiet --workspace --bins
 ./target/release/bench all "$@"

@@ -1,6 +1,7 @@
 //! The command line (SPEC §5): clap definitions and one small function per command. Every
-//! command returns an [`Output`] instead of printing, so the same code answers in-process and
-//! through the daemon's control socket.
+//! command returns an [`Output`] (its summary, messages and exit code) and writes listings of
+//! unbounded size straight to the writer it is given, so the same code answers in-process
+//! (writing to stdout) and through the daemon's control socket (writing frames to the socket).
 
 use crate::config::Config;
 use crate::store::Store;
@@ -170,7 +171,9 @@ pub fn parse_args() -> Cli {
     Cli::parse()
 }
 
-pub fn run(cli: Cli) -> Output {
+/// Runs the command the user typed. Listings go to `stdout` as they are produced; the rest of
+/// what the command prints comes back in the [`Output`].
+pub fn run(cli: Cli, stdout: &mut dyn std::io::Write) -> Output {
     match &cli.command {
         Command::Demo => {
             crate::logging::init(None);
@@ -198,7 +201,7 @@ pub fn run(cli: Cli) -> Output {
                 Ok(c) => c,
                 Err(e) => return config_errors(&e),
             };
-            match crate::daemon::control::try_daemon(&client, command) {
+            match crate::daemon::control::try_daemon(&client, command, stdout) {
                 Some(Ok(answer)) => return answer,
                 Some(Err(e)) => {
                     return Output { stderr: format!("error: {e:#}\n"), code: EXIT_UNUSABLE, ..Output::default() };
@@ -215,7 +218,7 @@ pub fn run(cli: Cli) -> Output {
                 out.err_line(format!("warning: {w}"));
             }
             let result = match Store::open_waiting(&config.db_dir(), std::time::Duration::from_secs(3)) {
-                Ok(store) => execute(&config, &store, command, None),
+                Ok(store) => execute(&config, &store, command, None, stdout),
                 Err(e) => Output::unusable(format!("{e:#}")),
             };
             out.stdout.push_str(&result.stdout);
@@ -227,11 +230,18 @@ pub fn run(cli: Cli) -> Output {
 }
 
 /// Runs a command that needs the store.
-/// `stop` is the daemon's shutdown flag (None in-process).
-pub fn execute(config: &Config, store: &Store, command: &Command, stop: Option<Arc<AtomicBool>>) -> Output {
+/// `stop` is the daemon's shutdown flag (None in-process); `out` takes listings as they are
+/// produced.
+pub fn execute(
+    config: &Config,
+    store: &Store,
+    command: &Command,
+    stop: Option<Arc<AtomicBool>>,
+    out: &mut dyn std::io::Write,
+) -> Output {
     match command {
         Command::Reconcile(args) => reconcile::run(config, store, args, stop),
-        Command::Events(args) => events::run(store, args),
+        Command::Events(args) => events::run(store, args, out),
         Command::Status(args) => status::run(config, store, args),
         Command::Deliveries(args) => deliveries::run(config, store, args),
         Command::Verify(args) => verify::run(store, args),
@@ -242,46 +252,69 @@ pub fn execute(config: &Config, store: &Store, command: &Command, stop: Option<A
 }
 
 /// Deliveries queued for destinations the config being checked no longer has: asked of the
-/// running daemon, or read from a store of our own; check-config never creates state.
-fn orphaned_deliveries(config: &Config) -> Vec<String> {
+/// running daemon, or read from a store of our own; check-config never creates state. An
+/// error means the check could not be made (and says why); it never reads as "none".
+fn orphaned_deliveries(config: &Config) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context;
     let mut counts: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     let list = Command::Deliveries(DeliveriesArgs { json: true, ..DeliveriesArgs::default() });
-    match crate::daemon::control::try_daemon(config, &list) {
-        Some(Ok(answer)) => {
-            let items: Vec<serde_json::Value> = serde_json::from_str(&answer.stdout).unwrap_or_default();
+    let mut listing = Vec::new();
+    match crate::daemon::control::try_daemon(config, &list, &mut listing) {
+        Some(answer) => {
+            let answer = answer?;
+            if answer.code != EXIT_OK {
+                anyhow::bail!("the daemon answered: {}", answer.stderr.trim());
+            }
+            listing.extend_from_slice(answer.stdout.as_bytes());
+            let items: Vec<serde_json::Value> =
+                serde_json::from_slice(&listing).context("the daemon's list of deliveries does not parse")?;
             for item in items {
-                let name = item["destination"].as_str().unwrap_or_default().to_string();
-                let entry = counts.entry(name).or_default();
+                let name = item["destination"].as_str().context("a delivery without a destination name")?;
+                let entry = counts.entry(name.to_string()).or_default();
                 if item["state"] == "dead" { entry.1 += 1 } else { entry.0 += 1 }
             }
         }
-        Some(Err(_)) => return Vec::new(),
         None => {
             // No daemon: read the store ourselves, but only one that is ours, so that an admin's
             // check never leaves files owned by another user in a service's state directory.
             use std::os::unix::fs::MetadataExt;
             let db = config.db_dir();
-            // SAFETY: geteuid has no preconditions.
-            let mine = std::fs::metadata(&db).is_ok_and(|m| m.uid() == unsafe { libc::geteuid() });
-            if !mine || !db.join("conf").exists() {
-                return Vec::new();
+            if !db.join("conf").exists() {
+                return Ok(Vec::new()); // nothing stored yet: nothing can be orphaned
             }
-            let Ok(store) = Store::open(&db) else { return Vec::new() };
-            for d in store.pending(None).unwrap_or_default() {
+            let owner = std::fs::metadata(&db).with_context(|| format!("cannot read {}", db.display()))?.uid();
+            // SAFETY: geteuid has no preconditions.
+            if owner != unsafe { libc::geteuid() } {
+                anyhow::bail!(
+                    "the state database {} belongs to user id {owner}; run check-config as that user (or start the daemon) to check it",
+                    db.display()
+                );
+            }
+            let store = Store::open(&db)?;
+            for d in store.pending(None)? {
                 counts.entry(d.destination).or_default().0 += 1;
             }
-            for d in store.dead(None).unwrap_or_default() {
+            for d in store.dead(None)? {
                 counts.entry(d.destination).or_default().1 += 1;
             }
         }
     }
-    counts
+    Ok(counts
         .into_iter()
         .filter(|(name, _)| !config.destinations.iter().any(|d| &d.name == name))
         .map(|(name, (pending, dead))| {
             format!("destination {name:?} is no longer configured but has {pending} pending and {dead} dead deliveries in the state; they are kept, not delivered")
         })
-        .collect()
+        .collect())
+}
+
+/// A failed write of the command's output: an error (exit 1), except a closed pipe
+/// (`policy-audit events | head`), which ends the output quietly.
+pub fn write_failed(e: &std::io::Error) -> Output {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return Output::default();
+    }
+    Output { stderr: format!("error: cannot write the output: {e}\n"), code: EXIT_FAILED, ..Output::default() }
 }
 
 fn load_config(cli: &Cli) -> Result<Config, Output> {
@@ -306,8 +339,9 @@ fn check_config(cli: &Cli) -> Output {
     for w in &config.warnings {
         out.err_line(format!("warning: {w}"));
     }
-    for w in orphaned_deliveries(&config) {
-        out.err_line(format!("warning: {w}"));
+    match orphaned_deliveries(&config) {
+        Ok(orphans) => orphans.iter().for_each(|w| out.err_line(format!("warning: {w}"))),
+        Err(e) => out.err_line(format!("warning: orphaned deliveries: could not check: {e:#}")),
     }
     out.out_line(format!(
         "{}: ok ({} project(s), {} destination(s), schedule \"{}\" {}, state in {})",
@@ -332,6 +366,8 @@ pub fn deliver_now(config: &Config, store: &Store, out: &mut Output) -> Vec<crat
 }
 
 /// Events rendered as `events --format` does.
-pub fn render_events(events: &[crate::event::AuditEvent], format: Format) -> String {
-    events::render(events, format)
+pub fn render_events(events: &[crate::event::AuditEvent], format: Format) -> std::io::Result<String> {
+    let mut text = Vec::new();
+    events::render(events, format, &mut text)?;
+    Ok(String::from_utf8_lossy(&text).into_owned())
 }

@@ -12,7 +12,7 @@ use crate::config::{Config, InitialSync, Project};
 use crate::event::{AuditEvent, StepContext};
 use crate::policy::{self, LimitState, PolicySet, diff, limit_breaches};
 use crate::repo::{self, Commit, Link, Mirror, PolicyBlob, PolicyPath};
-use crate::store::{Cursor, Store};
+use crate::store::{Cursor, Store, StoreError};
 use anyhow::{Context, Result};
 use gix::ObjectId;
 use serde::Serialize;
@@ -87,11 +87,6 @@ pub fn mirror_dir(config: &Config, project: &Project) -> PathBuf {
         project.path.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
     config.mirrors_dir().join(format!("{readable}-{:08x}.git", crc32fast::hash(project.path.as_bytes())))
 }
-
-/// Storing a chunk of a long walk failed (not a mirror problem).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct StoreFailed(String);
 
 /// Events stored per transaction during a long walk: bounds memory, keeps transactions small.
 const CHUNK_EVENTS: usize = 1000;
@@ -186,14 +181,13 @@ fn attempt(
         if options.stopped() {
             anyhow::bail!("stopped by shutdown; what was stored is consistent, the next run goes on from there");
         }
-        store
-            .commit_reconcile(&project.path, at, events, &destinations_for, now.as_millisecond())
-            .map_err(|e| anyhow::Error::new(StoreFailed(format!("{e:#}"))))
+        Ok(store.commit_reconcile(&project.path, at, events, &destinations_for, now.as_millisecond())?)
     };
     let (state, events) =
         walk_new_history(config, project, &mirror, &mut summary, options, cursor.as_ref(), tip, now, &sink).map_err(
             |e| {
-                if e.downcast_ref::<StoreFailed>().is_some() || options.stopped() {
+                // Storing a chunk failed, or we are stopping: not a mirror problem.
+                if e.downcast_ref::<crate::store::StoreError>().is_some() || options.stopped() {
                     e
                 } else {
                     anyhow::Error::new(MirrorDamaged(format!("{e:#}")))
@@ -618,6 +612,7 @@ pub fn reconcile_all(
     // Projects are independent: run up to `parallelism` at once (fetches mostly wait on I/O),
     // and report in config order.
     let next = std::sync::atomic::AtomicUsize::new(0);
+    let damaged = AtomicBool::new(false);
     let slots: Vec<std::sync::Mutex<Option<Outcome>>> = projects.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let workers = config.parallelism.clamp(1, projects.len().max(1));
     std::thread::scope(|scope| {
@@ -626,10 +621,14 @@ pub fn reconcile_all(
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let Some(p) = projects.get(i) else { break };
-                    if options.stopped() {
+                    if options.stopped() || damaged.load(Ordering::SeqCst) {
                         break;
                     }
                     let done = reconcile_one(config, store, p, options, &now);
+                    if done.1.as_ref().is_err_and(StoreError::is_damaged) {
+                        // Nothing more is written to a damaged store.
+                        damaged.store(true, Ordering::SeqCst);
+                    }
                     if let Ok(mut slot) = slots[i].lock() {
                         *slot = Some(done);
                     }
@@ -637,7 +636,9 @@ pub fn reconcile_all(
             });
         }
     });
-    if let Err(e) = store.flush() {
+    if !damaged.load(Ordering::SeqCst)
+        && let Err(e) = store.flush()
+    {
         tracing::error!(error = %format!("{e:#}"), "cannot flush the state database");
     }
     slots.into_iter().filter_map(|s| s.into_inner().ok().flatten()).collect()
@@ -654,7 +655,16 @@ fn reconcile_one(
         {
             let result =
                 reconcile_project(config, store, p, options, now()).with_context(|| format!("project {}", p.path));
-            let mut status = store.project_status(&p.path).unwrap_or_default();
+            if result.as_ref().is_err_and(StoreError::is_damaged) {
+                return (p.path.clone(), result); // nothing is written to a damaged store
+            }
+            let mut status = match store.project_status(&p.path) {
+                Ok(status) => status,
+                Err(e) => {
+                    tracing::error!(project = %p.path, error = %format!("{e:#}"), "cannot read project status");
+                    return (p.path.clone(), result.and(Err(e)));
+                }
+            };
             let at = crate::event::rfc3339_millis(now());
             status.last_run_at = Some(at.clone());
             match &result {

@@ -8,14 +8,20 @@ use crate::store::{Delivery, Store};
 use crate::stream::{Clock, DestinationReport, SystemClock, deliver_due};
 
 pub fn run(config: &Config, store: &Store, args: &DeliveriesArgs) -> Output {
-    if let Some(name) = &args.destination
-        && !config.destinations.iter().any(|d| &d.name == name)
-        && !store.destinations_with_entries().unwrap_or_default().contains(name)
-    {
-        return Output::unusable(format!(
-            "destination {name:?} is not in {} and has no deliveries",
-            config.source.display()
-        ));
+    let known = |name: &String| -> anyhow::Result<bool> {
+        Ok(config.destinations.iter().any(|d| &d.name == name) || store.destinations_with_entries()?.contains(name))
+    };
+    if let Some(name) = &args.destination {
+        match known(name) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Output::unusable(format!(
+                    "destination {name:?} is not in {} and has no deliveries",
+                    config.source.display()
+                ));
+            }
+            Err(e) => return Output::unusable(format!("{e:#}")),
+        }
     }
     match &args.action {
         Some(DeliveriesAction::Retry)

@@ -1,20 +1,68 @@
 //! `policy-audit events`: the stored trail, filtered, as a table, JSON, JSON lines or CSV.
+//!
+//! JSON, JSON lines and CSV are written event by event as the store yields them, so a listing
+//! of any size runs in bounded memory; the table needs every row for its column widths (it is
+//! for people; use `--limit` or another format for large listings). A write error is an error:
+//! only a closed pipe (`events | head`) ends the listing quietly.
 
-use super::{EXIT_UNUSABLE, EventsArgs, Format, Output};
+use super::{EXIT_UNUSABLE, EventsArgs, Format, Output, write_failed};
 use crate::event::{AuditEvent, EventType, rfc3339_millis};
 use crate::store::{EventQuery, Store};
+use serde::ser::{SerializeSeq, Serializer};
+use std::io::Write;
+use std::ops::ControlFlow;
 
-pub fn run(store: &Store, args: &EventsArgs) -> Output {
+pub fn run(store: &Store, args: &EventsArgs, out: &mut dyn Write) -> Output {
     let query = match query_of(args) {
         Ok(q) => q,
         Err(e) => {
             return Output { stderr: format!("error: {e}\n"), code: EXIT_UNUSABLE, ..Output::default() };
         }
     };
-    match store.events(&query) {
-        Ok(events) => Output { stdout: render(&events, args.format), ..Output::default() },
-        Err(e) => Output::unusable(format!("{e:#}")),
+    match write_events(store, &query, args.format, out) {
+        Ok(()) => Output::default(),
+        Err(e) => match e.downcast::<std::io::Error>() {
+            Ok(io) => write_failed(&io),
+            Err(e) => Output::unusable(format!("{e:#}")),
+        },
     }
+}
+
+/// Streams the matching events to `out` in `format`. I/O errors come back as `std::io::Error`.
+fn write_events(store: &Store, query: &EventQuery, format: Format, out: &mut dyn Write) -> anyhow::Result<()> {
+    let go_on = ControlFlow::Continue(());
+    match format {
+        Format::Table => {
+            let events = store.events(query)?;
+            out.write_all(table(&events).as_bytes())?;
+        }
+        Format::Jsonl => store.for_each_event(query, |e| {
+            serde_json::to_writer(&mut *out, &e).map_err(std::io::Error::from)?;
+            out.write_all(b"\n")?;
+            Ok(go_on)
+        })?,
+        Format::Json => {
+            let mut ser = serde_json::Serializer::pretty(&mut *out);
+            let mut seq = ser.serialize_seq(None).map_err(std::io::Error::from)?;
+            store.for_each_event(query, |e| {
+                seq.serialize_element(&e).map_err(std::io::Error::from)?;
+                Ok(go_on)
+            })?;
+            seq.end().map_err(std::io::Error::from)?;
+            out.write_all(b"\n")?;
+        }
+        Format::Csv => {
+            let mut w = csv::Writer::from_writer(&mut *out);
+            w.write_record(CSV_HEADER).map_err(std::io::Error::from)?;
+            store.for_each_event(query, |e| {
+                w.write_record(csv_record(&e)).map_err(std::io::Error::from)?;
+                Ok(go_on)
+            })?;
+            w.flush()?;
+        }
+    }
+    out.flush()?;
+    Ok(())
 }
 
 fn query_of(args: &EventsArgs) -> Result<EventQuery, String> {
@@ -50,12 +98,26 @@ fn time_bound(text: &str, end_of_day: bool) -> Result<String, String> {
     Ok(rfc3339_millis(ts))
 }
 
-pub fn render(events: &[AuditEvent], format: Format) -> String {
+/// Events already in memory, rendered as `events --format` does (the demo's listing).
+pub fn render(events: &[AuditEvent], format: Format, out: &mut dyn Write) -> std::io::Result<()> {
     match format {
-        Format::Json => serde_json::to_string_pretty(events).unwrap_or_default() + "\n",
-        Format::Jsonl => events.iter().map(|e| serde_json::to_string(e).unwrap_or_default() + "\n").collect(),
-        Format::Csv => csv(events),
-        Format::Table => table(events),
+        Format::Json => {
+            serde_json::to_writer_pretty(&mut *out, events)?;
+            out.write_all(b"\n")
+        }
+        Format::Jsonl => events.iter().try_for_each(|e| {
+            serde_json::to_writer(&mut *out, e)?;
+            out.write_all(b"\n")
+        }),
+        Format::Csv => {
+            let mut w = csv::Writer::from_writer(&mut *out);
+            w.write_record(CSV_HEADER)?;
+            for e in events {
+                w.write_record(csv_record(e))?;
+            }
+            w.flush()
+        }
+        Format::Table => out.write_all(table(events).as_bytes()),
     }
 }
 
@@ -140,39 +202,36 @@ fn clip(text: &str, max_chars: usize) -> String {
     s
 }
 
-fn csv(events: &[AuditEvent]) -> String {
-    let mut w = csv::Writer::from_writer(Vec::new());
-    let _ = w.write_record([
-        "id",
-        "created_at",
-        "event_type",
-        "entity_path",
-        "policy_type",
-        "policy_name",
-        "author_name",
-        "author_email",
-        "author_id",
-        "commit_sha",
-        "merge_request",
-        "custom_message",
-    ]);
-    for e in events {
-        let d = &e.details;
-        let mr = d.merge_request.as_ref().map(|m| format!("{}!{}", m.project, m.iid)).unwrap_or_default();
-        let _ = w.write_record([
-            e.id.as_str(),
-            &e.created_at,
-            e.event_type.name(),
-            &e.entity_path,
-            d.policy_type.as_deref().unwrap_or(""),
-            d.policy_name.as_deref().unwrap_or(""),
-            &e.author_name,
-            &d.author_email,
-            &e.author_id.to_string(),
-            &d.security_policy_project_commit_sha,
-            &mr,
-            &d.custom_message,
-        ]);
-    }
-    String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()
+const CSV_HEADER: [&str; 12] = [
+    "id",
+    "created_at",
+    "event_type",
+    "entity_path",
+    "policy_type",
+    "policy_name",
+    "author_name",
+    "author_email",
+    "author_id",
+    "commit_sha",
+    "merge_request",
+    "custom_message",
+];
+
+fn csv_record(e: &AuditEvent) -> [String; 12] {
+    let d = &e.details;
+    let mr = d.merge_request.as_ref().map(|m| format!("{}!{}", m.project, m.iid)).unwrap_or_default();
+    [
+        e.id.clone(),
+        e.created_at.clone(),
+        e.event_type.name().to_string(),
+        e.entity_path.clone(),
+        d.policy_type.clone().unwrap_or_default(),
+        d.policy_name.clone().unwrap_or_default(),
+        e.author_name.clone(),
+        d.author_email.clone(),
+        e.author_id.to_string(),
+        d.security_policy_project_commit_sha.clone(),
+        mr,
+        d.custom_message.clone(),
+    ]
 }

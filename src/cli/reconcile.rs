@@ -4,7 +4,7 @@
 use super::{EXIT_FAILED, EXIT_UNUSABLE, Output, ReconcileArgs};
 use crate::config::{Config, Project};
 use crate::reconcile::{Options, Summary, reconcile_all};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -51,7 +51,8 @@ pub fn run(config: &Config, store: &Store, args: &ReconcileArgs, stop: Option<Ar
             }
             Err(e) => {
                 out.err_line(format!("error: {e:#}"));
-                out.code = EXIT_FAILED;
+                // A damaged store is unusable state, not one failed project.
+                out.code = out.code.max(if StoreError::is_damaged(e) { EXIT_UNUSABLE } else { EXIT_FAILED });
                 if args.json {
                     json_rows.push(json!({"project": path, "error": format!("{e:#}")}));
                 }
@@ -59,7 +60,7 @@ pub fn run(config: &Config, store: &Store, args: &ReconcileArgs, stop: Option<Ar
         }
     }
     let mut deliveries = Vec::new();
-    if !args.no_deliver {
+    if !args.no_deliver && out.code != EXIT_UNUSABLE {
         let mut delivery_out = Output::default();
         deliveries = super::deliveries::deliver_now(config, store, &mut delivery_out);
         if !args.json {

@@ -11,12 +11,12 @@
 
 pub mod control;
 
-use crate::cli::{Command, EXIT_FAILED, EXIT_OK, EXIT_UNUSABLE, Output, ReconcileArgs};
+use crate::cli::{Command, EXIT_FAILED, EXIT_OK, Output, ReconcileArgs};
 use crate::config::Config;
 use crate::store::Store;
 use crate::stream::{Clock, SystemClock, deliver_due_until};
 use anyhow::{Context, Result};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -231,7 +231,13 @@ async fn worker(daemon: Arc<Daemon>, mut ticks: mpsc::Receiver<()>, mut forced: 
         let output = tokio::task::spawn_blocking(move || {
             let config = d.config();
             let started = std::time::Instant::now();
-            let out = crate::cli::execute(&config, &d.store, &Command::Reconcile(args), Some(d.stop.clone()));
+            let out = crate::cli::execute(
+                &config,
+                &d.store,
+                &Command::Reconcile(args),
+                Some(d.stop.clone()),
+                &mut std::io::sink(),
+            );
             log_reconcile(&out, started.elapsed(), scheduled);
             // Logged after every reconcile so that removing the newest events, or rewriting the
             // chain, is visible from outside the state directory.
@@ -344,6 +350,7 @@ async fn answer(
         Ok(serde_json::from_str(&line)?)
     })
     .await??;
+    // A reconcile goes through the worker (one at a time); its summary comes back whole.
     let output = match request.command {
         Command::Reconcile(args) => {
             let (tx, rx) = oneshot::channel();
@@ -361,21 +368,21 @@ async fn answer(
             Output::unusable("this command is not run through the control socket")
         }
         command => {
+            // Listings are written to the socket as the command produces them.
             let d = daemon.clone();
-            tokio::task::spawn_blocking(move || crate::cli::execute(&d.config(), &d.store, &command, None))
-                .await
-                .unwrap_or_else(|e| Output {
-                    stderr: format!("error: {e}\n"),
-                    code: EXIT_UNUSABLE,
-                    ..Output::default()
-                })
+            let socket = stream.try_clone()?;
+            return tokio::task::spawn_blocking(move || -> Result<()> {
+                let mut chunks = control::ChunkWriter::new(std::io::BufWriter::new(socket));
+                let output = crate::cli::execute(&d.config(), &d.store, &command, None, &mut chunks);
+                chunks.finish(&output)?;
+                Ok(())
+            })
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("control command panicked: {e}")));
         }
     };
     tokio::task::spawn_blocking(move || -> Result<()> {
-        let mut stream = stream;
-        let mut line = serde_json::to_vec(&output)?;
-        line.push(b'\n');
-        stream.write_all(&line)?;
+        control::ChunkWriter::new(stream).finish(&output)?;
         Ok(())
     })
     .await??;

@@ -63,7 +63,7 @@ fn walkthrough() -> Result<String> {
 
     writeln!(out, "\n3. The audit trail (policy-audit events):\n")?;
     let events = store.events(&EventQuery::default())?;
-    for line in crate::cli::render_events(&events, Format::Table).lines() {
+    for line in crate::cli::render_events(&events, Format::Table)?.lines() {
         writeln!(out, "   {line}")?;
     }
     writeln!(out, "\n   A rename shows as a delete of the old name plus a create of the new one; the invalid")?;

@@ -7,7 +7,7 @@
 //! events, change the chain head — which `status` shows and the daemon logs after every
 //! reconcile, so it can be compared with a copy kept elsewhere (the journal, a SIEM).
 
-use super::{CHAIN_HEAD, NEXT_SEQ, Store, be_u64};
+use super::{Store, StoreError, records::decode_link};
 use anyhow::Result;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -25,8 +25,8 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub(super) fn to_link(bytes: &[u8]) -> [u8; 32] {
-    bytes.try_into().unwrap_or(GENESIS)
+pub(super) fn to_link(dir: &std::path::Path, bytes: &[u8], what: impl Fn() -> String) -> Result<[u8; 32], StoreError> {
+    decode_link(dir, "meta", bytes, what)
 }
 
 /// The newest link and how many events it covers.
@@ -80,9 +80,7 @@ pub struct Verification {
 
 impl Store {
     pub fn chain_head(&self) -> Result<ChainHead> {
-        let events = self.meta.get(NEXT_SEQ)?.map(|v| be_u64(&v)).unwrap_or(0);
-        let head = self.meta.get(CHAIN_HEAD)?.map(|v| to_link(&v)).unwrap_or(GENESIS);
-        Ok(ChainHead { events, head: hex(&head) })
+        Ok(ChainHead { events: self.next_seq()?, head: hex(&self.recorded_head()?) })
     }
 
     /// Recomputes the chain over every stored event and reports the first break.
@@ -98,7 +96,7 @@ impl Store {
             let Some(stored) = self.chain.get(seq.to_be_bytes())? else {
                 return result(Some(Break::Unlinked { seq }));
             };
-            let stored = to_link(&stored);
+            let stored = decode_link(&self.dir, "chain", &stored, || format!("the chain link of event #{seq}"))?;
             if link(&previous, &bytes) != stored {
                 let id = serde_json::from_slice::<serde_json::Value>(&bytes)
                     .ok()

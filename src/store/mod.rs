@@ -5,13 +5,21 @@
 //!   their outbox entries ([`Store::commit_reconcile`]), and that transaction is flushed to disk
 //!   before the call returns: a crash loses nothing and a replay duplicates nothing;
 //! - an event id is stored at most once (`event_ids`), so replaying a step is harmless;
-//! - events are numbered by a gap-free sequence in the order they were stored.
+//! - events are numbered by a gap-free sequence in the order they were stored;
+//! - a record that does not decode is [`StoreError::Damaged`], never a default: a counter read
+//!   as 0 or a chain head read as genesis would overwrite the trail at the next write.
 
 pub mod chain;
+mod error;
+mod query;
+mod records;
+
+pub use error::StoreError;
+use records::{decode, decode_u64};
 
 use crate::event::{AuditEvent, EventType};
 use crate::policy::{LimitState, PolicySet};
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -71,6 +79,10 @@ pub struct EventQuery {
 }
 
 pub struct Store {
+    dir: std::path::PathBuf,
+    /// Our own exclusive lock on the directory, held as long as the store is open, so that
+    /// "another process has it" is a typed answer ([`StoreError::Locked`]).
+    _lock: std::fs::File,
     /// Held for a whole delivery round: two rounds at once could send an event twice or out
     /// of order.
     delivery_round: std::sync::Mutex<()>,
@@ -86,6 +98,8 @@ pub struct Store {
     dead: sled::Tree,
     meta: sled::Tree,
     status: sled::Tree,
+    /// created_at (RFC 3339, fixed width) ++ seq -> (): events in time order (see `query`).
+    by_time: sled::Tree,
 }
 
 const NEXT_SEQ: &[u8] = b"next_seq";
@@ -98,16 +112,17 @@ impl Store {
     /// process holds it: sled admits one process.
     pub fn open(dir: &Path) -> Result<Store> {
         create_private_dir(dir)?;
-        let db = sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).open().map_err(|e| match e {
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => anyhow!(
-                "the state database {} is in use by another policy-audit process (is the daemon running? then it answers through its control socket)",
-                dir.display()
-            ),
-            other => anyhow!("cannot open the state database {}: {other}", dir.display()),
-        })?;
+        let lock = lock_dir(dir)?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(|source| StoreError::Sled { dir: dir.to_path_buf(), source })?;
         let tree =
             |name: &str| db.open_tree(name).with_context(|| format!("cannot open tree {name} in {}", dir.display()));
-        Ok(Store {
+        let store = Store {
+            dir: dir.to_path_buf(),
+            _lock: lock,
             cursors: tree("cursors")?,
             events: tree("events")?,
             chain: tree("chain")?,
@@ -116,10 +131,16 @@ impl Store {
             dead: tree("dead")?,
             meta: tree("meta")?,
             status: tree("status")?,
+            by_time: tree("by_time")?,
             delivery_round: std::sync::Mutex::new(()),
             reconcile_run: std::sync::Mutex::new(()),
             db,
-        })
+        };
+        // The two records every write depends on are checked before anything else happens.
+        store.next_seq()?;
+        store.recorded_head()?;
+        store.build_time_index()?;
+        Ok(store)
     }
 
     /// Serialises delivery rounds on this store.
@@ -138,7 +159,10 @@ impl Store {
         let until = std::time::Instant::now() + patience;
         loop {
             match Store::open(dir) {
-                Err(e) if format!("{e}").contains("in use by another") && std::time::Instant::now() < until => {
+                Err(e)
+                    if matches!(e.downcast_ref::<StoreError>(), Some(StoreError::Locked { .. }))
+                        && std::time::Instant::now() < until =>
+                {
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
                 other => return other,
@@ -147,7 +171,8 @@ impl Store {
     }
 
     pub fn cursor(&self, project: &str) -> Result<Option<Cursor>> {
-        self.cursors.get(project)?.map(|v| decode(&v, "cursor")).transpose()
+        let location = || format!("cursor of project {project:?}");
+        Ok(self.cursors.get(project)?.map(|v| decode(&self.dir, "cursors", &v, location)).transpose()?)
     }
 
     /// Stores a reconcile's events with one outbox entry per destination that wants each, and
@@ -160,14 +185,34 @@ impl Store {
         events: &[AuditEvent],
         destinations_for: &dyn Fn(&AuditEvent) -> Vec<String>,
         now_ms: i64,
-    ) -> Result<usize> {
-        let cursor_bytes = serde_json::to_vec(cursor)?;
-        let encoded: Vec<(Vec<u8>, Vec<String>)> =
-            events.iter().map(|e| Ok((serde_json::to_vec(e)?, destinations_for(e)))).collect::<Result<_>>()?;
-        let trees = (&self.cursors, &self.events, &self.event_ids, &self.outbox, &self.meta, &self.chain);
-        let result = trees.transaction(|(cursors, tx_events, ids, outbox, meta, links)| {
-            let mut seq = meta.get(NEXT_SEQ)?.map(|v| be_u64(&v)).unwrap_or(0);
-            let mut head = meta.get(CHAIN_HEAD)?.map(|v| chain::to_link(&v)).unwrap_or(chain::GENESIS);
+    ) -> Result<usize, StoreError> {
+        let encode = |e: serde_json::Error| StoreError::Transaction { dir: self.dir.clone(), message: e.to_string() };
+        let cursor_bytes = serde_json::to_vec(cursor).map_err(encode)?;
+        let encoded: Vec<(Vec<u8>, Vec<String>)> = events
+            .iter()
+            .map(|e| Ok((serde_json::to_vec(e)?, destinations_for(e))))
+            .collect::<Result<_, serde_json::Error>>()
+            .map_err(encode)?;
+        let trees =
+            (&self.cursors, &self.events, &self.event_ids, &self.outbox, &self.meta, &self.chain, &self.by_time);
+        let result = trees.transaction(|(cursors, tx_events, ids, outbox, meta, links, by_time)| {
+            let abort = ConflictableTransactionError::Abort;
+            let mut seq = match meta.get(NEXT_SEQ)? {
+                Some(v) => {
+                    decode_u64(&self.dir, "meta", &v, || "the event counter (next_seq)".into()).map_err(abort)?
+                }
+                None => 0,
+            };
+            let mut head = match meta.get(CHAIN_HEAD)? {
+                Some(v) => chain::to_link(&self.dir, &v, || "the chain head (chain_head)".into()).map_err(abort)?,
+                None if seq > 0 => {
+                    return Err(abort(StoreError::Damaged {
+                        what: "the chain head (chain_head) is missing although events are stored".into(),
+                        location: format!("tree \"meta\" in {}", self.dir.display()),
+                    }));
+                }
+                None => chain::GENESIS,
+            };
             let mut stored = 0;
             for (event, (bytes, dests)) in events.iter().zip(&encoded) {
                 if ids.get(event.id.as_bytes())?.is_some() {
@@ -175,6 +220,7 @@ impl Store {
                 }
                 ids.insert(event.id.as_bytes(), &seq.to_be_bytes())?;
                 tx_events.insert(&seq.to_be_bytes(), bytes.as_slice())?;
+                by_time.insert(query::time_key(&event.created_at, seq), &[])?;
                 head = chain::link(&head, bytes);
                 links.insert(&seq.to_be_bytes(), &head)?;
                 for dest in dests {
@@ -189,8 +235,9 @@ impl Store {
                         last_status: None,
                         last_error: None,
                     };
-                    let value = serde_json::to_vec(&delivery)
-                        .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                    let value = serde_json::to_vec(&delivery).map_err(|e| {
+                        abort(StoreError::Transaction { dir: self.dir.clone(), message: e.to_string() })
+                    })?;
                     outbox.insert(delivery_key(dest, seq), value)?;
                 }
                 seq += 1;
@@ -201,14 +248,22 @@ impl Store {
             cursors.insert(project.as_bytes(), cursor_bytes.as_slice())?;
             Ok(stored)
         });
-        let stored =
-            result.map_err(|e: TransactionError<String>| anyhow!("store transaction for {project} failed: {e}"))?;
-        self.db.flush().context("cannot flush the state database")?;
+        let stored = result.map_err(|e: TransactionError<StoreError>| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(source) => StoreError::Sled { dir: self.dir.clone(), source },
+        })?;
+        self.db.flush().map_err(|source| StoreError::Sled { dir: self.dir.clone(), source })?;
         Ok(stored)
     }
 
     pub fn project_status(&self, project: &str) -> Result<ProjectStatus> {
-        Ok(self.status.get(project)?.map(|v| decode(&v, "status")).transpose()?.unwrap_or_default())
+        let location = || format!("status of project {project:?}");
+        Ok(self
+            .status
+            .get(project)?
+            .map(|v| decode(&self.dir, "status", &v, location))
+            .transpose()?
+            .unwrap_or_default())
     }
 
     pub fn set_project_status(&self, project: &str, status: &ProjectStatus) -> Result<()> {
@@ -226,26 +281,8 @@ impl Store {
         self.events.len()
     }
 
-    /// Matching events, oldest first (by `created_at`, then by storage order).
-    pub fn events(&self, q: &EventQuery) -> Result<Vec<AuditEvent>> {
-        let mut out = Vec::new();
-        for item in self.events.iter() {
-            let (_, v) = item?;
-            let e: AuditEvent = decode(&v, "event")?;
-            if q.matches(&e) {
-                out.push(e);
-            }
-        }
-        out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
-        if let Some(n) = q.limit {
-            let skip = out.len().saturating_sub(n);
-            out.drain(..skip);
-        }
-        Ok(out)
-    }
-
     pub fn pending(&self, destination: Option<&str>) -> Result<Vec<Delivery>> {
-        scan(&self.outbox, destination)
+        self.scan(&self.outbox, "outbox", destination)
     }
 
     /// How many deliveries of `destination` are pending, without decoding them.
@@ -254,7 +291,7 @@ impl Store {
     }
 
     pub fn dead(&self, destination: Option<&str>) -> Result<Vec<Delivery>> {
-        scan(&self.dead, destination)
+        self.scan(&self.dead, "dead", destination)
     }
 }
 
@@ -274,7 +311,7 @@ impl Store {
         match self.outbox.range(start..).next() {
             Some(item) => {
                 let (k, v) = item?;
-                if k.starts_with(&prefix) { Ok(Some(decode(&v, "delivery")?)) } else { Ok(None) }
+                if k.starts_with(&prefix) { Ok(Some(self.decode_delivery("outbox", &k, &v)?)) } else { Ok(None) }
             }
             None => Ok(None),
         }
@@ -300,7 +337,7 @@ impl Store {
                 dead.insert(key.as_slice(), value.as_slice())?;
                 Ok::<_, ConflictableTransactionError<String>>(())
             })
-            .map_err(|e: TransactionError<String>| anyhow!("cannot move delivery to dead letters: {e}"))
+            .map_err(|e: TransactionError<String>| anyhow::anyhow!("cannot move delivery to dead letters: {e}"))
     }
 
     /// Puts dead deliveries (of one destination, or all) back into the outbox, due now, with
@@ -320,7 +357,7 @@ impl Store {
                     outbox.insert(key.as_slice(), value.as_slice())?;
                     Ok::<_, ConflictableTransactionError<String>>(())
                 })
-                .map_err(|e: TransactionError<String>| anyhow!("cannot re-queue delivery: {e}"))?;
+                .map_err(|e: TransactionError<String>| anyhow::anyhow!("cannot re-queue delivery: {e}"))?;
         }
         self.flush()?;
         Ok(dead.len())
@@ -351,28 +388,6 @@ impl Store {
     }
 }
 
-impl EventQuery {
-    fn matches(&self, e: &AuditEvent) -> bool {
-        let author = self.author.as_ref().map(|a| a.to_lowercase());
-        (self.projects.is_empty() || self.projects.iter().any(|p| p == &e.entity_path))
-            && (self.event_types.is_empty() || self.event_types.contains(&e.event_type))
-            && self.policy.as_ref().is_none_or(|p| e.details.policy_name.as_deref() == Some(p.as_str()))
-            && author.is_none_or(|a| {
-                e.author_name.to_lowercase().contains(&a) || e.details.author_email.to_lowercase().contains(&a)
-            })
-            && self.since.as_ref().is_none_or(|s| e.created_at.as_str() >= s.as_str())
-            && self.until.as_ref().is_none_or(|u| e.created_at.as_str() <= u.as_str())
-    }
-}
-
-fn scan(tree: &sled::Tree, destination: Option<&str>) -> Result<Vec<Delivery>> {
-    let iter = match destination {
-        Some(d) => tree.scan_prefix(destination_prefix(d)),
-        None => tree.iter(),
-    };
-    iter.values().map(|v| decode(&v?, "delivery")).collect()
-}
-
 pub(crate) fn destination_prefix(destination: &str) -> Vec<u8> {
     let mut k = destination.as_bytes().to_vec();
     k.push(0);
@@ -383,14 +398,6 @@ pub(crate) fn delivery_key(destination: &str, seq: u64) -> Vec<u8> {
     let mut k = destination_prefix(destination);
     k.extend_from_slice(&seq.to_be_bytes());
     k
-}
-
-fn be_u64(bytes: &[u8]) -> u64 {
-    bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
-}
-
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
-    serde_json::from_slice(bytes).with_context(|| format!("corrupt {what} record in the state database"))
 }
 
 /// Creates `dir` (and parents) readable by the owner only: it holds mirrors and the trail.
@@ -405,4 +412,28 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     Ok(())
+}
+
+/// Takes the directory's lock file, or says who has it.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("policy-audit.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| StoreError::Sled { dir: dir.to_path_buf(), source: sled::Error::Io(e) })?;
+    // SAFETY: flock on a descriptor we own; no memory is shared.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
+            StoreError::Locked { dir: dir.to_path_buf() }
+        } else {
+            StoreError::Sled { dir: dir.to_path_buf(), source: sled::Error::Io(e) }
+        });
+    }
+    Ok(file)
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 const POLICY: &str = ".gitlab/security-policies/policy.yml";
 
 /// A trail of 5 events (five policy creations), with its config.
-fn trail(ws: &Workspace) -> PathBuf {
+pub(crate) fn trail(ws: &Workspace) -> PathBuf {
     let repo = ws.init_repo("spp");
     let mut text = String::from("approval_policy:\n");
     for i in 0..5 {
@@ -28,7 +28,7 @@ fn trail(ws: &Workspace) -> PathBuf {
 }
 
 /// Opens the database directly, as someone with access to the state directory could.
-fn tamper(ws: &Workspace, edit: impl FnOnce(&sled::Db)) {
+pub(crate) fn tamper(ws: &Workspace, edit: impl FnOnce(&sled::Db)) {
     let db = sled::open(ws.path("state/db")).expect("open sled");
     edit(&db);
     db.flush().expect("flush");

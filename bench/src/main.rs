@@ -1,4 +1,4 @@
-//! `cargo run --release --bin bench -- [all|backfill|fleet|delivery|store] [--quick]`: builds
+//! `cargo run --release -p policy-audit-bench -- [all|backfill|fleet|delivery|store] [--quick]`: builds
 //! its own repositories and prints one table, each figure measured in the same run next to a
 //! baseline (git itself, or wrk). Figures, never assertions: see docs/performance.md.
 
@@ -6,7 +6,7 @@ mod measure;
 mod repos;
 
 use anyhow::{Context, Result, bail};
-use measure::{Sample, du, mib, ms, run};
+use measure::{Sample, du, median, mib, ms, run};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -102,6 +102,9 @@ fn start(what: &str, quick: bool) -> Result<()> {
     }
     if all || what == "store" {
         bench.store()?;
+    }
+    if all || what == "export" {
+        bench.export()?;
     }
     bench.print();
     Ok(())
@@ -334,6 +337,36 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// `events` over a large store: written as it is read, so memory stays flat whatever the
+    /// size of the trail (the table format, which sizes its columns, is left out).
+    fn export(&mut self) -> Result<()> {
+        let events = if self.quick { 100_000 } else { 1_000_000 };
+        let config = self.work.join("export.toml");
+        std::fs::write(&config, "state_dir = \"ex-state\"\n")?;
+        eprintln!("filling a store with {events} events (once)");
+        synthetic_events(&config, events, false)?;
+        for format in ["jsonl", "csv"] {
+            let sample = median(self.runs, || {
+                run(Command::new(&self.bin)
+                    .arg("--config")
+                    .arg(&config)
+                    .args(["events", "--format", format])
+                    .stdout(std::fs::File::create("/dev/null")?)
+                    .stderr(std::process::Stdio::inherit()))
+            })?;
+            self.row(
+                &format!("events --format {format}, {events} events"),
+                format!("{:.0} events/s", events as f64 / sample.wall.as_secs_f64()),
+                "-".into(),
+                fmt_ms(sample),
+                fmt_rss(sample),
+            );
+        }
+        Ok(())
+    }
+}
+
 fn fmt_ms(s: Sample) -> String {
     format!("{:.0} ms", ms(s.wall))
 }
@@ -363,7 +396,7 @@ fn synthetic_events(config_path: &Path, n: usize, outbox: bool) -> Result<Vec<u8
     );
     let config = Config::parse(config_path, &with_project).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open(&config.db_dir())?;
-    let set = parse(include_bytes!("../../../benches/data/approval_policy.yml"))?;
+    let set = parse(include_bytes!("../../benches/data/approval_policy.yml"))?;
     let change = diff(&PolicySet::default(), &set).into_iter().next().context("no change")?;
     let project = &config.projects[0];
     let destinations: Vec<String> =

@@ -1,0 +1,33 @@
+//! What can go wrong with the state database, as types: callers branch on the kind (a damaged
+//! store stops the command with exit 2 and writes nothing; a locked one is waited for).
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process holds the database (sled admits one).
+    #[error(
+        "the state database {} is in use by another policy-audit process (is the daemon running? then it answers through its control socket)",
+        dir.display()
+    )]
+    Locked { dir: PathBuf },
+    /// A record does not decode: never read as a default, since a default (a sequence number
+    /// of 0, the genesis link) would overwrite the trail at the next write.
+    #[error(
+        "state database is damaged: {what}, {location}; restore from backup, see docs/operations.md (\"A damaged state directory\")"
+    )]
+    Damaged { what: String, location: String },
+    /// sled itself failed (I/O, or its own corruption checks).
+    #[error("state database {}: {source}", dir.display())]
+    Sled { dir: PathBuf, source: sled::Error },
+    /// A transaction did not commit.
+    #[error("state database {}: {message}", dir.display())]
+    Transaction { dir: PathBuf, message: String },
+}
+
+impl StoreError {
+    /// Whether `e` (anywhere in its chain) says the database is damaged.
+    pub fn is_damaged(e: &anyhow::Error) -> bool {
+        e.chain().any(|c| matches!(c.downcast_ref::<StoreError>(), Some(StoreError::Damaged { .. })))
+    }
+}
