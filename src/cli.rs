@@ -1,26 +1,12 @@
-//! The command line (SPEC §5): clap definitions and one small function per command. Every
-//! command returns an [`Output`] (its summary, messages and exit code) and writes listings of
-//! unbounded size straight to the writer it is given, so the same code answers in-process
-//! (writing to stdout) and through the daemon's control socket (writing frames to the socket).
+//! The command line (SPEC §5), clap only: what the user typed becomes an [`app::Request`], run
+//! through the daemon's control socket when a daemon holds the store, in-process otherwise.
+//! `run` (the daemon), `check-config` and `demo` are started from here.
 
+use crate::app::{self, EXIT_OK, EXIT_UNUSABLE, Output, Request};
 use crate::config::Config;
 use crate::store::Store;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde::{Deserialize, Serialize};
-use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-
-mod deliveries;
-mod events;
-mod reconcile;
-mod status;
-mod verify;
-
-pub const EXIT_OK: u8 = 0;
-pub const EXIT_FAILED: u8 = 1;
-pub const EXIT_UNUSABLE: u8 = 2;
 
 #[derive(Debug, Parser)]
 #[command(name = "policy-audit", version, about = "Audit trail for GitLab security policies kept as code")]
@@ -32,7 +18,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Clone, Subcommand, Serialize, Deserialize)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Reconcile now and deliver what is due
     Reconcile(ReconcileArgs),
@@ -52,7 +38,7 @@ pub enum Command {
     Run,
 }
 
-#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct ReconcileArgs {
     /// Only these projects (SPP paths); repeatable
     #[arg(long = "project", value_name = "PATH")]
@@ -71,7 +57,7 @@ pub struct ReconcileArgs {
     pub timings: bool,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     #[default]
     Table,
@@ -80,7 +66,7 @@ pub enum Format {
     Csv,
 }
 
-#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct EventsArgs {
     /// Only events of these projects (SPP paths); repeatable
     #[arg(long = "project", value_name = "PATH")]
@@ -107,7 +93,7 @@ pub struct EventsArgs {
     pub format: Format,
 }
 
-#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct DeliveriesArgs {
     #[command(subcommand)]
     pub action: Option<DeliveriesAction>,
@@ -121,50 +107,28 @@ pub struct DeliveriesArgs {
     pub json: bool,
 }
 
-#[derive(Debug, Clone, Subcommand, Serialize, Deserialize)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum DeliveriesAction {
     /// Put dead deliveries back in the queue (attempts reset) and deliver what is due
     Retry,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeliveryState {
     Pending,
     Dead,
 }
 
-#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct VerifyArgs {
     #[arg(long)]
     pub json: bool,
 }
 
-#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
-}
-
-/// What a command prints and how it exits.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Output {
-    pub stdout: String,
-    pub stderr: String,
-    pub code: u8,
-}
-
-impl Output {
-    pub fn unusable(message: impl std::fmt::Display) -> Output {
-        Output { stderr: format!("error: {message}\n"), code: EXIT_UNUSABLE, ..Output::default() }
-    }
-
-    pub fn err_line(&mut self, line: impl std::fmt::Display) {
-        let _ = writeln!(self.stderr, "{line}");
-    }
-
-    pub fn out_line(&mut self, line: impl std::fmt::Display) {
-        let _ = writeln!(self.stdout, "{line}");
-    }
 }
 
 pub fn parse_args() -> Cli {
@@ -201,7 +165,10 @@ pub fn run(cli: Cli, stdout: &mut dyn std::io::Write) -> Output {
                 Ok(c) => c,
                 Err(e) => return config_errors(&e),
             };
-            match crate::daemon::control::try_daemon(&client, command, stdout) {
+            let Some(request) = request_of(command) else {
+                return Output::unusable("internal: this command is not a request");
+            };
+            match crate::control::try_daemon(&client, &request, stdout) {
                 Some(Ok(answer)) => return answer,
                 Some(Err(e)) => {
                     return Output { stderr: format!("error: {e:#}\n"), code: EXIT_UNUSABLE, ..Output::default() };
@@ -218,7 +185,7 @@ pub fn run(cli: Cli, stdout: &mut dyn std::io::Write) -> Output {
                 out.err_line(format!("warning: {w}"));
             }
             let result = match Store::open_waiting(&config.db_dir(), std::time::Duration::from_secs(3)) {
-                Ok(store) => execute(&config, &store, command, None, stdout),
+                Ok(store) => app::execute(&config, &store, &request, None, stdout),
                 Err(e) => Output::unusable(format!("{e:#}")),
             };
             out.stdout.push_str(&result.stdout);
@@ -229,26 +196,46 @@ pub fn run(cli: Cli, stdout: &mut dyn std::io::Write) -> Output {
     }
 }
 
-/// Runs a command that needs the store.
-/// `stop` is the daemon's shutdown flag (None in-process); `out` takes listings as they are
-/// produced.
-pub fn execute(
-    config: &Config,
-    store: &Store,
-    command: &Command,
-    stop: Option<Arc<AtomicBool>>,
-    out: &mut dyn std::io::Write,
-) -> Output {
-    match command {
-        Command::Reconcile(args) => reconcile::run(config, store, args, stop),
-        Command::Events(args) => events::run(store, args, out),
-        Command::Status(args) => status::run(config, store, args),
-        Command::Deliveries(args) => deliveries::run(config, store, args),
-        Command::Verify(args) => verify::run(store, args),
-        Command::Run | Command::CheckConfig | Command::Demo => {
-            Output::unusable("internal: command does not use the store")
+/// The request a command stands for (None for the commands started here).
+fn request_of(command: &Command) -> Option<Request> {
+    Some(match command {
+        Command::Reconcile(a) => Request::Reconcile(app::ReconcileRequest {
+            projects: a.projects.clone(),
+            backfill: a.backfill,
+            no_deliver: a.no_deliver,
+            json: a.json,
+            timings: a.timings,
+        }),
+        Command::Events(a) => Request::Events(app::EventsRequest {
+            projects: a.projects.clone(),
+            types: a.types.clone(),
+            policy: a.policy.clone(),
+            author: a.author.clone(),
+            since: a.since.clone(),
+            until: a.until.clone(),
+            limit: a.limit,
+            format: match a.format {
+                Format::Table => app::Format::Table,
+                Format::Json => app::Format::Json,
+                Format::Jsonl => app::Format::Jsonl,
+                Format::Csv => app::Format::Csv,
+            },
+        }),
+        Command::Status(a) => Request::Status { json: a.json },
+        Command::Deliveries(DeliveriesArgs { action: Some(DeliveriesAction::Retry), destination, .. }) => {
+            Request::RetryDeliveries { destination: destination.clone() }
         }
-    }
+        Command::Deliveries(a) => Request::Deliveries(app::DeliveriesRequest {
+            destination: a.destination.clone(),
+            state: a.state.map(|s| match s {
+                DeliveryState::Pending => app::DeliveryState::Pending,
+                DeliveryState::Dead => app::DeliveryState::Dead,
+            }),
+            json: a.json,
+        }),
+        Command::Verify(a) => Request::Verify { json: a.json },
+        Command::CheckConfig | Command::Demo | Command::Run => return None,
+    })
 }
 
 /// Deliveries queued for destinations the config being checked no longer has: asked of the
@@ -257,9 +244,9 @@ pub fn execute(
 fn orphaned_deliveries(config: &Config) -> anyhow::Result<Vec<String>> {
     use anyhow::Context;
     let mut counts: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-    let list = Command::Deliveries(DeliveriesArgs { json: true, ..DeliveriesArgs::default() });
+    let list = Request::Deliveries(app::DeliveriesRequest { json: true, ..app::DeliveriesRequest::default() });
     let mut listing = Vec::new();
-    match crate::daemon::control::try_daemon(config, &list, &mut listing) {
+    match crate::control::try_daemon(config, &list, &mut listing) {
         Some(answer) => {
             let answer = answer?;
             if answer.code != EXIT_OK {
@@ -308,15 +295,6 @@ fn orphaned_deliveries(config: &Config) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-/// A failed write of the command's output: an error (exit 1), except a closed pipe
-/// (`policy-audit events | head`), which ends the output quietly.
-pub fn write_failed(e: &std::io::Error) -> Output {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        return Output::default();
-    }
-    Output { stderr: format!("error: cannot write the output: {e}\n"), code: EXIT_FAILED, ..Output::default() }
-}
-
 fn load_config(cli: &Cli) -> Result<Config, Output> {
     Config::load(&cli.config).map_err(|e| config_errors(&e))
 }
@@ -353,21 +331,4 @@ fn check_config(cli: &Cli) -> Output {
         config.state_dir.display()
     ));
     out
-}
-
-/// The one-line summary `reconcile` prints for a project.
-pub fn describe_summary(summary: &crate::reconcile::Summary) -> String {
-    reconcile::describe(summary)
-}
-
-/// Delivers what is due, as `reconcile` does after storing.
-pub fn deliver_now(config: &Config, store: &Store, out: &mut Output) -> Vec<crate::stream::DestinationReport> {
-    deliveries::deliver_now(config, store, out)
-}
-
-/// Events rendered as `events --format` does.
-pub fn render_events(events: &[crate::event::AuditEvent], format: Format) -> std::io::Result<String> {
-    let mut text = Vec::new();
-    events::render(events, format, &mut text)?;
-    Ok(String::from_utf8_lossy(&text).into_owned())
 }

@@ -2,10 +2,14 @@
 //!
 //! The pipeline, one module per stage: `repo` (fetch, walk) -> `policy` (parse, diff) ->
 //! `event` (GitLab's schema) -> `store` (sled) -> `stream` (delivery). `reconcile` drives one
-//! project through it; `cli` and `daemon` are the ways in.
+//! project through it; `app` is the application over it (typed requests, `execute`, the
+//! renderers); `cli`, `control`, `daemon` and `demo` are the ways in, and call `app`.
+//! See docs/architecture.md.
 
+pub mod app;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod event;

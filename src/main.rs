@@ -14,7 +14,7 @@ fn main() -> ExitCode {
     let mut output = policy_audit::cli::run(cli, &mut stdout);
     let written = stdout.write_all(output.stdout.as_bytes()).and_then(|()| stdout.flush());
     if let Err(e) = written {
-        let failed = policy_audit::cli::write_failed(&e);
+        let failed = policy_audit::app::write_failed(&e);
         output.stderr.push_str(&failed.stderr);
         output.code = output.code.max(failed.code);
     }

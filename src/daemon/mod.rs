@@ -9,10 +9,9 @@
 //! - shutdown never interrupts a store transaction: work stops between projects and between
 //!   deliveries, and what was not stored is repeated by the next run.
 
-pub mod control;
-
-use crate::cli::{Command, EXIT_FAILED, EXIT_OK, Output, ReconcileArgs};
+use crate::app::{self, EXIT_FAILED, EXIT_OK, Output, ReconcileRequest, Request};
 use crate::config::Config;
+use crate::control;
 use crate::store::Store;
 use crate::stream::{Clock, SystemClock, deliver_due_until};
 use anyhow::{Context, Result};
@@ -37,7 +36,7 @@ struct Daemon {
     wake_delivery: Notify,
 }
 
-type Forced = (ReconcileArgs, oneshot::Sender<Output>);
+type Forced = (ReconcileRequest, oneshot::Sender<Output>);
 
 impl Daemon {
     fn config(&self) -> Arc<Config> {
@@ -216,7 +215,7 @@ async fn worker(daemon: Arc<Daemon>, mut ticks: mpsc::Receiver<()>, mut forced: 
             biased;
             _ = shutdown.wait_for(|stop| *stop) => return,
             Some((args, reply)) = forced.recv() => (args, Some(reply)),
-            Some(()) = ticks.recv() => (ReconcileArgs::default(), None),
+            Some(()) = ticks.recv() => (ReconcileRequest::default(), None),
             else => return,
         };
         if daemon.stop.load(Ordering::SeqCst) {
@@ -231,14 +230,9 @@ async fn worker(daemon: Arc<Daemon>, mut ticks: mpsc::Receiver<()>, mut forced: 
         let output = tokio::task::spawn_blocking(move || {
             let config = d.config();
             let started = std::time::Instant::now();
-            let out = crate::cli::execute(
-                &config,
-                &d.store,
-                &Command::Reconcile(args),
-                Some(d.stop.clone()),
-                &mut std::io::sink(),
-            );
-            log_reconcile(&out, started.elapsed(), scheduled);
+            let report = app::reconcile::reconcile(&config, &d.store, &args, Some(d.stop.clone()));
+            log_reconcile(&report, started.elapsed(), scheduled);
+            let out = app::reconcile::render(&config, &args, report);
             // Logged after every reconcile so that removing the newest events, or rewriting the
             // chain, is visible from outside the state directory.
             match d.store.chain_head() {
@@ -259,13 +253,38 @@ async fn worker(daemon: Arc<Daemon>, mut ticks: mpsc::Receiver<()>, mut forced: 
     }
 }
 
-fn log_reconcile(out: &Output, took: Duration, scheduled: bool) {
+/// One structured line per project (and per delivery round that did something).
+fn log_reconcile(report: &app::reconcile::Report, took: Duration, scheduled: bool) {
     let trigger = if scheduled { "schedule" } else { "forced" };
-    for line in out.stdout.lines().filter(|l| !l.trim_start().starts_with("timings")) {
-        tracing::info!(trigger, took_ms = took.as_millis() as u64, "{line}");
+    let took_ms = took.as_millis() as u64;
+    for (project, result) in &report.projects {
+        match result {
+            Ok(s) => tracing::info!(
+                trigger,
+                took_ms,
+                project = %s.project,
+                commits = s.commits,
+                steps = s.steps,
+                stored = s.stored,
+                from = s.from.as_deref().unwrap_or(""),
+                to = %s.to,
+                first_sync = s.first_sync.as_deref().unwrap_or(""),
+                history_rewritten = s.history_rewritten,
+                duration_ms = s.duration_ms,
+                "reconciled"
+            ),
+            Err(e) => tracing::error!(trigger, project = %project, error = %format!("{e:#}"), "reconcile failed"),
+        }
     }
-    for line in out.stderr.lines() {
-        tracing::error!(trigger, "{}", line.trim_start_matches("error: "));
+    for r in report.deliveries.iter().filter(|r| r.delivered + r.retried + r.dead > 0) {
+        tracing::info!(
+            destination = %r.destination,
+            delivered = r.delivered,
+            retried = r.retried,
+            dead = r.dead,
+            pending = r.pending,
+            "delivery round"
+        );
     }
 }
 
@@ -344,15 +363,27 @@ async fn answer(
 ) -> Result<()> {
     stream.set_nonblocking(false)?;
     let reader_stream = stream.try_clone()?;
-    let request: control::Request = tokio::task::spawn_blocking(move || -> Result<control::Request> {
+    let line = tokio::task::spawn_blocking(move || -> Result<String> {
         let mut line = String::new();
         BufReader::new(reader_stream).read_line(&mut line)?;
-        Ok(serde_json::from_str(&line)?)
+        Ok(line)
     })
     .await??;
+    let request = match control::read_request(&line) {
+        Ok(request) => request,
+        Err(why) => {
+            tracing::warn!(error = %why, "control request refused");
+            return tokio::task::spawn_blocking(move || -> Result<()> {
+                let mut stream = stream;
+                std::io::Write::write_all(&mut stream, &control::refusal(why))?;
+                Ok(())
+            })
+            .await?;
+        }
+    };
     // A reconcile goes through the worker (one at a time); its summary comes back whole.
-    let output = match request.command {
-        Command::Reconcile(args) => {
+    let output = match request {
+        Request::Reconcile(args) => {
             let (tx, rx) = oneshot::channel();
             if forced.send((args, tx)).await.is_err() {
                 Output::unusable("the daemon is shutting down")
@@ -364,16 +395,13 @@ async fn answer(
                 })
             }
         }
-        Command::Run | Command::CheckConfig | Command::Demo => {
-            Output::unusable("this command is not run through the control socket")
-        }
-        command => {
+        request => {
             // Listings are written to the socket as the command produces them.
             let d = daemon.clone();
             let socket = stream.try_clone()?;
             return tokio::task::spawn_blocking(move || -> Result<()> {
                 let mut chunks = control::ChunkWriter::new(std::io::BufWriter::new(socket));
-                let output = crate::cli::execute(&d.config(), &d.store, &command, None, &mut chunks);
+                let output = app::execute(&d.config(), &d.store, &request, None, &mut chunks);
                 chunks.finish(&output)?;
                 Ok(())
             })

@@ -3,7 +3,7 @@
 //! rename, an invalid commit and its fix), reconciles it with the embedded store and prints the
 //! trail. Needs no network and no setup beyond `git` on PATH.
 
-use crate::cli::{EXIT_FAILED, Format, Output};
+use crate::app::{EXIT_FAILED, Format, Output};
 use crate::config::Config;
 use crate::reconcile::{Options, reconcile_all};
 use crate::store::{EventQuery, Store};
@@ -58,12 +58,14 @@ fn walkthrough() -> Result<String> {
     writeln!(out, "\n2. Reconciling it (first sync with initial_sync = \"backfill\": the whole history is replayed)")?;
     let projects: Vec<_> = config.projects.iter().collect();
     for (_, result) in reconcile_all(&config, &store, &projects, &Options::default(), jiff::Timestamp::now) {
-        writeln!(out, "   {}", crate::cli::describe_summary(&result?))?;
+        writeln!(out, "   {}", crate::app::reconcile::describe(&result?))?;
     }
 
     writeln!(out, "\n3. The audit trail (policy-audit events):\n")?;
     let events = store.events(&EventQuery::default())?;
-    for line in crate::cli::render_events(&events, Format::Table)?.lines() {
+    let mut table = Vec::new();
+    crate::app::events::render(&events, Format::Table, &mut table)?;
+    for line in String::from_utf8_lossy(&table).lines() {
         writeln!(out, "   {line}")?;
     }
     writeln!(out, "\n   A rename shows as a delete of the old name plus a create of the new one; the invalid")?;
@@ -79,7 +81,7 @@ fn walkthrough() -> Result<String> {
 
     writeln!(out, "\n5. Streaming to a local receiver at {} (as a SIEM would receive them)", receiver.url)?;
     let mut delivery = Output::default();
-    crate::cli::deliver_now(&config, &store, &mut delivery);
+    crate::app::deliveries::deliver_now(&config, &store, &mut delivery);
     for line in delivery.stdout.lines() {
         writeln!(out, "   {line}")?;
     }
@@ -96,7 +98,7 @@ fn walkthrough() -> Result<String> {
 
     writeln!(out, "\n6. Reconciling again: nothing new, nothing stored twice")?;
     for (_, result) in reconcile_all(&config, &store, &projects, &Options::default(), jiff::Timestamp::now) {
-        writeln!(out, "   {}", crate::cli::describe_summary(&result?))?;
+        writeln!(out, "   {}", crate::app::reconcile::describe(&result?))?;
     }
     writeln!(out, "\nThe temporary folder is removed now. Point a config.toml at your own policy projects and run")?;
     writeln!(out, "`policy-audit check-config`, then `policy-audit reconcile`.")?;

@@ -190,6 +190,9 @@ fn sighup_reloads_the_config_and_a_broken_one_is_rejected() {
     commit(&other, "Carol", "carol@example.com", "2024-01-03T10:00:00Z", "dast");
     let config_path = config(&ws, NEVER, &[("acme/spp", &repo)], "");
     let daemon = Daemon::start(&ws, &config_path);
+    // The start-up reconcile reads the config when it starts: let it finish first, or it may
+    // already see the project added below.
+    wait_for("the start-up reconcile", Duration::from_secs(15), || daemon.log().contains("project=acme/spp"));
     // Add a project and reload.
     config(&ws, NEVER, &[("acme/spp", &repo), ("acme/other", &other)], "");
     daemon.signal("-HUP");
@@ -310,7 +313,7 @@ fn under_journald_lines_carry_their_syslog_priority() {
     let repo = spp(&ws);
     let config = config(&ws, NEVER, &[("acme/spp", &repo)], "");
     let daemon = Daemon::start_with_env(&ws, &config, &[("JOURNAL_STREAM", "8:1234")]);
-    wait_for("the start-up reconcile", Duration::from_secs(15), || daemon.log().contains("1 event(s) stored"));
+    wait_for("the start-up reconcile", Duration::from_secs(15), || daemon.log().contains("stored=1"));
     let log = daemon.log();
     assert!(log.lines().all(|l| l.starts_with('<')), "every line has a priority prefix:\n{log}");
     assert!(log.lines().any(|l| l.starts_with("<6>") && l.contains("policy-audit daemon started")), "{log}");
@@ -338,5 +341,48 @@ fn check_config_asks_the_daemon_about_deliveries_a_new_config_would_orphan() {
         "{}",
         stderr(&out)
     );
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn a_cli_and_a_daemon_of_different_protocols_get_an_error_naming_both() {
+    // A daemon that speaks protocol 999 answers whatever it is asked.
+    let ws = Workspace::new();
+    let repo = spp(&ws);
+    let config = config(&ws, NEVER, &[("acme/spp", &repo)], "");
+    std::fs::create_dir_all(ws.path("state")).expect("state dir");
+    let listener = std::os::unix::net::UnixListener::bind(ws.path("state/control.sock")).expect("bind");
+    let fake = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (stream, _) = listener.accept().expect("accept");
+        let mut line = String::new();
+        std::io::BufReader::new(&stream).read_line(&mut line).expect("read request");
+        let reply = r#"{"protocol":999,"release":"9.9.9","reply":{"something_new":{}}}"#;
+        (&stream).write_all(format!("{reply}\n").as_bytes()).expect("answer");
+        line
+    });
+    let out = ws.run(&config, &["status"]);
+    let request = fake.join().expect("fake daemon");
+    let sent: serde_json::Value = serde_json::from_str(&request).expect("the request is JSON");
+    assert_eq!(sent["protocol"], 1, "the CLI names its protocol: {request}");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("speaks control protocol 1"), "{err}");
+    assert!(err.contains("the running daemon speaks protocol 999, policy-audit 9.9.9"), "{err}");
+
+    // The real daemon, asked in protocol 999, refuses in words that name both.
+    let daemon = Daemon::start(&ws, &config);
+    let mut stream = std::os::unix::net::UnixStream::connect(ws.path("state/control.sock")).expect("connect");
+    use std::io::{BufRead, Write};
+    stream
+        .write_all(b"{\"protocol\":999,\"release\":\"9.9.9\",\"request\":{\"status\":{\"json\":true}}}\n")
+        .expect("send");
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream).read_line(&mut answer).expect("answer");
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("the answer is JSON");
+    let said = answer["reply"]["done"]["stderr"].as_str().unwrap_or_default();
+    assert!(said.contains("the daemon speaks control protocol 1"), "{answer}");
+    assert!(said.contains("the command speaks protocol 999, policy-audit 9.9.9"), "{answer}");
+    assert_eq!(answer["reply"]["done"]["code"], 2);
     assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
 }

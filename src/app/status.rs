@@ -1,14 +1,14 @@
 //! `policy-audit status`: per project cursor, last success, last error and flag state; per
 //! destination pending and dead deliveries. Never shows a secret.
 
-use super::{Output, StatusArgs};
+use super::Output;
 use crate::config::Config;
 use crate::store::Store;
 use serde_json::json;
 
-pub fn run(config: &Config, store: &Store, args: &StatusArgs) -> Output {
+pub fn run(config: &Config, store: &Store, json: bool) -> Output {
     match collect(config, store) {
-        Ok(report) if args.json => {
+        Ok(report) if json => {
             Output { stdout: serde_json::to_string_pretty(&report).unwrap_or_default() + "\n", ..Output::default() }
         }
         Ok(report) => Output { stdout: text(&report), ..Output::default() },

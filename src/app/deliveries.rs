@@ -1,13 +1,14 @@
 //! `policy-audit deliveries`: the outbox and dead letters per destination; `deliveries retry`
 //! re-queues dead entries and delivers what is due. Also the delivery summary `reconcile` prints.
 
-use super::{DeliveriesAction, DeliveriesArgs, DeliveryState, EXIT_FAILED, EXIT_UNUSABLE, Output};
+use super::{DeliveriesRequest, DeliveryState, EXIT_FAILED, EXIT_UNUSABLE, Output};
 use crate::config::Config;
 use crate::event::rfc3339_millis;
 use crate::store::{Delivery, Store};
 use crate::stream::{Clock, DestinationReport, SystemClock, deliver_due};
 
-pub fn run(config: &Config, store: &Store, args: &DeliveriesArgs) -> Output {
+/// Lists pending and dead deliveries.
+pub fn run(config: &Config, store: &Store, args: &DeliveriesRequest) -> Output {
     let known = |name: &String| -> anyhow::Result<bool> {
         Ok(config.destinations.iter().any(|d| &d.name == name) || store.destinations_with_entries()?.contains(name))
     };
@@ -23,21 +24,18 @@ pub fn run(config: &Config, store: &Store, args: &DeliveriesArgs) -> Output {
             Err(e) => return Output::unusable(format!("{e:#}")),
         }
     }
-    match &args.action {
-        Some(DeliveriesAction::Retry)
-            if args.destination.as_ref().is_some_and(|n| !config.destinations.iter().any(|d| &d.name == n)) =>
-        {
-            Output::unusable(format!(
-                "destination {:?} is not in the config: its deliveries cannot be sent; add it back first",
-                args.destination.as_deref().unwrap_or_default()
-            ))
-        }
-        Some(DeliveriesAction::Retry) => retry(config, store, args.destination.as_deref()),
-        None => list(store, args),
-    }
+    list(store, args)
 }
 
-fn retry(config: &Config, store: &Store, destination: Option<&str>) -> Output {
+/// Re-queues dead deliveries (of one destination, or all) and delivers what is due.
+pub fn retry(config: &Config, store: &Store, destination: Option<&str>) -> Output {
+    if let Some(name) = destination
+        && !config.destinations.iter().any(|d| d.name == name)
+    {
+        return Output::unusable(format!(
+            "destination {name:?} is not in the config: its deliveries cannot be sent; add it back first"
+        ));
+    }
     let mut out = Output::default();
     match store.requeue_dead(destination, SystemClock.now_ms()) {
         Ok(n) => out.out_line(format!("re-queued {n} dead deliver{}", if n == 1 { "y" } else { "ies" })),
@@ -47,7 +45,7 @@ fn retry(config: &Config, store: &Store, destination: Option<&str>) -> Output {
     out
 }
 
-fn list(store: &Store, args: &DeliveriesArgs) -> Output {
+fn list(store: &Store, args: &DeliveriesRequest) -> Output {
     let dest = args.destination.as_deref();
     let mut rows: Vec<(&str, Delivery)> = Vec::new();
     let want = |s: DeliveryState| args.state.is_none_or(|w| w == s);

@@ -5,14 +5,14 @@
 //! for people; use `--limit` or another format for large listings). A write error is an error:
 //! only a closed pipe (`events | head`) ends the listing quietly.
 
-use super::{EXIT_UNUSABLE, EventsArgs, Format, Output, write_failed};
+use super::{EXIT_UNUSABLE, EventsRequest, Format, Output, write_failed};
 use crate::event::{AuditEvent, EventType, rfc3339_millis};
 use crate::store::{EventQuery, Store};
 use serde::ser::{SerializeSeq, Serializer};
 use std::io::Write;
 use std::ops::ControlFlow;
 
-pub fn run(store: &Store, args: &EventsArgs, out: &mut dyn Write) -> Output {
+pub fn run(store: &Store, args: &EventsRequest, out: &mut dyn Write) -> Output {
     let query = match query_of(args) {
         Ok(q) => q,
         Err(e) => {
@@ -65,7 +65,7 @@ fn write_events(store: &Store, query: &EventQuery, format: Format, out: &mut dyn
     Ok(())
 }
 
-fn query_of(args: &EventsArgs) -> Result<EventQuery, String> {
+fn query_of(args: &EventsRequest) -> Result<EventQuery, String> {
     let mut event_types = Vec::new();
     for t in &args.types {
         let full = if t.starts_with("security_policy_") { t.clone() } else { format!("security_policy_{t}") };

@@ -1,46 +1,86 @@
-//! `policy-audit reconcile`: runs the reconcile of the selected projects and prints one summary
-//! line per project (or JSON); exit 1 when any project failed.
+//! `policy-audit reconcile`: runs the reconcile of the selected projects, then delivers what is
+//! due. [`reconcile`] gives the typed [`Report`] (the daemon logs its fields); [`render`] prints
+//! one summary line per project (or JSON); exit 1 when any project failed, 2 when the store is
+//! damaged.
 
-use super::{EXIT_FAILED, EXIT_UNUSABLE, Output, ReconcileArgs};
+use super::{EXIT_FAILED, EXIT_UNUSABLE, Output, ReconcileRequest};
 use crate::config::{Config, Project};
 use crate::reconcile::{Options, Summary, reconcile_all};
 use crate::store::{Store, StoreError};
+use crate::stream::DestinationReport;
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-/// `stop` is the daemon's shutdown flag (None in-process).
-pub fn run(config: &Config, store: &Store, args: &ReconcileArgs, stop: Option<Arc<AtomicBool>>) -> Output {
-    let mut out = Output::default();
-    let projects: Vec<&Project> = if args.projects.is_empty() {
+/// What one reconcile request did.
+pub struct Report {
+    /// One entry per selected project, in config order.
+    pub projects: Vec<(String, anyhow::Result<Summary>)>,
+    /// One entry per destination, when deliveries were made.
+    pub deliveries: Vec<DestinationReport>,
+    /// The delivery lines and errors, as `deliveries retry` prints them.
+    pub delivery_output: Output,
+    /// Unknown `--project` paths: nothing was run.
+    pub unknown_projects: Vec<String>,
+}
+
+impl Report {
+    pub fn damaged(&self) -> bool {
+        self.projects.iter().any(|(_, r)| r.as_ref().is_err_and(StoreError::is_damaged))
+    }
+}
+
+/// Reconciles the selected projects and delivers what is due. `stop` is the daemon's shutdown
+/// flag (None in-process).
+pub fn reconcile(config: &Config, store: &Store, req: &ReconcileRequest, stop: Option<Arc<AtomicBool>>) -> Report {
+    let mut report = Report {
+        projects: Vec::new(),
+        deliveries: Vec::new(),
+        delivery_output: Output::default(),
+        unknown_projects: Vec::new(),
+    };
+    let projects: Vec<&Project> = if req.projects.is_empty() {
         config.projects.iter().collect()
     } else {
         let mut chosen = Vec::new();
-        for path in &args.projects {
+        for path in &req.projects {
             match config.projects.iter().find(|p| &p.path == path) {
                 Some(p) => chosen.push(p),
-                None => {
-                    out.err_line(format!("error: project {path:?} is not in {}", config.source.display()));
-                    out.code = EXIT_UNUSABLE;
-                }
+                None => report.unknown_projects.push(path.clone()),
             }
         }
-        if out.code != 0 {
-            return out;
+        if !report.unknown_projects.is_empty() {
+            return report;
         }
         chosen
     };
-    let options = Options { backfill: args.backfill, progress: !args.json && stop.is_none(), stop };
-    let results = reconcile_all(config, store, &projects, &options, jiff::Timestamp::now);
+    let options = Options { backfill: req.backfill, progress: !req.json && stop.is_none(), stop };
+    report.projects = reconcile_all(config, store, &projects, &options, jiff::Timestamp::now);
+    if !req.no_deliver && !report.damaged() {
+        report.deliveries = super::deliveries::deliver_now(config, store, &mut report.delivery_output);
+    }
+    report
+}
+
+/// The report as `reconcile` prints it.
+pub fn render(config: &Config, req: &ReconcileRequest, report: Report) -> Output {
+    let mut out = Output::default();
+    for path in &report.unknown_projects {
+        out.err_line(format!("error: project {path:?} is not in {}", config.source.display()));
+        out.code = EXIT_UNUSABLE;
+    }
+    if !report.unknown_projects.is_empty() {
+        return out;
+    }
     let mut json_rows = Vec::new();
-    for (path, result) in &results {
+    for (path, result) in &report.projects {
         match result {
             Ok(summary) => {
-                if args.json {
+                if req.json {
                     json_rows.push(serde_json::to_value(summary).unwrap_or_default());
                 } else {
                     out.out_line(describe(summary));
-                    if args.timings {
+                    if req.timings {
                         let t = &summary.timings;
                         out.out_line(format!(
                             "  timings: fetch {:.1} ms, walk {:.1} ms, parse {:.1} ms, diff {:.1} ms, store {:.1} ms",
@@ -53,27 +93,28 @@ pub fn run(config: &Config, store: &Store, args: &ReconcileArgs, stop: Option<Ar
                 out.err_line(format!("error: {e:#}"));
                 // A damaged store is unusable state, not one failed project.
                 out.code = out.code.max(if StoreError::is_damaged(e) { EXIT_UNUSABLE } else { EXIT_FAILED });
-                if args.json {
+                if req.json {
                     json_rows.push(json!({"project": path, "error": format!("{e:#}")}));
                 }
             }
         }
     }
-    let mut deliveries = Vec::new();
-    if !args.no_deliver && out.code != EXIT_UNUSABLE {
-        let mut delivery_out = Output::default();
-        deliveries = super::deliveries::deliver_now(config, store, &mut delivery_out);
-        if !args.json {
-            out.stdout.push_str(&delivery_out.stdout);
-        }
-        out.stderr.push_str(&delivery_out.stderr);
-        out.code = out.code.max(delivery_out.code);
+    let mut delivery = report.delivery_output;
+    if req.json {
+        delivery.stdout.clear();
     }
-    if args.json {
-        let summary = json!({"projects": json_rows, "deliveries": deliveries});
+    out.append(delivery);
+    if req.json {
+        let summary = json!({"projects": json_rows, "deliveries": report.deliveries});
         out.out_line(serde_json::to_string_pretty(&summary).unwrap_or_default());
     }
     out
+}
+
+/// Reconciles and prints.
+pub fn run(config: &Config, store: &Store, req: &ReconcileRequest, stop: Option<Arc<AtomicBool>>) -> Output {
+    let report = reconcile(config, store, req, stop);
+    render(config, req, report)
 }
 
 fn short(sha: &str) -> &str {
