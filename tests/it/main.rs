@@ -16,5 +16,6 @@ mod output;
 mod receiver;
 mod repo_urls;
 mod secrets;
+mod snapshots;
 mod streaming;
 mod trail;
