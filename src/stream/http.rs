@@ -21,8 +21,12 @@ pub struct Sender {
 }
 
 impl Sender {
-    pub fn new(destination: &Destination) -> Sender {
+    /// Builds the destination's client with the trust policy of [`crate::tls`], read now; fails
+    /// when a configured certificate or key can no longer be loaded.
+    pub fn new(destination: &Destination) -> Result<Sender, crate::tls::TlsError> {
+        let tls = destination.tls.load()?.ureq_config()?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(tls)
             // Per phase rather than `timeout_global`: measured 4-10x faster per request (ureq 3.5
             // re-arms a global deadline on every socket call), with the same protection against
             // a receiver that stalls at any point.
@@ -37,13 +41,13 @@ impl Sender {
             .user_agent(concat!("policy-audit/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        Sender {
+        Ok(Sender {
             agent,
             url: destination.url.clone(),
             headers: destination.headers.clone(),
             token: destination.verification_token.clone(),
             signing_key: destination.signing_secret.as_ref().map(signing_key),
-        }
+        })
     }
 
     /// POSTs one event. `now_ms` is the clock reading used for `webhook-timestamp`.

@@ -89,9 +89,19 @@ fn deliver_destination(
     seed: u64,
     stop: &AtomicBool,
 ) -> Result<DestinationReport> {
-    let sender = http::Sender::new(dest);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut report = DestinationReport { destination: dest.name.clone(), ..DestinationReport::default() };
+    let sender = match http::Sender::new(dest) {
+        Ok(sender) => sender,
+        Err(e) => {
+            // Nothing is attempted and nothing is lost: the deliveries wait for a fixed file.
+            let reason = format!("destination {:?}: {e}", dest.name);
+            tracing::warn!(destination = %dest.name, %reason, "cannot deliver");
+            report.last_error = Some(reason);
+            report.pending = store.pending_count(&dest.name);
+            return Ok(report);
+        }
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let max_age_ms = i64::try_from(dest.max_age.as_millis()).unwrap_or(i64::MAX);
     let mut from = 0;
     while let Some(mut delivery) = store.next_pending(&dest.name, from)? {
