@@ -55,6 +55,7 @@ pub fn fetch(
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(result) => {
                 return result
+                    .map_err(explain_tls)
                     .with_context(|| format!("fetch of branch {:?} from {} failed", mirror.branch, redact_url(url)));
             }
             Err(mpsc::RecvTimeoutError::Timeout)
@@ -145,6 +146,14 @@ fn fetch_blocking(
     match tip {
         Some(tip) => Ok(FetchOutcome { tip }),
         None => bail!("branch {branch:?} does not exist in the repository"),
+    }
+}
+
+/// A fetch that failed in the TLS handshake says so first, with the setting that fixes it.
+fn explain_tls(e: anyhow::Error) -> anyhow::Error {
+    match e.chain().find_map(crate::tls::handshake_problem) {
+        Some(problem) => e.context(problem),
+        None => e,
     }
 }
 

@@ -18,6 +18,9 @@ pub struct Sender {
     headers: Vec<(String, String)>,
     token: Option<Secret>,
     signing_key: Option<Vec<u8>>,
+    /// https without a client certificate: a connection closed right after the handshake is
+    /// most likely a server that wants one.
+    may_need_client_cert: bool,
 }
 
 impl Sender {
@@ -47,6 +50,7 @@ impl Sender {
             headers: destination.headers.clone(),
             token: destination.verification_token.clone(),
             signing_key: destination.signing_secret.as_ref().map(signing_key),
+            may_need_client_cert: destination.url.starts_with("https://") && destination.tls.client_cert_file.is_none(),
         })
     }
 
@@ -91,7 +95,27 @@ impl Sender {
                 Outcome::Unsendable { reason: e.to_string() }
             }
             Err(ureq::Error::Timeout(t)) => Outcome::Transport { reason: format!("timed out ({t})") },
-            Err(e) => Outcome::Transport { reason: e.to_string() },
+            Err(e) => Outcome::Transport { reason: self.tls_problem(&e).unwrap_or_else(|| e.to_string()) },
+        }
+    }
+}
+
+impl Sender {
+    /// A failed TLS handshake, said with the setting that fixes it.
+    fn tls_problem(&self, e: &ureq::Error) -> Option<String> {
+        use std::io::ErrorKind;
+        match e {
+            ureq::Error::Rustls(tls) => Some(crate::tls::describe(tls)),
+            ureq::Error::Io(io) => crate::tls::handshake_problem(io).or_else(|| {
+                // TLS 1.3: the server checks the client's certificate after the client has
+                // finished its side of the handshake and sent the request, so a refusal shows
+                // up as a connection closed under our write, with the alert never read.
+                let closed = matches!(io.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset);
+                (closed && self.may_need_client_cert).then(|| {
+                    format!("{e}: the TLS server closed the connection; if it requires a client certificate, set `client_cert_file` and `client_key_file`")
+                })
+            }),
+            _ => None,
         }
     }
 }

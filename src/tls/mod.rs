@@ -255,3 +255,41 @@ fn check_key_mode(path: &Path) -> Result<(), TlsError> {
     }
     Ok(())
 }
+
+/// What to tell the operator about a failed TLS handshake found anywhere in `error`'s source
+/// chain, with the setting that fixes it. None when the error is not a TLS one.
+pub fn handshake_problem(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(describe(tls));
+        }
+        // `io::Error::source` skips the error it wraps: look inside.
+        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref())
+            && let Some(found) = handshake_problem(inner)
+        {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// A rustls error in the operator's terms.
+pub fn describe(e: &rustls::Error) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    let hint = match e {
+        E::InvalidCertificate(C::UnknownIssuer) => {
+            "the server's certificate is not signed by a CA this host trusts: set `ca_file` to the internal CA's certificate, or add the CA to the system trust store (update-ca-certificates)"
+        }
+        E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "the server's certificate is not issued for the host name in the URL: use a name the certificate names"
+        }
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "the server's certificate has expired",
+        E::AlertReceived(A::CertificateRequired | A::BadCertificate | A::UnknownCA | A::HandshakeFailure) => {
+            "the server refused our client certificate or requires one: set `client_cert_file` and `client_key_file` to a certificate its CA issued"
+        }
+        _ => return format!("TLS handshake failed: {e}"),
+    };
+    format!("TLS handshake failed ({e}): {hint}")
+}

@@ -15,4 +15,6 @@ mod receiver;
 mod repo_urls;
 mod secrets;
 mod streaming;
+mod tls;
+mod tls_front;
 mod trail;
