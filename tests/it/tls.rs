@@ -299,3 +299,24 @@ fn git_fetch_over_tls_trusts_ca_file_and_fails_clearly_without_it() {
     let out = run(&ws, &cfg, &["reconcile"], &[("SSL_CERT_FILE", &pki.path("ca.pem"))]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn a_client_key_that_disappears_after_loading_fails_the_attempt_and_keeps_the_delivery() {
+    let ws = Workspace::new();
+    let pki = Pki::new(&ws.path("pki"));
+    let receiver = Receiver::start(vec![]);
+    let front = TlsFront::start(receiver.port, &pki.path("server.pem"), &pki.path("server.key"), None);
+    let tls = format!("{}{}", ca_file(&pki), client_cert(&pki, "client"));
+    let cfg = config(&ws, "c.toml", "state", &spp(&ws), &front.url("audit"), &tls);
+    let out = run(&ws, &cfg, &["reconcile", "--no-deliver"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config = Config::load(&cfg).expect("config");
+    std::fs::remove_file(pki.path("client.key")).expect("remove key");
+    let store = Store::open(&config.db_dir()).expect("store");
+    let reports =
+        deliver_due(&config, &store, &LaterClock(jiff::Timestamp::now().as_millisecond()), 1).expect("deliver");
+    assert_eq!((reports[0].delivered, reports[0].retried, reports[0].pending), (0, 1, 2), "{reports:?}");
+    let reason = reports[0].last_error.clone().unwrap_or_default();
+    assert!(reason.contains("client.key") && reason.contains("destination \"siem\""), "{reason}");
+    assert!(receiver.requests().is_empty());
+}
