@@ -49,7 +49,7 @@ impl TlsSettings {
         // The key is checked once the certificates are known to be good: a mismatch against a
         // broken certificate would only repeat the first error.
         if errors.is_empty()
-            && let Err(e) = self.load()
+            && let Err(e) = self.identity()
         {
             errors.push(e);
         }

@@ -6,8 +6,10 @@
 //!   (`SSL_CERT_FILE` / `SSL_CERT_DIR` when set, else the distribution's bundle that
 //!   `update-ca-certificates` writes), plus the `ca_file` of the connection when one is set;
 //!   no compiled-in root list is used;
-//! - the store is read again each time a client is built, so a CA added to the system, a rotated
-//!   `ca_file` or client certificate is picked up at the next delivery round or fetch;
+//! - `ca_file` and the client certificate are read each time a client is built, and the system
+//!   store at most [`SYSTEM_STORE_TTL`] after it was last read (thousands of projects share one
+//!   reading), so a CA added with `update-ca-certificates`, a rotated `ca_file` or client
+//!   certificate is picked up without a restart;
 //! - a private key is never logged: [`ClientIdentity`]'s `Debug` shows the certificate only;
 //! - a private key readable by group or other users is refused, never used.
 
@@ -19,7 +21,11 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long one reading of the system trust store is reused.
+pub const SYSTEM_STORE_TTL: Duration = Duration::from_secs(60);
 
 /// TLS settings of one connection as configured: `ca_file`, `client_cert_file`,
 /// `client_key_file` (absolute paths). Shared by `[[projects]]`, `[[destinations]]` and the coming
@@ -121,15 +127,20 @@ impl TlsSettings {
 
     /// The roots (system store + `ca_file`) and the client identity, read now.
     pub fn load(&self) -> Result<TrustPolicy, TlsError> {
-        let mut roots = system_roots();
+        let identity = self.identity()?;
+        let mut roots = system_roots().as_ref().clone();
         if let Some(path) = &self.ca_file {
             roots.extend(read_certificates(TlsFile::CaFile, path)?);
         }
-        let identity = match (&self.client_cert_file, &self.client_key_file) {
-            (Some(cert), Some(key)) => Some(load_identity(cert, key)?),
-            _ => None,
-        };
         Ok(TrustPolicy { roots, identity })
+    }
+
+    /// The client certificate and key, loaded and matched; None when not configured.
+    pub fn identity(&self) -> Result<Option<ClientIdentity>, TlsError> {
+        match (&self.client_cert_file, &self.client_key_file) {
+            (Some(cert), Some(key)) => Ok(Some(load_identity(cert, key)?)),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -180,9 +191,23 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The operating system's trust store, read at most once per [`SYSTEM_STORE_TTL`].
+pub fn system_roots() -> Arc<Vec<CertificateDer<'static>>> {
+    static CACHE: Mutex<Option<(Instant, Arc<Vec<CertificateDer<'static>>>)>> = Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((read_at, roots)) = cache.as_ref()
+        && read_at.elapsed() < SYSTEM_STORE_TTL
+    {
+        return Arc::clone(roots);
+    }
+    let roots = Arc::new(read_system_roots());
+    *cache = Some((Instant::now(), Arc::clone(&roots)));
+    roots
+}
+
 /// The operating system's trust store as OpenSSL reads it: `SSL_CERT_FILE` / `SSL_CERT_DIR`
 /// when set, else the system bundle (e.g. `/etc/ssl/certs/ca-certificates.crt`).
-pub fn system_roots() -> Vec<CertificateDer<'static>> {
+fn read_system_roots() -> Vec<CertificateDer<'static>> {
     let found = rustls_native_certs::load_native_certs();
     for e in &found.errors {
         tracing::warn!(error = %e, "a certificate of the system trust store could not be read");
