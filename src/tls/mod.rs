@@ -318,3 +318,43 @@ pub fn describe(e: &rustls::Error) -> String {
     };
     format!("TLS handshake failed ({e}): {hint}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_rustls_error_wrapped_in_io_errors_is_found_and_explained() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, tls);
+        let outer = anyhow::Error::new(io).context("fetch failed");
+        let found = outer.chain().find_map(handshake_problem).expect("found");
+        assert!(found.contains("UnknownIssuer") && found.contains("`ca_file`"), "{found}");
+        let plain = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(handshake_problem(&plain), None);
+    }
+
+    #[test]
+    fn a_key_with_group_or_other_bits_is_refused_and_0600_or_0400_accepted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("client.key");
+        std::fs::write(&key, "not read here").expect("write");
+        for (mode, ok) in [(0o600, true), (0o400, true), (0o640, false), (0o604, false)] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let result = check_key_mode(&key);
+            assert_eq!(result.is_ok(), ok, "mode {mode:o}: {result:?}");
+        }
+    }
+
+    #[test]
+    fn a_file_without_a_certificate_is_named_with_the_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n")
+            .expect("write");
+        let e = read_certificates(TlsFile::CaFile, &path).expect_err("refused");
+        assert!(matches!(e, TlsError::NotACertificate { file: TlsFile::CaFile, .. }), "{e}");
+        assert!(e.to_string().starts_with(&format!("{} is not a PEM certificate file", path.display())), "{e}");
+    }
+}
