@@ -320,3 +320,33 @@ fn a_client_key_that_disappears_after_loading_fails_the_attempt_and_keeps_the_de
     assert!(reason.contains("client.key") && reason.contains("destination \"siem\""), "{reason}");
     assert!(receiver.requests().is_empty());
 }
+
+#[test]
+fn git_fetch_through_a_proxy_that_requires_a_client_certificate_presents_ours() {
+    let ws = Workspace::new();
+    let pki = Pki::new(&ws.path("pki"));
+    let repo = spp(&ws);
+    let bare = ws.path("served/spp.git");
+    git(ws.dir.path(), &["clone", "-q", "--bare", &repo.to_string_lossy(), &bare.to_string_lossy()]);
+    let server = GitHttpServer::start(&ws.path("served"), None);
+    let ca = pki.path("ca.pem");
+    let front = TlsFront::start(server.port, &pki.path("server.pem"), &pki.path("server.key"), Some(&ca));
+    let project = |tls: &str| {
+        format!(
+            "state_dir = \"state\"\n[[projects]]\npath = \"acme/spp\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n{tls}",
+            front.url("spp.git")
+        )
+    };
+    let cfg = ws.write("c.toml", &project(&ca_file(&pki)));
+    let out = run(&ws, &cfg, &["reconcile"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("acme/spp") && err.contains("client_cert_file"), "{err}");
+    assert!(front.refused.load(Ordering::SeqCst) > 0);
+    assert!(events_json(&ws, &cfg).is_empty());
+
+    ws.write("c.toml", &project(&format!("{}{}", ca_file(&pki), client_cert(&pki, "client"))));
+    let out = run(&ws, &cfg, &["reconcile"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(events_json(&ws, &cfg).len(), 2);
+}
