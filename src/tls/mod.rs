@@ -121,10 +121,6 @@ pub struct TrustPolicy {
 }
 
 impl TlsSettings {
-    pub fn is_empty(&self) -> bool {
-        self.ca_file.is_none() && self.client_cert_file.is_none() && self.client_key_file.is_none()
-    }
-
     /// The roots (system store + `ca_file`) and the client identity, read now.
     pub fn load(&self) -> Result<TrustPolicy, TlsError> {
         let identity = self.identity()?;
