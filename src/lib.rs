@@ -19,3 +19,4 @@ pub mod reconcile;
 pub mod repo;
 pub mod store;
 pub mod stream;
+pub mod tls;

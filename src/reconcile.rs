@@ -155,7 +155,8 @@ fn attempt(
     let mirror = Mirror::open_or_init(&mirror_dir(config, project), &project.branch)?;
     let never = AtomicBool::new(false);
     let stop = options.stop.as_deref().unwrap_or(&never);
-    let tip = match repo::fetch(&mirror, &project.url, project.token.as_ref(), config.fetch_timeout, stop) {
+    let tip = match repo::fetch(&mirror, &project.url, project.token.as_ref(), &project.tls, config.fetch_timeout, stop)
+    {
         Ok(fetched) => fetched.tip,
         // A fetch also fails when the mirror's own objects are gone: re-clone then.
         Err(e) if !mirror.is_sound() => return Err(anyhow::Error::new(MirrorDamaged(format!("{e:#}")))),

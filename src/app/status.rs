@@ -48,6 +48,7 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
         removed.push(d);
     }
     let chain = store.chain_head()?;
+    let certificates = expiring_certificates(config, jiff::Timestamp::now().as_second());
     Ok(json!({
         "events": store.event_count(),
         "chain_head": chain.head,
@@ -56,7 +57,24 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
         "unconfigured_projects_with_state": unconfigured,
         "destinations": destinations,
         "removed_destinations": removed,
+        "certificates_expiring": certificates,
     }))
+}
+
+/// Days before expiry from which `status` points a configured certificate out.
+pub const CERTIFICATE_WARNING_DAYS: i64 = 30;
+
+/// Configured certificates (`ca_file`, `client_cert_file`) that expire within
+/// [`CERTIFICATE_WARNING_DAYS`] of `now` (unix seconds) or have expired.
+fn expiring_certificates(config: &Config, now: i64) -> Vec<crate::tls::CertificateNote> {
+    let owners = config
+        .projects
+        .iter()
+        .map(|p| (format!("project {:?}", p.path), &p.tls))
+        .chain(config.destinations.iter().map(|d| (format!("destination {:?}", d.name), &d.tls)));
+    owners
+        .flat_map(|(owner, tls)| crate::tls::expiring_certificates(&owner, tls, now, CERTIFICATE_WARNING_DAYS))
+        .collect()
 }
 
 /// Names with deliveries in the store but no `[[destinations]]` entry.
@@ -113,6 +131,22 @@ fn text(report: &serde_json::Value) -> String {
             s.push_str(&format!(", last error: {}", str_of(&d["last_error"])));
         }
         s.push('\n');
+    }
+    for c in report["certificates_expiring"].as_array().into_iter().flatten() {
+        let (path, owner, key) = (str_of(&c["path"]), str_of(&c["owner"]), str_of(&c["key"]));
+        let subject = str_of(&c["subject"]);
+        let days = c["days_left"].as_i64().unwrap_or_default();
+        if days < 0 {
+            s.push_str(&format!(
+                "certificate {path} ({owner} `{key}`, {subject}) expired on {}\n",
+                str_of(&c["not_after"])
+            ));
+        } else {
+            s.push_str(&format!(
+                "certificate {path} ({owner} `{key}`, {subject}) expires on {} (in {days} days): renew it\n",
+                str_of(&c["not_after"])
+            ));
+        }
     }
     s
 }

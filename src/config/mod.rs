@@ -7,6 +7,7 @@
 mod flag;
 mod raw;
 mod secret;
+mod tls;
 
 pub use flag::FeatureFlag;
 pub use raw::InitialSync;
@@ -14,6 +15,7 @@ pub use secret::Secret;
 
 use crate::event::EventType;
 use crate::policy::{Limits, PolicyType};
+use crate::tls::TlsSettings;
 use raw::{RawConfig, RawDestination, RawLimits, RawProject};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -72,6 +74,8 @@ pub struct Project {
     pub token: Option<Secret>,
     pub initial_sync: InitialSync,
     pub limits: Limits,
+    /// `ca_file` and client certificate for an https fetch.
+    pub tls: TlsSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +93,8 @@ pub struct Destination {
     /// Backoff ceiling after the first failure; doubles per attempt up to `backoff_max`.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// `ca_file` and client certificate (mTLS) for this destination.
+    pub tls: TlsSettings,
 }
 
 impl Destination {
@@ -390,6 +396,8 @@ impl Checker<'_> {
         let has_token = raw.token_env.is_some() || raw.token_file.is_some();
         self.check_plain_http(&raw.url, &format!("project {path:?}"), "token", has_token, raw.allow_insecure_http);
         let limits = raw.limits.as_ref().map(limits_of).unwrap_or_default();
+        let tls =
+            self.tls(&format!("project {path:?}"), [&raw.ca_file, &raw.client_cert_file, &raw.client_key_file], base);
         let mut linked: Vec<String> = Vec::new();
         for ns in &raw.linked {
             let ns = ns.trim_matches('/').to_string();
@@ -407,6 +415,7 @@ impl Checker<'_> {
             token,
             initial_sync: raw.initial_sync.unwrap_or_default(),
             limits,
+            tls,
         })
     }
 
@@ -539,6 +548,7 @@ impl Checker<'_> {
                 Some(n) => *n.get_ref(),
                 None => 12,
             };
+            let tls = self.tls(&who, [&raw.ca_file, &raw.client_cert_file, &raw.client_key_file], base);
             out.push(Destination {
                 name,
                 url,
@@ -557,6 +567,7 @@ impl Checker<'_> {
                 max_age,
                 backoff_initial,
                 backoff_max,
+                tls,
             });
         }
         out

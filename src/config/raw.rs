@@ -55,6 +55,9 @@ pub struct RawProject {
     pub limits: Option<RawLimits>,
     #[serde(default)]
     pub allow_insecure_http: bool,
+    pub ca_file: Option<Spanned<String>>,
+    pub client_cert_file: Option<Spanned<String>>,
+    pub client_key_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
@@ -99,4 +102,7 @@ pub struct RawDestination {
     pub backoff_max: Option<Spanned<String>>,
     #[serde(default)]
     pub allow_insecure_http: bool,
+    pub ca_file: Option<Spanned<String>>,
+    pub client_cert_file: Option<Spanned<String>>,
+    pub client_key_file: Option<Spanned<String>>,
 }

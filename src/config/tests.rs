@@ -148,3 +148,27 @@ fn a_malformed_whsec_secret_is_rejected() {
     assert!(e.to_string().contains("not valid base64"), "{e}");
     assert!(Config::parse(&dir.path().join("c.toml"), &format!("{d}signing_secret_file = \"good\"\n")).is_ok());
 }
+
+#[test]
+fn a_client_certificate_needs_its_key_and_a_missing_tls_file_is_named() {
+    let dest = "[[destinations]]\nname = \"siem\"\nurl = \"https://siem.example.com/a\"\n";
+    let e = errors(&format!("{PROJECT}{dest}client_cert_file = \"tls/client.pem\"\n"));
+    assert!(
+        e.starts_with("/etc/pa/config.toml:9:20: destination \"siem\": `client_cert_file` needs `client_key_file`"),
+        "{e}"
+    );
+    let e = errors(&format!("{PROJECT}{dest}client_key_file = \"tls/client.key\"\n"));
+    assert!(e.contains("`client_key_file` needs `client_cert_file`"), "{e}");
+    let e = errors(&format!("{PROJECT}ca_file = \"/nonexistent/internal-ca.pem\"\n"));
+    assert!(
+        e.starts_with("/etc/pa/config.toml:6:11: project \"acme/security-policies\": `ca_file`: cannot read /nonexistent/internal-ca.pem"),
+        "{e}"
+    );
+}
+
+#[test]
+fn tls_files_are_resolved_relative_to_the_config_and_not_read_without_secrets() {
+    let text = format!("{PROJECT}ca_file = \"tls/ca.pem\"\n");
+    let c = Config::parse_with(Path::new("/etc/pa/config.toml"), &text, false).unwrap();
+    assert_eq!(c.projects[0].tls.ca_file.as_deref(), Some(Path::new("/etc/pa/tls/ca.pem")));
+}

@@ -3,6 +3,7 @@
 
 use super::Mirror;
 use crate::config::Secret;
+use crate::tls::TlsSettings;
 use anyhow::{Context, Result, anyhow, bail};
 use gix::ObjectId;
 use gix::remote::Direction;
@@ -26,10 +27,12 @@ pub fn fetch(
     mirror: &Mirror,
     url: &str,
     token: Option<&Secret>,
+    tls: &TlsSettings,
     deadline: Duration,
     stop: &AtomicBool,
 ) -> Result<FetchOutcome> {
     let repo = mirror.repo.clone();
+    let tls = tls.clone();
     let branch = mirror.branch.clone();
     let url_owned = url.to_string();
     let token = token.map(|t| t.expose().to_string());
@@ -39,7 +42,7 @@ pub fn fetch(
     let dir = mirror.dir.clone();
     in_flight_set().insert(dir.clone());
     let spawned = std::thread::Builder::new().name("fetch".into()).spawn(move || {
-        let result = fetch_blocking(repo, &url_owned, &branch, token, deadline, &flag);
+        let result = fetch_blocking(repo, &url_owned, &branch, token, &tls, deadline, &flag);
         in_flight_set().remove(&dir);
         let _ = tx.send(result);
     });
@@ -52,6 +55,7 @@ pub fn fetch(
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(result) => {
                 return result
+                    .map_err(explain_tls)
                     .with_context(|| format!("fetch of branch {:?} from {} failed", mirror.branch, redact_url(url)));
             }
             Err(mpsc::RecvTimeoutError::Timeout)
@@ -72,6 +76,7 @@ fn fetch_blocking(
     url: &str,
     branch: &str,
     token: Option<String>,
+    tls: &TlsSettings,
     deadline: Duration,
     interrupt: &AtomicBool,
 ) -> Result<FetchOutcome> {
@@ -102,6 +107,10 @@ fn fetch_blocking(
         .map_err(|e| anyhow!("invalid refspec {refspec}: {e}"))?
         .with_fetch_tags(gix::remote::fetch::Tags::None);
     let connection = remote.connect(Direction::Fetch).map_err(anyhow::Error::new).context("cannot connect")?;
+    let connection = match transport_options(&repo, url, tls)? {
+        Some(options) => connection.with_transport_options(options),
+        None => connection,
+    };
     // Never prompt and never consult credential helpers: the configured token or nothing.
     let connection = connection.with_credentials(move |action| match (&action, &token) {
         (gix::credentials::helper::Action::Get(ctx), Some(token)) => Ok(Some(gix::credentials::protocol::Outcome {
@@ -138,6 +147,34 @@ fn fetch_blocking(
         Some(tip) => Ok(FetchOutcome { tip }),
         None => bail!("branch {branch:?} does not exist in the repository"),
     }
+}
+
+/// A fetch that failed in the TLS handshake says so first, with the setting that fixes it.
+fn explain_tls(e: anyhow::Error) -> anyhow::Error {
+    match e.chain().find_map(crate::tls::handshake_problem) {
+        Some(problem) => e.context(problem),
+        None => e,
+    }
+}
+
+/// gix's options for an http(s) URL as the repository config makes them (timeouts), with the
+/// reqwest client built on [`crate::tls`]'s trust policy instead of its own: the same roots and
+/// client certificate as the HTTP destinations. None for other transports.
+fn transport_options(repo: &gix::Repository, url: &str, tls: &TlsSettings) -> Result<Option<Box<dyn std::any::Any>>> {
+    use gix_transport::client::blocking_io::http;
+    let Some(mut options) = repo.transport_options(url, None).map_err(|e| anyhow!("{e}"))? else {
+        return Ok(None);
+    };
+    let Some(http_options) = options.downcast_mut::<http::Options>() else {
+        return Ok(Some(options));
+    };
+    let config = tls.load()?.rustls_config()?;
+    let backend = http::reqwest::Options {
+        configure_client: Some(Box::new(move |builder| Ok(builder.tls_backend_preconfigured(config.clone())))),
+        configure_request: None,
+    };
+    http_options.backend = Some(Arc::new(std::sync::Mutex::new(backend)));
+    Ok(Some(options))
 }
 
 /// Mirrors with a fetch thread still running in this process (one that passed its deadline

@@ -89,9 +89,12 @@ fn deliver_destination(
     seed: u64,
     stop: &AtomicBool,
 ) -> Result<DestinationReport> {
-    let sender = http::Sender::new(dest);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut report = DestinationReport { destination: dest.name.clone(), ..DestinationReport::default() };
+    // Built at the first due delivery, so an idle round reads no certificates. A certificate or
+    // key that can no longer be loaded fails the attempt like a destination that is down: the
+    // delivery is retried with the reason, not dropped.
+    let mut sender: Option<Result<http::Sender, String>> = None;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let max_age_ms = i64::try_from(dest.max_age.as_millis()).unwrap_or(i64::MAX);
     let mut from = 0;
     while let Some(mut delivery) = store.next_pending(&dest.name, from)? {
@@ -108,7 +111,13 @@ fn deliver_destination(
             bury(store, &mut delivery, "the event is missing from the store".into(), &mut report)?;
             continue;
         };
-        let outcome = sender.send(&delivery.event_id, delivery.event_type.name(), &body, now);
+        let sender = sender.get_or_insert_with(|| {
+            http::Sender::new(dest).map_err(|e| format!("cannot set up TLS for destination {:?}: {e}", dest.name))
+        });
+        let outcome = match sender {
+            Ok(sender) => sender.send(&delivery.event_id, delivery.event_type.name(), &body, now),
+            Err(reason) => retry::Outcome::Transport { reason: reason.clone() },
+        };
         delivery.attempts += 1;
         delivery.last_status = outcome.status();
         match decide(&outcome) {

@@ -18,4 +18,6 @@ mod repo_urls;
 mod secrets;
 mod snapshots;
 mod streaming;
+mod tls;
+mod tls_front;
 mod trail;
