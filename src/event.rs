@@ -109,6 +109,30 @@ pub struct Details {
     pub active_policies_names: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub active_skipped_policies_names: Option<Vec<String>>,
+    /// The GitLab user the commit author was resolved to (SPEC §10), when known.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub gitlab_user: Option<GitLabUser>,
+    /// How `author_id` was found, and what could not be resolved (set when GitLab attribution
+    /// is in play: a private commit email, or `[gitlab]` configured).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub attribution: Option<Attribution>,
+}
+
+/// A GitLab user as the API names one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitLabUser {
+    pub id: i64,
+    pub username: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attribution {
+    /// `authors_map`, `private_commit_email`, `gitlab_users_api` or `unresolved`.
+    pub author_source: String,
+    /// What could not be resolved and why (the GitLab API down, no user with that email, ...).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub unresolved: Vec<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -119,6 +143,12 @@ fn is_false(b: &bool) -> bool {
 pub struct MergeRequest {
     pub project: String,
     pub iid: u64,
+    /// Who merged it, from GitLab's Merge Requests API (with `[gitlab]`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub merged_by: Option<GitLabUser>,
+    /// Who approved it, from GitLab's Approvals API (with `[gitlab]`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub approved_by: Option<Vec<GitLabUser>>,
 }
 
 /// What one step commit contributes to every event of that step.
@@ -246,6 +276,8 @@ impl StepContext<'_> {
                 policies_count: None,
                 active_policies_names: None,
                 active_skipped_policies_names: None,
+                gitlab_user: None,
+                attribution: None,
             },
         }
     }
@@ -289,7 +321,12 @@ pub fn merge_request(message: &str) -> Option<MergeRequest> {
         let rest = line.trim().strip_prefix("See merge request ")?;
         let (project, iid) = rest.rsplit_once('!')?;
         let iid = iid.trim_end_matches('.').parse().ok()?;
-        (!project.is_empty()).then(|| MergeRequest { project: project.to_string(), iid })
+        (!project.is_empty()).then(|| MergeRequest {
+            project: project.to_string(),
+            iid,
+            merged_by: None,
+            approved_by: None,
+        })
     })
 }
 
@@ -300,7 +337,15 @@ mod tests {
     #[test]
     fn merge_request_line_is_parsed() {
         let msg = "Merge branch 'x' into 'main'\n\nAdd policy\n\nSee merge request acme/security-policies!12";
-        assert_eq!(merge_request(msg), Some(MergeRequest { project: "acme/security-policies".into(), iid: 12 }));
+        assert_eq!(
+            merge_request(msg),
+            Some(MergeRequest {
+                project: "acme/security-policies".into(),
+                iid: 12,
+                merged_by: None,
+                approved_by: None
+            })
+        );
         assert_eq!(merge_request("fix: See merge request nothing"), None);
         assert_eq!(merge_request("plain commit"), None);
     }

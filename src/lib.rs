@@ -13,6 +13,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod event;
+pub mod gitlab;
 pub mod logging;
 pub mod policy;
 pub mod reconcile;

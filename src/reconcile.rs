@@ -10,6 +10,7 @@
 
 use crate::config::{Config, InitialSync, Project};
 use crate::event::{AuditEvent, StepContext};
+use crate::gitlab::attribution::Attributor;
 use crate::policy::{self, LimitState, PolicySet, diff, limit_breaches};
 use crate::repo::{self, Commit, Link, Mirror, PolicyBlob, PolicyPath};
 use crate::store::{Cursor, Store, StoreError};
@@ -112,14 +113,15 @@ pub fn reconcile_project(
     store: &Store,
     project: &Project,
     options: &Options,
+    attributor: &Attributor,
     now: jiff::Timestamp,
 ) -> Result<Summary> {
-    match attempt(config, store, project, options, now) {
+    match attempt(config, store, project, options, attributor, now) {
         Err(e) if e.downcast_ref::<MirrorDamaged>().is_some() => {
             let dir = mirror_dir(config, project);
             tracing::warn!(project = %project.path, mirror = %dir.display(), error = %format!("{e:#}"), "re-cloning a damaged mirror");
             std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove damaged mirror {}", dir.display()))?;
-            attempt(config, store, project, options, now).context("after re-cloning a damaged mirror")
+            attempt(config, store, project, options, attributor, now).context("after re-cloning a damaged mirror")
         }
         other => other,
     }
@@ -130,6 +132,7 @@ fn attempt(
     store: &Store,
     project: &Project,
     options: &Options,
+    attributor: &Attributor,
     now: jiff::Timestamp,
 ) -> Result<Summary> {
     let mut summary = Summary {
@@ -182,9 +185,11 @@ fn attempt(
         if options.stopped() {
             anyhow::bail!("stopped by shutdown; what was stored is consistent, the next run goes on from there");
         }
-        Ok(store.commit_reconcile(&project.path, at, events, &destinations_for, now.as_millisecond())?)
+        let mut events = events.to_vec();
+        attributor.apply(&mut events);
+        Ok(store.commit_reconcile(&project.path, at, &events, &destinations_for, now.as_millisecond())?)
     };
-    let (state, events) =
+    let (state, mut events) =
         walk_new_history(config, project, &mirror, &mut summary, options, cursor.as_ref(), tip, now, &sink).map_err(
             |e| {
                 // Storing a chunk failed, or we are stopping: not a mirror problem.
@@ -202,6 +207,7 @@ fn attempt(
     if options.stopped() {
         anyhow::bail!("stopped by shutdown before storing; nothing was written, the next run repeats this");
     }
+    attributor.apply(&mut events);
     summary.stored +=
         store.commit_reconcile(&project.path, &new_cursor, &events, &destinations_for, now.as_millisecond())?;
     summary.timings.store_ms += ms(stored_at.elapsed());
@@ -614,6 +620,7 @@ pub fn reconcile_all(
     // and report in config order.
     let next = std::sync::atomic::AtomicUsize::new(0);
     let damaged = AtomicBool::new(false);
+    let attributor = Attributor::new(config, store, now());
     let slots: Vec<std::sync::Mutex<Option<Outcome>>> = projects.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let workers = config.parallelism.clamp(1, projects.len().max(1));
     std::thread::scope(|scope| {
@@ -625,7 +632,7 @@ pub fn reconcile_all(
                     if options.stopped() || damaged.load(Ordering::SeqCst) {
                         break;
                     }
-                    let done = reconcile_one(config, store, p, options, &now);
+                    let done = reconcile_one(config, store, p, options, &attributor, &now);
                     if done.1.as_ref().is_err_and(StoreError::is_damaged) {
                         // Nothing more is written to a damaged store.
                         damaged.store(true, Ordering::SeqCst);
@@ -650,12 +657,13 @@ fn reconcile_one(
     store: &Store,
     p: &Project,
     options: &Options,
+    attributor: &Attributor,
     now: &(impl Fn() -> jiff::Timestamp + Sync),
 ) -> (String, Result<Summary>) {
     {
         {
-            let result =
-                reconcile_project(config, store, p, options, now()).with_context(|| format!("project {}", p.path));
+            let result = reconcile_project(config, store, p, options, attributor, now())
+                .with_context(|| format!("project {}", p.path));
             if result.as_ref().is_err_and(StoreError::is_damaged) {
                 return (p.path.clone(), result); // nothing is written to a damaged store
             }

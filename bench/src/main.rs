@@ -346,20 +346,24 @@ impl Bench {
         std::fs::write(&config, "state_dir = \"ex-state\"\n")?;
         eprintln!("filling a store with {events} events (once)");
         synthetic_events(&config, events, false)?;
+        let command = |args: &[&str]| -> Result<Sample> {
+            run(Command::new(&self.bin)
+                .arg("--config")
+                .arg(&config)
+                .args(args)
+                .stdout(std::fs::File::create("/dev/null")?)
+                .stderr(std::process::Stdio::inherit()))
+        };
+        // The baseline: opening the same store and listing nothing (an empty outbox). What sled
+        // holds for a store of this size is in both.
+        let open_only = median(self.runs, || command(&["deliveries"]))?;
         for format in ["jsonl", "csv"] {
-            let sample = median(self.runs, || {
-                run(Command::new(&self.bin)
-                    .arg("--config")
-                    .arg(&config)
-                    .args(["events", "--format", format])
-                    .stdout(std::fs::File::create("/dev/null")?)
-                    .stderr(std::process::Stdio::inherit()))
-            })?;
+            let sample = median(self.runs, || command(&["events", "--format", format]))?;
             self.row(
                 &format!("events --format {format}, {events} events"),
-                format!("{:.0} events/s", events as f64 / sample.wall.as_secs_f64()),
-                "-".into(),
-                fmt_ms(sample),
+                format!("{:.0} events/s, {}", events as f64 / sample.wall.as_secs_f64(), fmt_ms(sample)),
+                format!("open only: {:.1} MiB", mib(open_only.max_rss_kib)),
+                format!("+{:.1} MiB over open", mib(sample.max_rss_kib.saturating_sub(open_only.max_rss_kib))),
                 fmt_rss(sample),
             );
         }

@@ -143,7 +143,7 @@ fn table(events: &[AuditEvent]) -> String {
     let rows: Vec<[String; 6]> = events
         .iter()
         .map(|e| {
-            let mr = e.details.merge_request.as_ref().map(|m| format!(" !{}", m.iid)).unwrap_or_default();
+            let mr = e.details.merge_request.as_ref().map(merge_request_cell).unwrap_or_default();
             let mut what = what(e);
             if let Some(changes) = &e.details.changes {
                 let paths: Vec<&str> = changes.iter().map(|c| c.path.as_str()).collect();
@@ -158,7 +158,7 @@ fn table(events: &[AuditEvent]) -> String {
                 e.entity_path.clone(),
                 kind(e).to_string(),
                 what,
-                format!("{} <{}>", e.author_name, e.details.author_email),
+                author_cell(e),
                 format!(
                     "{}{mr}",
                     &e.details.security_policy_project_commit_sha
@@ -190,6 +190,36 @@ fn table(events: &[AuditEvent]) -> String {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
     }
     out
+}
+
+/// The git author, and the GitLab user it was resolved to when known.
+fn author_cell(e: &AuditEvent) -> String {
+    let mut cell = format!("{} <{}>", e.author_name, e.details.author_email);
+    if let Some(u) = &e.details.gitlab_user {
+        cell.push_str(&format!(" (@{} #{})", u.username, u.id));
+    }
+    cell
+}
+
+/// ` !4`, with who merged and who approved when GitLab said.
+fn merge_request_cell(m: &crate::event::MergeRequest) -> String {
+    let mut cell = format!(" !{}", m.iid);
+    let mut people = Vec::new();
+    if let Some(u) = &m.merged_by {
+        people.push(format!("merged by @{}", u.username));
+    }
+    match m.approved_by.as_deref() {
+        Some([]) => people.push("no approvals".into()),
+        Some(list) => people.push(format!(
+            "approved by {}",
+            list.iter().map(|u| format!("@{}", u.username)).collect::<Vec<_>>().join(", ")
+        )),
+        None => {}
+    }
+    if !people.is_empty() {
+        cell.push_str(&format!(" ({})", people.join("; ")));
+    }
+    cell
 }
 
 /// Keeps table cells readable; the full text is in the JSON formats.

@@ -5,11 +5,13 @@
 //! `check-config` is safe to run next to a live daemon.
 
 mod flag;
+mod gitlab;
 mod raw;
 mod secret;
 mod tls;
 
 pub use flag::FeatureFlag;
+pub use gitlab::GitLab;
 pub use raw::InitialSync;
 pub use secret::Secret;
 
@@ -57,6 +59,8 @@ pub struct Config {
     pub authors: BTreeMap<String, i64>,
     pub projects: Vec<Project>,
     pub destinations: Vec<Destination>,
+    /// The GitLab API for attribution (SPEC §10), when configured.
+    pub gitlab: Option<GitLab>,
     /// Things that are accepted but worth saying (e.g. merged duplicate projects).
     pub warnings: Vec<String>,
 }
@@ -278,6 +282,7 @@ impl Checker<'_> {
         let authors = raw.authors.iter().map(|(email, id)| (email.to_lowercase(), *id.get_ref())).collect();
         let projects = self.projects(raw.projects, &base);
         let destinations = self.destinations(raw.destinations, &base);
+        let gitlab = self.gitlab(raw.gitlab, &base);
         if let Some(level) = &raw.log_level
             && tracing_subscriber::EnvFilter::try_new(level.get_ref()).is_err()
         {
@@ -311,6 +316,7 @@ impl Checker<'_> {
             authors,
             projects: projects.0,
             destinations,
+            gitlab,
             warnings: projects.1,
         })
     }

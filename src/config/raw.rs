@@ -23,6 +23,23 @@ pub struct RawConfig {
     pub projects: Vec<RawProject>,
     #[serde(default)]
     pub destinations: Vec<RawDestination>,
+    pub gitlab: Option<RawGitLab>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGitLab {
+    pub url: Spanned<String>,
+    pub token_env: Option<Spanned<String>>,
+    pub token_file: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub cache_ttl: Option<Spanned<String>>,
+    pub concurrency: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    pub ca_file: Option<Spanned<String>>,
+    pub client_cert_file: Option<Spanned<String>>,
+    pub client_key_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

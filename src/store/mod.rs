@@ -100,6 +100,8 @@ pub struct Store {
     status: sled::Tree,
     /// created_at (RFC 3339, fixed width) ++ seq -> (): events in time order (see `query`).
     by_time: sled::Tree,
+    /// Answers of the GitLab API (`gitlab::attribution`): not part of the trail.
+    gitlab_cache: sled::Tree,
 }
 
 const NEXT_SEQ: &[u8] = b"next_seq";
@@ -132,6 +134,7 @@ impl Store {
             meta: tree("meta")?,
             status: tree("status")?,
             by_time: tree("by_time")?,
+            gitlab_cache: tree("gitlab_cache")?,
             delivery_round: std::sync::Mutex::new(()),
             reconcile_run: std::sync::Mutex::new(()),
             db,
@@ -254,6 +257,17 @@ impl Store {
         })?;
         self.db.flush().map_err(|source| StoreError::Sled { dir: self.dir.clone(), source })?;
         Ok(stored)
+    }
+
+    /// A cached GitLab API answer (the caller decodes it and decides whether it is fresh).
+    pub fn gitlab_cache(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.gitlab_cache.get(key).map_err(|e| self.sled(e))?.map(|v| v.to_vec()))
+    }
+
+    /// Durable with the next flush (a lost entry is only asked again).
+    pub fn set_gitlab_cache(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.gitlab_cache.insert(key, value).map_err(|e| self.sled(e))?;
+        Ok(())
     }
 
     pub fn project_status(&self, project: &str) -> Result<ProjectStatus> {

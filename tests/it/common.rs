@@ -36,6 +36,20 @@ impl Workspace {
         p
     }
 
+    /// Runs `policy-audit --config <config> <args>` with extra environment variables.
+    pub fn run_with_env(&self, config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env_remove("POLICY_AUDIT_CONFIG")
+            .env_remove("RUST_LOG")
+            .env("HOME", self.dir.path())
+            .envs(env.iter().copied())
+            .output()
+            .expect("run policy-audit")
+    }
+
     /// Runs `policy-audit --config <config> <args>`.
     pub fn run(&self, config: &Path, args: &[&str]) -> Output {
         Command::new(BIN)

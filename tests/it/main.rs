@@ -12,6 +12,7 @@ mod faults;
 mod fixtures;
 mod fuzz_regressions;
 mod git_http;
+mod gitlab_api;
 mod output;
 mod receiver;
 mod repo_urls;
