@@ -13,6 +13,7 @@ use std::sync::atomic::AtomicBool;
 
 mod deliveries;
 mod events;
+mod manual;
 mod reconcile;
 mod status;
 mod verify;
@@ -21,8 +22,11 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_UNUSABLE: u8 = 2;
 
+/// `--version`: the crate version and the git commit it was built from (see build.rs).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("POLICY_AUDIT_GIT_COMMIT"), ")");
+
 #[derive(Debug, Parser)]
-#[command(name = "policy-audit", version, about = "Audit trail for GitLab security policies kept as code")]
+#[command(name = "policy-audit", version = VERSION, about = "Audit trail for GitLab security policies kept as code")]
 pub struct Cli {
     /// Config file [default: $POLICY_AUDIT_CONFIG, else ./config.toml]
     #[arg(long, global = true, env = "POLICY_AUDIT_CONFIG", default_value = "config.toml")]
@@ -49,6 +53,24 @@ pub enum Command {
     Demo,
     /// Daemon: reconcile on the schedule, deliver continuously, serve the control socket
     Run,
+    /// Print the completion script for a shell (bash, zsh or fish)
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), generated from these definitions; the package installs it
+    #[command(hide = true)]
+    Man,
+}
+
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+pub struct CompletionsArgs {
+    #[arg(value_enum)]
+    pub shell: Shell,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
@@ -172,6 +194,8 @@ pub fn parse_args() -> Cli {
 
 pub fn run(cli: Cli) -> Output {
     match &cli.command {
+        Command::Completions(args) => manual::completions(args.shell),
+        Command::Man => manual::man_page(),
         Command::Demo => {
             crate::logging::init(None);
             crate::demo::run()
@@ -235,7 +259,7 @@ pub fn execute(config: &Config, store: &Store, command: &Command, stop: Option<A
         Command::Status(args) => status::run(config, store, args),
         Command::Deliveries(args) => deliveries::run(config, store, args),
         Command::Verify(args) => verify::run(store, args),
-        Command::Run | Command::CheckConfig | Command::Demo => {
+        Command::Run | Command::CheckConfig | Command::Demo | Command::Completions(_) | Command::Man => {
             Output::unusable("internal: command does not use the store")
         }
     }

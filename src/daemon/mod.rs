@@ -357,7 +357,7 @@ async fn answer(
                 })
             }
         }
-        Command::Run | Command::CheckConfig | Command::Demo => {
+        Command::Run | Command::CheckConfig | Command::Demo | Command::Completions(_) | Command::Man => {
             Output::unusable("this command is not run through the control socket")
         }
         command => {
