@@ -21,8 +21,18 @@ pub fn completions(shell: Shell) -> Output {
         Shell::Fish => clap_complete::Shell::Fish,
     };
     let mut script = Vec::new();
-    clap_complete::generate(shell, &mut cmd, name, &mut script);
-    Output { stdout: String::from_utf8_lossy(&script).into_owned(), ..Output::default() }
+    clap_complete::generate(shell, &mut cmd, &name, &mut script);
+    let mut script = String::from_utf8_lossy(&script).into_owned();
+    if shell == clap_complete::Shell::Bash {
+        // clap_complete's bash script spells a hyphenated bin name one way in the loop that
+        // finds the subcommand ("policy__audit__subcmd__events") and another in the case arms
+        // ("policy__subcmd__audit__subcmd__events"), so no subcommand's options ever complete
+        // (clap-rs/clap#6421). Spell the arms as the loop does; a no-op once upstream is fixed.
+        let mangled = name.replace('-', "__");
+        let wrong = name.replace('-', "__subcmd__");
+        script = script.replace(&format!("{wrong}__subcmd__"), &format!("{mangled}__subcmd__"));
+    }
+    Output { stdout: script, ..Output::default() }
 }
 
 /// `policy-audit man`: the page in roff, for `man -l -` or /usr/share/man/man1/policy-audit.1.
