@@ -70,8 +70,9 @@ grep -qx 'state_dir = "/var/lib/policy-audit"' "$assets/config.toml" || {
 version=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"name":"policy-audit","version":"\([^"]*\)".*/\1/p')
 commit=$("$bin" --version | sed -n 's/.*(commit \([^)]*\)).*/\1/p')
 maintainer=$(sed -n 's/^maintainer = "\(.*\)"$/\1/p' Cargo.toml)
+revision=$(sed -n 's/^revision = "\(.*\)"$/\1/p' Cargo.toml)
 {
-  echo "policy-audit ($version) unstable; urgency=medium"
+  echo "policy-audit ($version${revision:+-$revision}) unstable; urgency=medium"
   echo
   echo "  * Package of policy-audit $version built from commit ${commit:-unknown}."
   echo "    Changes: see the project's git history."
@@ -80,7 +81,7 @@ maintainer=$(sed -n 's/^maintainer = "\(.*\)"$/\1/p' Cargo.toml)
 } > "$assets/changelog"
 
 mkdir -p "$out"
-deb_out=$(cargo deb --no-build $fast --output "$out" 2>&1) || {
+deb_out=$(cargo deb --package policy-audit --no-build $fast --output "$out" 2>&1) || {
   printf '%s\n' "$deb_out" >&2
   exit 1
 }

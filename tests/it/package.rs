@@ -96,6 +96,14 @@ fn the_package_holds_every_file_with_its_mode() {
     assert_eq!(conffiles, ["/etc/default/policy-audit", "/etc/policy-audit/config.toml"]);
 
     let root = unpacked();
+    // The changelog's latest entry is this package version.
+    let version = ok(Command::new("dpkg-deb").arg("--field").arg(deb()).arg("Version"));
+    let changelog =
+        ok(Command::new("gzip").arg("-dc").arg(root.path().join("usr/share/doc/policy-audit/changelog.Debian.gz")));
+    assert!(
+        changelog.lines().next().is_some_and(|l| l.starts_with(&format!("policy-audit ({}) ", version.trim()))),
+        "changelog does not start with version {version}:\n{changelog}"
+    );
     let secrets = root.path().join("etc/default/policy-audit");
     assert_eq!(std::fs::metadata(&secrets).expect("secrets file").len(), 0, "/etc/default/policy-audit is not empty");
     // The packaged config is the commented example pointing at the state directory the units
