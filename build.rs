@@ -23,20 +23,17 @@ fn git_commit(dir: &Path) -> Option<String> {
         return None;
     }
     // In a worktree these are under the main repository's .git, hence --git-path.
-    let mut watched = vec!["HEAD".to_string(), "packed-refs".to_string()];
-    if let Some(branch) = git(dir, &["symbolic-ref", "-q", "HEAD"]) {
-        watched.push(branch);
+    let path = |name: &str| git(dir, &["rev-parse", "--git-path", name]).map(|p| dir.join(p));
+    // Only existing paths: cargo reruns the script on every build for a missing one.
+    let mut watched: Vec<PathBuf> =
+        ["HEAD", "packed-refs"].into_iter().filter_map(path).filter(|p| p.exists()).collect();
+    if let Some(branch) = git(dir, &["symbolic-ref", "-q", "HEAD"]).and_then(|b| path(&b)) {
+        // A packed branch ref gets a loose file at its next commit: watch its folder until then.
+        let folder = branch.parent().map(Path::to_path_buf);
+        watched.extend(if branch.exists() { Some(branch) } else { folder.filter(|f| f.exists()) });
     }
-    for name in watched {
-        // Only existing files: cargo reruns the script on every build for a missing one.
-        if let Some(path) = git(dir, &["rev-parse", "--git-path", &name]) {
-            let path = dir.join(path);
-            // A packed branch ref gets a loose file at its next commit: watch the folder then.
-            let watch = if path.exists() { Some(path.as_path()) } else { path.parent().filter(|p| p.exists()) };
-            if let Some(watch) = watch {
-                println!("cargo:rerun-if-changed={}", watch.display());
-            }
-        }
+    for path in watched {
+        println!("cargo:rerun-if-changed={}", path.display());
     }
     git(dir, &["rev-parse", "--short", "HEAD"])
 }
