@@ -1,20 +1,35 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need beyond the Rust toolchain: git (the tests build real
-# repositories with it, and gix fetches local repositories through `git upload-pack`), and the
-# openssl CLI (the TLS tests make their own certificate authority with it).
+# repositories with it, and gix fetches local repositories through `git upload-pack`), the
+# openssl CLI (the TLS tests make their own certificate authority with it), and what
+# building and checking the Debian package needs (scripts/package.sh, tests/it/package.rs):
+# cargo-deb, dpkg-dev (dpkg-shlibdeps), binutils (strip), lintian, man-db (man), systemd
+# (systemd-analyze) and util-linux (unshare). Quiet when everything is there.
 set -euo pipefail
 
 need=()
-command -v git >/dev/null 2>&1 || need+=(git)
-command -v openssl >/dev/null 2>&1 || need+=(openssl)
+have() { command -v "$1" >/dev/null 2>&1; }
+have git || need+=(git)
+have openssl || need+=(openssl)
+have dpkg-shlibdeps || need+=(dpkg-dev)
+have strip || need+=(binutils)
+have lintian || need+=(lintian)
+have man || need+=(man-db)
+have systemd-analyze || need+=(systemd)
+have unshare || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 for component in rustfmt clippy; do
   if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
     rustup component add "$component" || echo "warning: could not add rustup component $component" >&2
   fi
 done
+# cargo-deb builds from source (a few minutes, once).
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "installing: cargo-deb" >&2
+  cargo install cargo-deb --locked --version 3.8.0 --quiet
+fi

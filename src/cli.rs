@@ -8,8 +8,13 @@ use crate::store::Store;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
+mod manual;
+
+/// `--version`: the crate version and the git commit it was built from (see build.rs).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("POLICY_AUDIT_GIT_COMMIT"), ")");
+
 #[derive(Debug, Parser)]
-#[command(name = "policy-audit", version, about = "Audit trail for GitLab security policies kept as code")]
+#[command(name = "policy-audit", version = VERSION, about = "Audit trail for GitLab security policies kept as code")]
 pub struct Cli {
     /// Config file [default: $POLICY_AUDIT_CONFIG, else ./config.toml]
     #[arg(long, global = true, env = "POLICY_AUDIT_CONFIG", default_value = "config.toml")]
@@ -36,6 +41,24 @@ pub enum Command {
     Demo,
     /// Daemon: reconcile on the schedule, deliver continuously, serve the control socket
     Run,
+    /// Print the completion script for a shell (bash, zsh or fish)
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), generated from these definitions; the package installs it
+    #[command(hide = true)]
+    Man,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    #[arg(value_enum)]
+    pub shell: Shell,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -139,6 +162,8 @@ pub fn parse_args() -> Cli {
 /// what the command prints comes back in the [`Output`].
 pub fn run(cli: Cli, stdout: &mut dyn std::io::Write) -> Output {
     match &cli.command {
+        Command::Completions(args) => manual::completions(args.shell),
+        Command::Man => manual::man_page(),
         Command::Demo => {
             crate::logging::init(None);
             crate::demo::run()
@@ -234,7 +259,7 @@ fn request_of(command: &Command) -> Option<Request> {
             json: a.json,
         }),
         Command::Verify(a) => Request::Verify { json: a.json },
-        Command::CheckConfig | Command::Demo | Command::Run => return None,
+        Command::CheckConfig | Command::Demo | Command::Run | Command::Completions(_) | Command::Man => return None,
     })
 }
 

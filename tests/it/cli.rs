@@ -287,3 +287,28 @@ fn a_backfill_larger_than_one_store_chunk_is_stored_whole_and_in_order() {
     let out = ws.run(&config, &["reconcile"]);
     assert!(stdout(&out).contains("up to date"), "{}", stdout(&out));
 }
+
+#[test]
+fn version_names_the_git_commit_it_was_built_from() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    // Built from this checkout: its HEAD; from a source tree without git: "unknown".
+    let in_checkout = git(&["rev-parse", "--show-toplevel"])
+        .is_some_and(|top| std::fs::canonicalize(top).ok() == std::fs::canonicalize(dir).ok());
+    let commit = if in_checkout {
+        git(&["rev-parse", "--short", "HEAD"]).expect("git rev-parse HEAD")
+    } else {
+        "unknown".into()
+    };
+    let out = std::process::Command::new(crate::common::BIN).arg("--version").output().expect("run --version");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("policy-audit {} (commit {commit})\n", env!("CARGO_PKG_VERSION")));
+}

@@ -258,8 +258,8 @@ fn systemd_units_have_the_required_directives_and_verify() {
     let service = read("policy-audit.service");
     for directive in [
         "Type=notify",
-        "ExecStartPre=/usr/local/bin/policy-audit check-config",
-        "ExecStart=/usr/local/bin/policy-audit run",
+        "ExecStartPre=/usr/bin/policy-audit check-config",
+        "ExecStart=/usr/bin/policy-audit run",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "StateDirectory=policy-audit",
         "EnvironmentFile=-/etc/default/policy-audit",
@@ -275,7 +275,7 @@ fn systemd_units_have_the_required_directives_and_verify() {
         assert!(service.lines().any(|l| l == directive), "policy-audit.service lacks {directive}");
     }
     let oneshot = read("policy-audit-reconcile.service");
-    assert!(oneshot.contains("Type=oneshot") && oneshot.contains("ExecStart=/usr/local/bin/policy-audit reconcile"));
+    assert!(oneshot.contains("Type=oneshot") && oneshot.contains("ExecStart=/usr/bin/policy-audit reconcile"));
     let timer = read("policy-audit-reconcile.timer");
     for directive in ["OnCalendar=", "RandomizedDelaySec=", "Persistent=true"] {
         assert!(timer.contains(directive), "timer lacks {directive}");

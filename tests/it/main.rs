@@ -14,6 +14,7 @@ mod fuzz_regressions;
 mod git_http;
 mod gitlab_api;
 mod output;
+mod package;
 mod receiver;
 mod repo_urls;
 mod secrets;
