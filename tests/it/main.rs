@@ -10,6 +10,7 @@ mod daemon;
 mod faults;
 mod fixtures;
 mod fuzz_regressions;
+mod policy_corpus;
 mod git_http;
 mod receiver;
 mod repo_urls;
