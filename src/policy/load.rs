@@ -31,8 +31,6 @@ pub const MAX_DEPTH: usize = 100;
 /// thousand values.
 pub const MAX_EXPANDED_VALUES: u64 = 250_000;
 
-const YAML_TAG: &str = "tag:yaml.org,2002:";
-
 /// Why the file does not load. The text is shown to users as is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LoadError {
@@ -114,10 +112,11 @@ impl Builder {
                     let (size, depth) = (a.size, a.depth);
                     self.count(size)?;
                     self.check_depth(depth)?;
-                    let value = a.value.clone();
+                    // Counted first: only a copy within the limits is ever made.
+                    let value = self.anchors.get(&id).map(|a| a.value.clone()).unwrap_or(Value::Null);
                     self.push(value, depth)?;
                 }
-                Event::SequenceStart(anchor, tag) | Event::MappingStart(anchor, tag) => {
+                Event::SequenceStart(anchor, ref tag) | Event::MappingStart(anchor, ref tag) => {
                     refuse_ruby_tag(tag.as_ref(), mark)?;
                     self.count(1)?;
                     let open = if matches!(event, Event::SequenceStart(..)) {
@@ -421,7 +420,6 @@ fn sexagesimal(s: &str) -> Option<Value> {
     if !tail.iter().all(|p| digits(p, 1, 2) && (p.len() == 1 || p.as_bytes()[0] <= b'5')) {
         return None;
     }
-    let n = parts.len() as u32;
     let mut whole: f64 = 0.0;
     let mut int: i64 = 0;
     for (e, p) in parts.iter().enumerate() {
@@ -431,7 +429,6 @@ fn sexagesimal(s: &str) -> Option<Value> {
         int = int.checked_add(v.checked_mul(weight)?)?;
         whole += v as f64 * weight as f64;
     }
-    let _ = n;
     match frac {
         None => Some(Value::from(sign * int)),
         Some(f) => {
