@@ -557,10 +557,7 @@ impl<'a> Walker<'a> {
                 .chunks(per_worker)
                 .map(|chunk| {
                     scope.spawn(move || {
-                        chunk
-                            .iter()
-                            .map(|(id, bytes)| (*id, policy::parse_with(bytes, schema)))
-                            .collect::<Vec<_>>()
+                        chunk.iter().map(|(id, bytes)| (*id, policy::parse_with(bytes, schema))).collect::<Vec<_>>()
                     })
                 })
                 .collect();

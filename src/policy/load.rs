@@ -352,7 +352,8 @@ fn is_date(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
     let [y, m, d] = parts.as_slice() else { return false };
     let month_ok = digits(m, 1, 2) && (m.len() == 1 || m.starts_with('0') || matches!(*m, "10" | "11" | "12"));
-    let day_ok = digits(d, 1, 2) && (d.len() == 1 || matches!(d.as_bytes()[0], b'0' | b'1' | b'2') || matches!(*d, "30" | "31"));
+    let day_ok =
+        digits(d, 1, 2) && (d.len() == 1 || matches!(d.as_bytes()[0], b'0' | b'1' | b'2') || matches!(*d, "30" | "31"));
     digits(y, 4, 4) && month_ok && day_ok
 }
 
@@ -443,7 +444,8 @@ fn is_float(s: &str) -> bool {
     let s = s.strip_prefix(['-', '+']).unwrap_or(s);
     let Some((int, rest)) = s.split_once('.') else { return false };
     if !int.is_empty()
-        && !(int.starts_with(|c: char| c.is_ascii_digit()) && int.bytes().all(|c| c.is_ascii_digit() || c == b'_' || c == b','))
+        && !(int.starts_with(|c: char| c.is_ascii_digit())
+            && int.bytes().all(|c| c.is_ascii_digit() || c == b'_' || c == b','))
     {
         return false;
     }

@@ -101,7 +101,10 @@ fn policies(doc: &Value) -> Result<PolicySet, InvalidPolicyFile> {
     for (key, section) in top {
         let Some(policy_type) = PolicyType::from_key(key) else { continue };
         let Value::Array(items) = section else {
-            return Err(InvalidPolicyFile::new(format!("{key}: must be a list of policies, found {}", json_kind(section))));
+            return Err(InvalidPolicyFile::new(format!(
+                "{key}: must be a list of policies, found {}",
+                json_kind(section)
+            )));
         };
         let mut policies = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
@@ -193,9 +196,18 @@ mod tests {
         assert!(invalid("- a\n").reason.contains("top level must be a mapping"));
         let e = invalid("name: x\nenabled: true\n");
         assert!(e.errors.iter().any(|e| e.contains("(top level): Additional properties are not allowed")), "{e:?}");
-        let e = invalid(&format!("approval_policy: [{}]\n", APPROVAL.replace("approvals_required: 1", "approvals_required: 101")));
-        assert_eq!(e.errors, ["approval_policy[0].actions[0].approvals_required: 101 is greater than the maximum of 100"]);
-        let e = invalid(&format!("scan_execution_policy: [{}]\n", SCAN.replace("sast", "sastt").replace("enabled: true", "enabled: 'yes'")));
+        let e = invalid(&format!(
+            "approval_policy: [{}]\n",
+            APPROVAL.replace("approvals_required: 1", "approvals_required: 101")
+        ));
+        assert_eq!(
+            e.errors,
+            ["approval_policy[0].actions[0].approvals_required: 101 is greater than the maximum of 100"]
+        );
+        let e = invalid(&format!(
+            "scan_execution_policy: [{}]\n",
+            SCAN.replace("sast", "sastt").replace("enabled: true", "enabled: 'yes'")
+        ));
         assert_eq!(e.errors.len(), 2, "{e:?}");
         assert!(e.reason.contains("2 errors"), "{}", e.reason);
         assert!(parse(&[0xff, 0xfe]).unwrap_err().reason.contains("not UTF-8"));
@@ -204,7 +216,8 @@ mod tests {
     #[test]
     fn yaml_1_1_booleans_duplicate_keys_and_later_documents_are_read_as_gitlab_reads_them() {
         for (spelling, enabled) in [("off", false), ("no", false), ("on", true), ("yes", true), ("True", true)] {
-            let text = format!("approval_policy: [{}]\n", APPROVAL.replace("enabled: true", &format!("enabled: {spelling}")));
+            let text =
+                format!("approval_policy: [{}]\n", APPROVAL.replace("enabled: true", &format!("enabled: {spelling}")));
             assert_eq!(parse(text.as_bytes()).unwrap().policies[0].enabled, enabled, "{spelling}");
         }
         let dup = format!("approval_policy: []\napproval_policy: [{APPROVAL}]\n");
@@ -218,7 +231,10 @@ mod tests {
         // Guards against a dependency turning on serde_json's `preserve_order`.
         let set = parse(format!("pipeline_execution_policy: [{PIPELINE}]\n").as_bytes()).unwrap();
         let text = serde_json::to_string(&set.policies[0].content).unwrap();
-        assert!(text.starts_with(r#"{"content":{"include":[{"file":"ci.yml","project":"g/p"}]},"enabled":true,"name":"p""#), "{text}");
+        assert!(
+            text.starts_with(r#"{"content":{"include":[{"file":"ci.yml","project":"g/p"}]},"enabled":true,"name":"p""#),
+            "{text}"
+        );
     }
 
     #[test]
@@ -233,9 +249,7 @@ mod tests {
     #[test]
     fn applies_yaml_merge_keys() {
         let a = parse(format!("pipeline_execution_policy:\n- {PIPELINE}\n").as_bytes()).unwrap();
-        let b = parse(
-            b"x: &base {enabled: true, pipeline_config_strategy: inject_policy}\n".as_slice(),
-        );
+        let b = parse(b"x: &base {enabled: true, pipeline_config_strategy: inject_policy}\n".as_slice());
         assert!(b.is_err(), "an unknown top-level key is refused");
         let c = parse(
             b"pipeline_execution_policy:\n- <<: {enabled: true, pipeline_config_strategy: inject_policy}\n  name: p\n  content: {include: [{project: g/p, file: ci.yml}]}\n",

@@ -71,8 +71,8 @@ impl PolicySchema {
     /// Reads and compiles a schema file (GitLab ships its own as
     /// `ee/app/validators/json_schemas/security_orchestration_policy.json`).
     pub fn from_file(path: &Path) -> Result<PolicySchema, SchemaError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| SchemaError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| SchemaError::Read { path: path.to_path_buf(), source })?;
         let value: Value =
             serde_json::from_str(&text).map_err(|source| SchemaError::NotJson { path: path.to_path_buf(), source })?;
         PolicySchema::compile(value, Some(path.to_path_buf()))
@@ -126,7 +126,11 @@ impl PolicySchema {
         errors.dedup();
         errors
             .into_iter()
-            .map(|(path, message)| if path.is_empty() { format!("(top level): {message}") } else { format!("{path}: {message}") })
+            .map(
+                |(path, message)| {
+                    if path.is_empty() { format!("(top level): {message}") } else { format!("{path}: {message}") }
+                },
+            )
             .collect()
     }
 }

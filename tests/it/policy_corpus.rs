@@ -114,10 +114,8 @@ fn policy_schema_file_in_the_config_decides() {
     let repo = ws.init_repo("spp");
     ws.write("spp/.gitlab/security-policies/policy.yml", NEWLY_DETECTED);
     commit(&repo, "Alice", "alice@example.com", "2024-01-01T10:00:00Z", "legacy states");
-    let project = format!(
-        "[[projects]]\npath = \"acme/spp\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
-        repo.display()
-    );
+    let project =
+        format!("[[projects]]\npath = \"acme/spp\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n", repo.display());
 
     // The built-in schema (a current GitLab) refuses `newly_detected`.
     let builtin = ws.write("builtin/config.toml", &format!("state_dir = \"state\"\n{project}"));
@@ -128,15 +126,17 @@ fn policy_schema_file_in_the_config_decides() {
     assert_eq!(events[0]["event_type"], "security_policy_yaml_invalidated");
     let errors = events[0]["details"]["validation_errors"].as_array().expect("errors listed");
     assert!(
-        errors.iter().any(|e| e.as_str().is_some_and(|e| e
-            .starts_with("approval_policy[0].rules[0].vulnerability_states[0]: \"newly_detected\" is not one of"))),
+        errors
+            .iter()
+            .any(|e| e.as_str().is_some_and(|e| e
+                .starts_with("approval_policy[0].rules[0].vulnerability_states[0]: \"newly_detected\" is not one of"))),
         "{errors:#?}"
     );
 
     // The administrator's GitLab is older: its schema accepts the file.
     ws.write("older/schema.json", &older_gitlab_schema());
-    let older =
-        ws.write("older/config.toml", &format!("state_dir = \"state\"\npolicy_schema_file = \"schema.json\"\n{project}"));
+    let older = ws
+        .write("older/config.toml", &format!("state_dir = \"state\"\npolicy_schema_file = \"schema.json\"\n{project}"));
     let check = ws.run(&older, &["check-config"]);
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
     let out = ws.run(&older, &["reconcile", "--no-deliver"]);

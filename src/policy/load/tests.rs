@@ -74,7 +74,14 @@ fn yaml_1_1_integers_and_floats() {
 
 #[test]
 fn dates_and_times_are_refused_like_safe_load_refuses_them() {
-    for d in ["2024-01-31", "2024-1-5", "2024-02-31", "2024-01-31T10:00:00Z", "2024-01-31 10:00:00 +02:00", "2001-12-14t21:59:43.10-05:00"] {
+    for d in [
+        "2024-01-31",
+        "2024-1-5",
+        "2024-02-31",
+        "2024-01-31T10:00:00Z",
+        "2024-01-31 10:00:00 +02:00",
+        "2001-12-14t21:59:43.10-05:00",
+    ] {
         let e = refused(&format!("v: {d}\n"));
         assert!(e.contains("YAML.safe_load refuses") && e.contains("line 1"), "{d}: {e}");
     }
