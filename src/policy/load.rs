@@ -46,9 +46,29 @@ pub enum LoadError {
 
 /// Loads the first document. `Ok(None)` is an empty file (Psych loads `false`/`nil`).
 pub fn load(text: &str) -> Result<Option<Value>, LoadError> {
+    refuse_control_characters(text)?;
     // Should the event parser panic on hostile input, the file is refused, never a crash.
     std::panic::catch_unwind(|| Builder::default().run(text))
         .unwrap_or_else(|_| Err(LoadError::Syntax("the YAML parser gave up on this input".into())))
+}
+
+/// libyaml (under Psych) refuses a stream with characters YAML does not allow anywhere, even
+/// in a comment ("control characters are not allowed"); yaml-rust2 is more lenient.
+fn refuse_control_characters(text: &str) -> Result<(), LoadError> {
+    let allowed = |c: char| {
+        matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{7e}' | '\u{85}' | '\u{a0}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}')
+            || c >= '\u{10000}'
+    };
+    for (i, line) in text.split('\n').enumerate() {
+        if let Some(c) = line.chars().find(|c| !allowed(*c)) {
+            return Err(LoadError::Syntax(format!(
+                "control characters are not allowed (U+{:04X} at line {})",
+                c as u32,
+                i + 1
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A key waiting for its value.

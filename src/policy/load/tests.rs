@@ -163,3 +163,10 @@ fn syntax_errors_say_where() {
     assert!(e.starts_with("not valid YAML"), "{e}");
     assert!(refused("cadence: */10 * * * *\n").starts_with("not valid YAML"));
 }
+
+#[test]
+fn control_characters_are_refused_even_in_comments() {
+    let e = refused("a: 1 # \u{0}\n");
+    assert_eq!(e, "not valid YAML: control characters are not allowed (U+0000 at line 1)");
+    assert!(load("a: \"\\u0007 escaped is fine\"\n").is_ok());
+}
