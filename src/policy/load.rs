@@ -463,10 +463,10 @@ fn sexagesimal(s: &str) -> Option<Value> {
 fn is_float(s: &str) -> bool {
     let s = s.strip_prefix(['-', '+']).unwrap_or(s);
     let Some((int, rest)) = s.split_once('.') else { return false };
-    if !int.is_empty()
-        && !(int.starts_with(|c: char| c.is_ascii_digit())
-            && int.bytes().all(|c| c.is_ascii_digit() || c == b'_' || c == b','))
-    {
+    let int_ok = int.is_empty()
+        || (int.starts_with(|c: char| c.is_ascii_digit())
+            && int.bytes().all(|c| c.is_ascii_digit() || c == b'_' || c == b','));
+    if !int_ok {
         return false;
     }
     let frac_len = rest.bytes().take_while(u8::is_ascii_digit).count();
@@ -524,12 +524,11 @@ fn legacy_integer(s: &str) -> Option<Value> {
     };
     let clean: String = digits_text.chars().filter(|c| *c != '_' && *c != ',').collect();
     let magnitude = u128::from_str_radix(&clean, radix).ok()?;
-    let value = if negative {
+    if negative {
         i64::try_from(magnitude).ok().map(|m| Value::from(-m)).or_else(|| big(magnitude, true))
     } else {
         u64::try_from(magnitude).ok().map(Value::from).or_else(|| big(magnitude, false))
-    };
-    value
+    }
 }
 
 /// A Ruby Bignum: JSON numbers past 64 bits are read as floats.

@@ -163,3 +163,67 @@ fn check_config_names_a_schema_file_that_is_not_a_schema() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read policy schema file"), "{out:?}");
 }
+
+/// Kills the daemon if a test fails before it stops it.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < until {
+        if ready() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn a_daemon_reload_picks_up_a_new_policy_schema_file() {
+    let ws = Workspace::new();
+    let repo = ws.init_repo("spp");
+    ws.write("spp/.gitlab/security-policies/policy.yml", NEWLY_DETECTED);
+    commit(&repo, "Alice", "alice@example.com", "2024-01-01T10:00:00Z", "legacy states");
+    ws.write("schema.json", BUILTIN_SCHEMA);
+    let config = ws.write(
+        "config.toml",
+        &format!(
+            "schedule = \"0 0 0 1 1 *\"\nstate_dir = \"state\"\npolicy_schema_file = \"schema.json\"\n\
+             [[projects]]\npath = \"acme/spp\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+            repo.display()
+        ),
+    );
+    let log = ws.path("daemon.log");
+    let child = crate::common::spawn_daemon(&config, std::fs::File::create(&log).expect("log").into(), &[]);
+    let daemon = Running(child);
+    let socket = ws.path("state/control.sock");
+    wait_for("the control socket", || std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    // The start-up reconcile refuses the file under the current schema.
+    let out = ws.run(&config, &["reconcile"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let kinds = |ws: &Workspace| -> Vec<String> {
+        events_json(ws, &config).iter().filter_map(|e| e["event_type"].as_str().map(str::to_string)).collect()
+    };
+    assert_eq!(kinds(&ws), ["security_policy_yaml_invalidated"]);
+
+    // The administrator points the file at an older GitLab's schema and reloads.
+    ws.write("schema.json", &older_gitlab_schema());
+    let ok =
+        std::process::Command::new("kill").args(["-HUP", &daemon.0.id().to_string()]).status().expect("kill").success();
+    assert!(ok);
+    wait_for("the reload", || std::fs::read_to_string(&log).unwrap_or_default().contains("config reloaded"));
+    ws.write("spp/.gitlab/security-policies/policy.yml", &NEWLY_DETECTED.replace("Legacy states", "Legacy states v2"));
+    commit(&repo, "Bob", "bob@example.com", "2024-01-02T10:00:00Z", "rename");
+    let out = ws.run(&config, &["reconcile"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(kinds(&ws), ["security_policy_yaml_invalidated", "security_policy_create"]);
+}
