@@ -2,7 +2,7 @@
 //! GitLab's exact messages. Pure: the caller passes the commit, the clock reading and the change.
 
 use crate::config::Project;
-use crate::policy::{Change, ChangeKind, FieldChange, Policy, TypeLimit};
+use crate::policy::{Change, ChangeKind, FieldChange, InvalidPolicyFile, Policy, TypeLimit};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -98,9 +98,13 @@ pub struct Details {
     pub changes_truncated: bool,
     #[serde(skip_serializing_if = "is_false", default)]
     pub history_rewritten: bool,
-    /// Invalidated events: why the file is invalid.
+    /// Invalidated events: why the file is invalid, in one line.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub invalid_reason: Option<String>,
+    /// Invalidated events: every error on its own, with the path it is about
+    /// (`approval_policy[0].rules: ...`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub validation_errors: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub policy_type_limit: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -197,11 +201,12 @@ impl StepContext<'_> {
         event
     }
 
-    pub fn invalidated_event(&self, reason: &str) -> AuditEvent {
+    pub fn invalidated_event(&self, invalid: &InvalidPolicyFile) -> AuditEvent {
         let path = self.project.path.clone();
         let mut event =
             self.event(EventType::YamlInvalidated, INVALIDATED_MESSAGE.to_string(), "Project", path, "0", "", "");
-        event.details.invalid_reason = Some(reason.to_string());
+        event.details.invalid_reason = Some(invalid.reason.clone());
+        event.details.validation_errors = Some(invalid.errors.clone());
         event
     }
 
@@ -272,6 +277,7 @@ impl StepContext<'_> {
                 changes_truncated: false,
                 history_rewritten: self.history_rewritten,
                 invalid_reason: None,
+                validation_errors: None,
                 policy_type_limit: None,
                 policies_count: None,
                 active_policies_names: None,

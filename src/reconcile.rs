@@ -11,7 +11,7 @@
 use crate::config::{Config, InitialSync, Project};
 use crate::event::{AuditEvent, StepContext};
 use crate::gitlab::attribution::Attributor;
-use crate::policy::{self, LimitState, PolicySet, diff, limit_breaches};
+use crate::policy::{self, InvalidPolicyFile, LimitState, PolicySet, diff, limit_breaches};
 use crate::repo::{self, Commit, Link, Mirror, PolicyBlob, PolicyPath};
 use crate::store::{Cursor, Store, StoreError};
 use anyhow::{Context, Result};
@@ -306,9 +306,9 @@ struct Walker<'a> {
     summary: &'a mut Summary,
     path: PolicyPath,
     /// Parsed files by blob id: a reverted file is not parsed twice. Bounded.
-    parsed: HashMap<ObjectId, Result<PolicySet, String>>,
+    parsed: HashMap<ObjectId, Result<PolicySet, InvalidPolicyFile>>,
     /// Files of the current window, parsed ahead in parallel.
-    ahead: HashMap<ObjectId, Result<PolicySet, String>>,
+    ahead: HashMap<ObjectId, Result<PolicySet, InvalidPolicyFile>>,
     progress: bool,
 }
 
@@ -469,9 +469,9 @@ impl<'a> Walker<'a> {
             history_rewritten: rewritten,
         };
         match loaded {
-            Err(reason) => {
+            Err(invalid) => {
                 if emit {
-                    events.push(ctx.invalidated_event(&reason));
+                    events.push(ctx.invalidated_event(&invalid));
                 }
             }
             Ok(set) => {
@@ -496,11 +496,13 @@ impl<'a> Walker<'a> {
 
     /// The policy set in a blob, or why it is invalid (missing, not a file, too big, bad YAML).
     /// The outer error is a failed read of the mirror: never reported as an invalid file.
-    fn load(&mut self, blob: &PolicyBlob) -> Result<Result<PolicySet, String>> {
+    fn load(&mut self, blob: &PolicyBlob) -> Result<Result<PolicySet, InvalidPolicyFile>> {
         let file = &self.project.policy_file;
         let id = match blob {
-            PolicyBlob::Missing => return Ok(Err(format!("{file} does not exist"))),
-            PolicyBlob::NotAFile(kind, _) => return Ok(Err(format!("{file} is {kind}, not a file"))),
+            PolicyBlob::Missing => return Ok(Err(InvalidPolicyFile::new(format!("{file} does not exist")))),
+            PolicyBlob::NotAFile(kind, _) => {
+                return Ok(Err(InvalidPolicyFile::new(format!("{file} is {kind}, not a file"))));
+            }
             PolicyBlob::File(id) => *id,
         };
         if let Some(cached) = self.parsed.get(&id) {
@@ -509,8 +511,8 @@ impl<'a> Walker<'a> {
         let result = match self.ahead.remove(&id) {
             Some(parsed) => parsed,
             None => match self.read(id)? {
-                Ok(bytes) => policy::parse(&bytes).map_err(|e| e.reason),
-                Err(too_big) => Err(too_big),
+                Ok(bytes) => policy::parse_with(&bytes, &self.config.policy_schema),
+                Err(too_big) => Err(InvalidPolicyFile::new(too_big)),
             },
         };
         if self.parsed.len() >= PARSE_CACHE_ENTRIES {
@@ -544,21 +546,19 @@ impl<'a> Walker<'a> {
             match self.read(*id)? {
                 Ok(bytes) => todo.push((*id, bytes)),
                 Err(too_big) => {
-                    self.ahead.insert(*id, Err(too_big));
+                    self.ahead.insert(*id, Err(InvalidPolicyFile::new(too_big)));
                 }
             }
         }
         let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 8);
         let per_worker = todo.len().div_ceil(workers).max(1);
-        let parsed: Vec<(ObjectId, Result<PolicySet, String>)> = std::thread::scope(|scope| {
+        let schema = &self.config.policy_schema;
+        let parsed: Vec<(ObjectId, Result<PolicySet, InvalidPolicyFile>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = todo
                 .chunks(per_worker)
                 .map(|chunk| {
                     scope.spawn(move || {
-                        chunk
-                            .iter()
-                            .map(|(id, bytes)| (*id, policy::parse(bytes).map_err(|e| e.reason)))
-                            .collect::<Vec<_>>()
+                        chunk.iter().map(|(id, bytes)| (*id, policy::parse_with(bytes, schema))).collect::<Vec<_>>()
                     })
                 })
                 .collect();

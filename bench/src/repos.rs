@@ -27,7 +27,7 @@ pub fn policy_file(n: usize, rev: usize) -> String {
     let mut text = String::from("approval_policy:\n");
     for k in 0..n {
         text.push_str(&format!(
-            "- name: Policy {k}\n  description: Revision {}\n  enabled: {}\n  rules:\n  - type: scan_finding\n    branches: [main]\n    scanners: [sast, dependency_scanning]\n    vulnerabilities_allowed: {}\n    severity_levels: [critical, high]\n  actions:\n  - type: require_approval\n    approvals_required: 1\n    role_approvers: [maintainer]\n",
+            "- name: Policy {k}\n  description: Revision {}\n  enabled: {}\n  rules:\n  - type: scan_finding\n    branches: [main]\n    scanners: [sast, dependency_scanning]\n    vulnerabilities_allowed: {}\n    severity_levels: [critical, high]\n    vulnerability_states: [new_needs_triage]\n  actions:\n  - type: require_approval\n    approvals_required: 1\n    role_approvers: [maintainer]\n",
             if k == rev % n { rev } else { 0 },
             k < 5,
             if k == rev % n { rev % 3 } else { 0 }

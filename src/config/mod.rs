@@ -16,7 +16,7 @@ pub use raw::InitialSync;
 pub use secret::Secret;
 
 use crate::event::EventType;
-use crate::policy::{Limits, PolicyType};
+use crate::policy::{Limits, PolicySchema, PolicyType};
 use crate::tls::TlsSettings;
 use raw::{RawConfig, RawDestination, RawLimits, RawProject};
 use std::collections::BTreeMap;
@@ -54,6 +54,9 @@ pub struct Config {
     pub log_level: Option<String>,
     /// Projects reconciled at once.
     pub parallelism: usize,
+    /// What a policy file must satisfy: the built-in schema, or `policy_schema_file` (read and
+    /// compiled here, so `check-config` tests it and a reload picks up a new file).
+    pub policy_schema: PolicySchema,
     pub flag: FeatureFlag,
     /// Commit email (lowercase) -> GitLab user id.
     pub authors: BTreeMap<String, i64>,
@@ -303,6 +306,13 @@ impl Checker<'_> {
             Some(n) => *n.get_ref(),
             None => DEFAULT_PARALLELISM,
         };
+        let policy_schema = match &raw.policy_schema_file {
+            None => PolicySchema::builtin().clone(),
+            Some(file) => PolicySchema::from_file(&base.join(file.get_ref())).unwrap_or_else(|e| {
+                self.error_at(file, format!("`policy_schema_file`: {e}"));
+                PolicySchema::builtin().clone()
+            }),
+        };
         Some(Config {
             source: self.file.to_path_buf(),
             schedule,
@@ -312,6 +322,7 @@ impl Checker<'_> {
             max_policy_file_bytes,
             log_level,
             parallelism,
+            policy_schema,
             flag,
             authors,
             projects: projects.0,

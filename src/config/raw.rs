@@ -15,6 +15,7 @@ pub struct RawConfig {
     pub max_policy_file_bytes: Option<Spanned<u64>>,
     pub log_level: Option<Spanned<String>>,
     pub parallelism: Option<Spanned<usize>>,
+    pub policy_schema_file: Option<Spanned<String>>,
     #[serde(default)]
     pub feature_flags: RawFeatureFlags,
     #[serde(default)]

@@ -192,7 +192,7 @@ fn policies(approvals: u32, dast_name: &str, with_license: bool, license_enabled
     let mut text = format!(
         "# Security policies for the ACME group, enforced on every linked project.\n\
          approval_policy:\n\
-         - name: Critical vulnerabilities need AppSec approval\n  description: Block merge requests that add critical findings\n  enabled: true\n  rules:\n  - type: scan_finding\n    branches: [main]\n    scanners: [sast, container_scanning]\n    vulnerabilities_allowed: 0\n    severity_levels: [critical]\n    vulnerability_states: [newly_detected]\n  actions:\n  - type: require_approval\n    approvals_required: {approvals}\n    group_approvers: [acme/appsec]\n"
+         - name: Critical vulnerabilities need AppSec approval\n  description: Block merge requests that add critical findings\n  enabled: true\n  rules:\n  - type: scan_finding\n    branches: [main]\n    scanners: [sast, container_scanning]\n    vulnerabilities_allowed: 0\n    severity_levels: [critical]\n    vulnerability_states: [new_needs_triage]\n  actions:\n  - type: require_approval\n    approvals_required: {approvals}\n    group_approvers: [acme/appsec]\n"
     );
     if with_license {
         text.push_str(&format!(

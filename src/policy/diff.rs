@@ -162,10 +162,11 @@ fn join_key(path: &str, key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::parse;
+    use crate::policy::{PolicySchema, parse_with};
 
+    /// Diffing is tested on partial policies: validation has its own tests.
     fn set(yaml: &str) -> PolicySet {
-        parse(yaml.as_bytes()).unwrap_or_else(|e| panic!("test input invalid: {e}"))
+        parse_with(yaml.as_bytes(), &PolicySchema::accept_any()).unwrap_or_else(|e| panic!("test input invalid: {e}"))
     }
 
     fn summary(changes: &[Change]) -> Vec<String> {

@@ -59,21 +59,21 @@ pub fn limit_breaches(set: &PolicySet, limits: &Limits) -> Vec<TypeLimit> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::parse;
+    use crate::policy::{PolicySchema, parse_with};
 
     #[test]
     fn only_enabled_policies_count_and_file_order_decides() {
         let yaml = "
 approval_policy:
 - {name: a, enabled: true}
-- {name: off, enabled: false}
+- {name: 'off', enabled: false}
 - {name: b, enabled: true}
 - {name: c, enabled: true}
 pipeline_execution_schedule_policy:
 - {name: s1, enabled: true}
 - {name: s2, enabled: true}
 ";
-        let set = parse(yaml.as_bytes()).unwrap();
+        let set = parse_with(yaml.as_bytes(), &PolicySchema::accept_any()).unwrap();
         let limits = Limits::new([(PolicyType::Approval, 2)].into());
         let breaches = limit_breaches(&set, &limits);
         assert_eq!(breaches.len(), 2);

@@ -7,17 +7,22 @@
 //! - `scan_result_policy` items are stored as [`PolicyType::Approval`]: the legacy name never
 //!   leaves this module.
 //!
-//! serde_yaml is used only in `parse.rs`, so it can be swapped without touching the rest.
+//! Reading follows GitLab: `load.rs` reads the YAML as Ruby's Psych `safe_load` does,
+//! `schema.rs` validates the result against a JSON Schema (built-in, or the administrator's
+//! own GitLab's), `parse.rs` ties them together and builds the [`PolicySet`].
 
-mod aliases;
 mod depth;
 mod diff;
 mod limits;
+mod load;
 mod parse;
+mod schema;
 
 pub use diff::{Change, ChangeKind, FieldChange, diff};
 pub use limits::{LimitState, Limits, TypeLimit, limit_breaches};
-pub use parse::{InvalidPolicyFile, MAX_NAME_CHARS, parse};
+pub use load::{LoadError, MAX_DEPTH, MAX_EXPANDED_VALUES, load};
+pub use parse::{InvalidPolicyFile, MAX_NAME_CHARS, parse, parse_with};
+pub use schema::{BUILTIN_SCHEMA, PolicySchema, SchemaError};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -28,6 +33,8 @@ use std::fmt;
 pub enum PolicyType {
     #[serde(rename = "approval_policy")]
     Approval,
+    #[serde(rename = "ci_component_publishing_policy")]
+    CiComponentPublishing,
     #[serde(rename = "pipeline_execution_policy")]
     PipelineExecution,
     #[serde(rename = "pipeline_execution_schedule_policy")]
@@ -45,8 +52,9 @@ pub const LEGACY_APPROVAL_KEY: &str = "scan_result_policy";
 pub const NON_POLICY_TOP_LEVEL_KEYS: &[&str] = &["experiments"];
 
 impl PolicyType {
-    pub const ALL: [PolicyType; 5] = [
+    pub const ALL: [PolicyType; 6] = [
         PolicyType::Approval,
+        PolicyType::CiComponentPublishing,
         PolicyType::PipelineExecution,
         PolicyType::PipelineExecutionSchedule,
         PolicyType::ScanExecution,
@@ -57,6 +65,7 @@ impl PolicyType {
     pub fn key(self) -> &'static str {
         match self {
             PolicyType::Approval => "approval_policy",
+            PolicyType::CiComponentPublishing => "ci_component_publishing_policy",
             PolicyType::PipelineExecution => "pipeline_execution_policy",
             PolicyType::PipelineExecutionSchedule => "pipeline_execution_schedule_policy",
             PolicyType::ScanExecution => "scan_execution_policy",
@@ -76,6 +85,7 @@ impl PolicyType {
     pub fn display_name(self) -> &'static str {
         match self {
             PolicyType::Approval => "Merge request approval policy",
+            PolicyType::CiComponentPublishing => "CI component publishing policy",
             PolicyType::PipelineExecution => "Pipeline execution policy",
             PolicyType::PipelineExecutionSchedule => "Pipeline execution schedule policy",
             PolicyType::ScanExecution => "Scan execution policy",

@@ -1,15 +1,16 @@
-//! `policy.yml` bytes -> validated [`PolicySet`], or a readable reason why GitLab would not
-//! enforce the file.
+//! `policy.yml` bytes -> validated [`PolicySet`], or every reason why GitLab would not enforce
+//! the file.
 //!
-//! Validation is structural, like GitLab's schema where it has been stable for years: the top
-//! level is a mapping of policy-type sections (plus `experiments`), each section a list of
-//! mappings with a `name` (1-255 characters) and a boolean `enabled`, and approval-policy rules
-//! name the branches they apply to. Unknown keys *inside* a policy are accepted: GitLab adds
-//! new ones every release and an audit trail must not call a newer file invalid.
+//! A file is valid exactly when GitLab would enforce it: it loads as Psych's `safe_load` loads
+//! it ([`super::load`]), the result is a mapping, and it satisfies the policy schema
+//! ([`super::schema`]: the built-in one, or `policy_schema_file`, which then decides alone).
+//! Only then are the policies read out of it; their `content` is the loaded value itself, so
+//! two files that GitLab reads the same way (`enabled: yes` and `enabled: true`) are the same.
 
-use super::{LEGACY_APPROVAL_KEY, NON_POLICY_TOP_LEVEL_KEYS, Policy, PolicySet, PolicyType};
-use serde_json::{Map, Value};
-use serde_yaml::Value as Yaml;
+use super::load::{self, LoadError};
+use super::schema::PolicySchema;
+use super::{LEGACY_APPROVAL_KEY, Policy, PolicySet, PolicyType};
+use serde_json::Value;
 use std::fmt;
 
 /// GitLab's limit on a policy name's length.
@@ -18,12 +19,26 @@ pub const MAX_NAME_CHARS: usize = 255;
 /// Why a policy file is not a valid policy file. The text is shown to users as is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidPolicyFile {
+    /// One line for people: every error, joined.
     pub reason: String,
+    /// Every error on its own, with the path it is about when there is one
+    /// (`approval_policy[0].actions[0].approvals_required: 101 is greater than the maximum of 100`).
+    pub errors: Vec<String>,
 }
 
 impl InvalidPolicyFile {
-    fn new(reason: impl Into<String>) -> Self {
-        InvalidPolicyFile { reason: reason.into() }
+    /// A file refused for one reason (missing, unreadable, not YAML).
+    pub fn new(reason: impl Into<String>) -> Self {
+        let reason = reason.into();
+        InvalidPolicyFile { errors: vec![reason.clone()], reason }
+    }
+
+    fn schema(errors: Vec<String>) -> Self {
+        let reason = match errors.len() {
+            1 => format!("GitLab's policy schema refuses the file: {}", errors[0]),
+            n => format!("GitLab's policy schema refuses the file ({n} errors): {}", errors.join("; ")),
+        };
+        InvalidPolicyFile { reason, errors }
     }
 }
 
@@ -35,73 +50,77 @@ impl fmt::Display for InvalidPolicyFile {
 
 impl std::error::Error for InvalidPolicyFile {}
 
-/// Parses and validates a policy file.
+impl From<LoadError> for InvalidPolicyFile {
+    fn from(e: LoadError) -> Self {
+        InvalidPolicyFile::new(e.to_string())
+    }
+}
+
+/// Parses and validates a policy file against the built-in schema.
 pub fn parse(bytes: &[u8]) -> Result<PolicySet, InvalidPolicyFile> {
-    // A UTF-8 byte order mark (some Windows editors write one) is not content: YAML allows it at
-    // the start of the stream, but serde_yaml reports "more than one document" for it.
+    parse_with(bytes, PolicySchema::builtin())
+}
+
+/// Parses a policy file and validates it against `schema`.
+pub fn parse_with(bytes: &[u8], schema: &PolicySchema) -> Result<PolicySet, InvalidPolicyFile> {
+    // A UTF-8 byte order mark (some Windows editors write one) is not content.
     let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
     let text = std::str::from_utf8(bytes)
         .map_err(|e| InvalidPolicyFile::new(format!("not UTF-8 text (invalid byte at offset {})", e.valid_up_to())))?;
-    let scan = super::depth::scan(text, super::depth::MAX_DEPTH);
-    if scan.too_deep {
-        return Err(InvalidPolicyFile::new(format!(
-            "not valid YAML: lists or mappings nested deeper than {} levels",
-            super::depth::MAX_DEPTH
-        )));
+    // The event parser's work per token grows with flow nesting: refuse deep brackets first.
+    if super::depth::scan(text, load::MAX_DEPTH).too_deep {
+        return Err(LoadError::TooDeep.into());
     }
-    if scan.has_alias && super::aliases::expansion_exceeds(text, super::aliases::MAX_EXPANDED_VALUES) {
-        return Err(InvalidPolicyFile::new(format!(
-            "the parsed YAML is too big: its aliases expand to more than {} values",
-            super::aliases::MAX_EXPANDED_VALUES
-        )));
-    }
-    let mut doc: Yaml =
-        serde_yaml::from_str(text).map_err(|e| InvalidPolicyFile::new(format!("not valid YAML: {e}")))?;
-    doc.apply_merge().map_err(|e| InvalidPolicyFile::new(format!("invalid YAML merge key: {e}")))?;
-    let top = match doc {
-        Yaml::Mapping(m) => m,
-        Yaml::Null => {
+    let doc = match load::load(text)? {
+        None | Some(Value::Null) => {
             return Err(InvalidPolicyFile::new("the file is empty: it has no policy-type key"));
         }
-        other => {
+        Some(Value::Object(map)) => map,
+        Some(other) => {
             return Err(InvalidPolicyFile::new(format!(
                 "the top level must be a mapping of policy types, found {}",
-                yaml_kind(&other)
+                json_kind(&other)
             )));
         }
     };
+    let doc = Value::Object(doc);
+    let errors = schema.errors(&doc);
+    if !errors.is_empty() {
+        return Err(InvalidPolicyFile::schema(errors));
+    }
+    policies(&doc)
+}
 
+/// The policies of a file the schema accepted. A schema file may accept what policy-audit
+/// cannot track (a policy without a string `name`): that is reported, not guessed.
+fn policies(doc: &Value) -> Result<PolicySet, InvalidPolicyFile> {
     let mut approval = Vec::new();
     let mut legacy_approval = Vec::new();
     let mut others: Vec<Policy> = Vec::new();
-    let mut saw_policy_type = false;
-    for (key, section) in &top {
-        let Some(key) = key.as_str() else {
-            return Err(InvalidPolicyFile::new(format!("top-level key {} is not a string", short_yaml(key))));
-        };
-        if NON_POLICY_TOP_LEVEL_KEYS.contains(&key) {
-            continue;
-        }
-        let Some(policy_type) = PolicyType::from_key(key) else {
+    let Value::Object(top) = doc else { return Ok(PolicySet::default()) };
+    for (key, section) in top {
+        let Some(policy_type) = PolicyType::from_key(key) else { continue };
+        let Value::Array(items) = section else {
             return Err(InvalidPolicyFile::new(format!(
-                "unknown top-level key `{key}` (expected one of: {}, {LEGACY_APPROVAL_KEY}, {})",
-                PolicyType::ALL.map(PolicyType::key).join(", "),
-                NON_POLICY_TOP_LEVEL_KEYS.join(", ")
+                "{key}: must be a list of policies, found {}",
+                json_kind(section)
             )));
         };
-        saw_policy_type = true;
-        let policies = parse_section(key, policy_type, section)?;
-        match (policy_type, key) {
+        let mut policies = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let Some(name) = item.get("name").and_then(Value::as_str) else {
+                return Err(InvalidPolicyFile::new(format!(
+                    "{key}[{i}]: a policy without a string `name` cannot be tracked"
+                )));
+            };
+            let enabled = item.get("enabled").and_then(Value::as_bool).unwrap_or(false);
+            policies.push(Policy { policy_type, name: name.to_string(), enabled, content: item.clone() });
+        }
+        match (policy_type, key.as_str()) {
             (PolicyType::Approval, LEGACY_APPROVAL_KEY) => legacy_approval = policies,
             (PolicyType::Approval, _) => approval = policies,
             _ => others.extend(policies),
         }
-    }
-    if !saw_policy_type {
-        return Err(InvalidPolicyFile::new(format!(
-            "no policy-type key at the top level (expected one of: {})",
-            PolicyType::ALL.map(PolicyType::key).join(", ")
-        )));
     }
     let mut policies = approval;
     policies.extend(legacy_approval);
@@ -110,137 +129,14 @@ pub fn parse(bytes: &[u8]) -> Result<PolicySet, InvalidPolicyFile> {
     Ok(PolicySet { policies })
 }
 
-fn parse_section(key: &str, policy_type: PolicyType, section: &Yaml) -> Result<Vec<Policy>, InvalidPolicyFile> {
-    let Yaml::Sequence(items) = section else {
-        return Err(InvalidPolicyFile::new(format!(
-            "`{key}` must be a list of policies, found {}",
-            yaml_kind(section)
-        )));
-    };
-    items.iter().enumerate().map(|(i, item)| parse_policy(&format!("{key}[{i}]"), policy_type, item)).collect()
-}
-
-fn parse_policy(at: &str, policy_type: PolicyType, item: &Yaml) -> Result<Policy, InvalidPolicyFile> {
-    let Yaml::Mapping(map) = item else {
-        return Err(InvalidPolicyFile::new(format!("{at} must be a mapping, found {}", yaml_kind(item))));
-    };
-    let name = match map.get("name") {
-        Some(Yaml::String(s)) => s.clone(),
-        Some(other) => {
-            return Err(InvalidPolicyFile::new(format!("{at}: `name` must be a string, found {}", yaml_kind(other))));
-        }
-        None => return Err(InvalidPolicyFile::new(format!("{at}: `name` is missing"))),
-    };
-    let chars = name.chars().count();
-    if chars == 0 || chars > MAX_NAME_CHARS {
-        return Err(InvalidPolicyFile::new(format!(
-            "{at}: `name` must be 1 to {MAX_NAME_CHARS} characters long, it has {chars}"
-        )));
-    }
-    let at = format!("{at} \"{}\"", truncate(&name, 80));
-    let enabled = match map.get("enabled") {
-        Some(Yaml::Bool(b)) => *b,
-        Some(other) => {
-            return Err(InvalidPolicyFile::new(format!(
-                "{at}: `enabled` must be true or false, found {}",
-                yaml_kind(other)
-            )));
-        }
-        None => {
-            return Err(InvalidPolicyFile::new(format!("{at}: `enabled` is missing")));
-        }
-    };
-    if policy_type == PolicyType::Approval {
-        check_approval_rules(&at, map)?;
-    }
-    Ok(Policy { policy_type, name, enabled, content: canonical(item) })
-}
-
-/// GitLab's schema requires every approval rule to say which branches it protects.
-fn check_approval_rules(at: &str, policy: &serde_yaml::Mapping) -> Result<(), InvalidPolicyFile> {
-    let rules = match policy.get("rules") {
-        None => return Ok(()),
-        Some(Yaml::Sequence(rules)) => rules,
-        Some(other) => {
-            return Err(InvalidPolicyFile::new(format!("{at}: `rules` must be a list, found {}", yaml_kind(other))));
-        }
-    };
-    for (i, rule) in rules.iter().enumerate() {
-        let Yaml::Mapping(rule) = rule else {
-            return Err(InvalidPolicyFile::new(format!(
-                "{at}: rules[{i}] must be a mapping, found {}",
-                yaml_kind(rule)
-            )));
-        };
-        if !rule.contains_key("branches") && !rule.contains_key("branch_type") {
-            return Err(InvalidPolicyFile::new(format!("{at}: rules[{i}] must have `branches` or `branch_type`")));
-        }
-    }
-    Ok(())
-}
-
-/// YAML -> JSON with sorted mapping keys: equal values mean semantically equal policies.
-fn canonical(value: &Yaml) -> Value {
+fn json_kind(value: &Value) -> &'static str {
     match value {
-        Yaml::Null => Value::Null,
-        Yaml::Bool(b) => Value::Bool(*b),
-        Yaml::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                Value::from(i)
-            } else if let Some(u) = n.as_u64() {
-                Value::from(u)
-            } else {
-                let f = n.as_f64().unwrap_or(f64::NAN);
-                serde_json::Number::from_f64(f).map(Value::Number).unwrap_or_else(|| Value::String(n.to_string()))
-            }
-        }
-        Yaml::String(s) => Value::String(s.clone()),
-        Yaml::Sequence(items) => Value::Array(items.iter().map(canonical).collect()),
-        Yaml::Mapping(map) => {
-            let mut out = Map::new();
-            for (k, v) in map {
-                out.insert(key_text(k), canonical(v));
-            }
-            Value::Object(out)
-        }
-        Yaml::Tagged(tagged) => {
-            let mut out = Map::new();
-            out.insert(tagged.tag.to_string(), canonical(&tagged.value));
-            Value::Object(out)
-        }
-    }
-}
-
-fn key_text(key: &Yaml) -> String {
-    match key {
-        Yaml::String(s) => s.clone(),
-        other => short_yaml(other),
-    }
-}
-
-fn short_yaml(value: &Yaml) -> String {
-    serde_yaml::to_string(value).map(|s| s.trim_end().to_string()).unwrap_or_else(|_| yaml_kind(value).to_string())
-}
-
-fn yaml_kind(value: &Yaml) -> &'static str {
-    match value {
-        Yaml::Null => "nothing (null)",
-        Yaml::Bool(_) => "a boolean",
-        Yaml::Number(_) => "a number",
-        Yaml::String(_) => "a string",
-        Yaml::Sequence(_) => "a list",
-        Yaml::Mapping(_) => "a mapping",
-        Yaml::Tagged(_) => "a tagged value",
-    }
-}
-
-fn truncate(s: &str, max_chars: usize) -> String {
-    if s.chars().count() <= max_chars {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(max_chars).collect();
-        t.push('…');
-        t
+        Value::Null => "nothing (null)",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
     }
 }
 
@@ -248,30 +144,33 @@ fn truncate(s: &str, max_chars: usize) -> String {
 mod tests {
     use super::*;
 
-    fn invalid(yaml: &str) -> String {
-        parse(yaml.as_bytes()).expect_err("should be invalid").reason
+    const SCAN: &str = "{name: s, enabled: true, rules: [{type: pipeline, branches: [main]}], actions: [{scan: sast}]}";
+    const APPROVAL: &str = "{name: a, enabled: true, rules: [{type: any_merge_request, branch_type: protected, commits: any}], actions: [{type: require_approval, approvals_required: 1, role_approvers: [developer]}]}";
+    const PIPELINE: &str = "{name: p, enabled: true, pipeline_config_strategy: inject_policy, content: {include: [{project: g/p, file: ci.yml}]}}";
+
+    fn invalid(yaml: &str) -> InvalidPolicyFile {
+        parse(yaml.as_bytes()).expect_err("should be invalid")
     }
 
     #[test]
     fn reads_every_policy_type_and_the_legacy_alias() {
-        let set = parse(
-            br#"
-scan_execution_policy: [{name: s, enabled: true}]
-scan_result_policy: [{name: legacy, enabled: false}]
-approval_policy: [{name: a, enabled: true}]
-pipeline_execution_policy: [{name: p, enabled: true}]
-pipeline_execution_schedule_policy: [{name: ps, enabled: true}]
-vulnerability_management_policy: [{name: v, enabled: true}]
-experiments: {pipeline_execution_schedule_policy: {enabled: true}}
-"#,
-        )
-        .unwrap();
+        let text = format!(
+            "scan_execution_policy: [{SCAN}]\nscan_result_policy: [{}]\napproval_policy: [{APPROVAL}]\n\
+             pipeline_execution_policy: [{PIPELINE}]\n\
+             pipeline_execution_schedule_policy: [{{name: ps, enabled: true, content: {{include: [{{project: g/p, file: s.yml}}]}}, schedules: [{{type: daily, start_time: '10:00', time_window: {{value: 600, distribution: random}}}}]}}]\n\
+             vulnerability_management_policy: [{{name: v, enabled: true, rules: [{{type: no_longer_detected, scanners: [sast], severity_levels: [low]}}], actions: [{{type: auto_resolve}}]}}]\n\
+             ci_component_publishing_policy: [{{name: c, enabled: true, allowed_sources: {{projects: [{{path: a/b}}]}}, policy_scope: {{}}}}]\n\
+             experiments: {{pipeline_execution_schedule_policy: {{enabled: true}}}}\n",
+            APPROVAL.replace("name: a", "name: legacy")
+        );
+        let set = parse(text.as_bytes()).unwrap();
         let names: Vec<_> = set.policies.iter().map(|p| (p.policy_type.key(), p.name.as_str())).collect();
         assert_eq!(
             names,
             [
                 ("approval_policy", "a"),
                 ("approval_policy", "legacy"),
+                ("ci_component_publishing_policy", "c"),
                 ("pipeline_execution_policy", "p"),
                 ("pipeline_execution_schedule_policy", "ps"),
                 ("scan_execution_policy", "s"),
@@ -281,67 +180,81 @@ experiments: {pipeline_execution_schedule_policy: {enabled: true}}
     }
 
     #[test]
-    fn canonical_content_ignores_key_order_quoting_and_comments() {
-        let a = parse(b"approval_policy:\n- name: x\n  enabled: true\n  description: 'hi'\n").unwrap();
-        let b =
-            parse(b"# c\napproval_policy:\n  - description: \"hi\" # d\n    enabled: true\n    name: \"x\"\n").unwrap();
+    fn canonical_content_ignores_key_order_quoting_comments_and_yaml_1_1_spelling() {
+        let a = parse(format!("approval_policy:\n- {APPROVAL}\n").as_bytes()).unwrap();
+        let b = parse(
+            b"# c\napproval_policy:\n  - actions: [{type: require_approval, approvals_required: 0x1, role_approvers: ['developer']}]\n    enabled: Yes # d\n    rules: [{commits: any, branch_type: \"protected\", type: any_merge_request}]\n    name: \"a\"\n",
+        )
+        .unwrap();
         assert_eq!(a, b);
     }
 
     #[test]
-    fn rejects_structural_errors_with_a_readable_reason() {
-        assert!(invalid("approval_policy: [").contains("not valid YAML"));
-        assert!(invalid("").contains("empty"));
-        assert!(invalid("- name: x\n  enabled: true\n").contains("top level must be a mapping"));
-        assert!(invalid("name: x\nenabled: true\n").contains("unknown top-level key `name`"));
-        assert!(invalid("experiments: {}\n").contains("no policy-type key"));
-        assert!(invalid("approval_policy: {name: x}\n").contains("must be a list"));
-        assert!(invalid("approval_policy: [{enabled: true}]\n").contains("approval_policy[0]: `name` is missing"));
-        assert!(invalid("approval_policy: [{name: x}]\n").contains("`enabled` is missing"));
-        assert!(invalid("approval_policy: [{name: x, enabled: 'yes'}]\n").contains("`enabled` must be true or false"));
-        assert!(invalid("approval_policy: [{name: 5, enabled: true}]\n").contains("`name` must be a string"));
-        assert!(invalid("approval_policy: [{name: '', enabled: true}]\n").contains("1 to 255"));
-        let long = format!("approval_policy: [{{name: '{}', enabled: true}}]\n", "n".repeat(256));
-        assert!(invalid(&long).contains("it has 256"));
-        assert!(
-            invalid("approval_policy: [{name: x, enabled: true, rules: [{type: scan_finding}]}]\n")
-                .contains("rules[0] must have `branches` or `branch_type`")
+    fn refuses_what_gitlab_refuses_with_every_error_and_its_path() {
+        assert!(invalid("approval_policy: [").reason.contains("not valid YAML"));
+        assert!(invalid("").reason.contains("empty"));
+        assert!(invalid("- a\n").reason.contains("top level must be a mapping"));
+        let e = invalid("name: x\nenabled: true\n");
+        assert!(e.errors.iter().any(|e| e.contains("(top level): Additional properties are not allowed")), "{e:?}");
+        let e = invalid(&format!(
+            "approval_policy: [{}]\n",
+            APPROVAL.replace("approvals_required: 1", "approvals_required: 101")
+        ));
+        assert_eq!(
+            e.errors,
+            ["approval_policy[0].actions[0].approvals_required: 101 is greater than the maximum of 100"]
         );
-        assert!(invalid("approval_policy: []\napproval_policy: []\n").contains("not valid YAML"));
+        let e = invalid(&format!(
+            "scan_execution_policy: [{}]\n",
+            SCAN.replace("sast", "sastt").replace("enabled: true", "enabled: 'yes'")
+        ));
+        assert_eq!(e.errors.len(), 2, "{e:?}");
+        assert!(e.reason.contains("2 errors"), "{}", e.reason);
         assert!(parse(&[0xff, 0xfe]).unwrap_err().reason.contains("not UTF-8"));
-        assert!(invalid("approval_policy: []\n---\napproval_policy: []\n").contains("not valid YAML"));
+    }
+
+    #[test]
+    fn yaml_1_1_booleans_duplicate_keys_and_later_documents_are_read_as_gitlab_reads_them() {
+        for (spelling, enabled) in [("off", false), ("no", false), ("on", true), ("yes", true), ("True", true)] {
+            let text =
+                format!("approval_policy: [{}]\n", APPROVAL.replace("enabled: true", &format!("enabled: {spelling}")));
+            assert_eq!(parse(text.as_bytes()).unwrap().policies[0].enabled, enabled, "{spelling}");
+        }
+        let dup = format!("approval_policy: []\napproval_policy: [{APPROVAL}]\n");
+        assert_eq!(parse(dup.as_bytes()).unwrap().len(), 1);
+        let two_docs = format!("approval_policy: [{APPROVAL}]\n---\nnot: [valid\n");
+        assert_eq!(parse(two_docs.as_bytes()).unwrap().len(), 1);
     }
 
     #[test]
     fn canonical_content_serializes_with_sorted_keys() {
         // Guards against a dependency turning on serde_json's `preserve_order`.
-        let set = parse(b"approval_policy: [{zeta: 1, name: x, alpha: 2, enabled: true}]\n").unwrap();
+        let set = parse(format!("pipeline_execution_policy: [{PIPELINE}]\n").as_bytes()).unwrap();
         let text = serde_json::to_string(&set.policies[0].content).unwrap();
-        assert_eq!(text, r#"{"alpha":2,"enabled":true,"name":"x","zeta":1}"#);
-    }
-
-    #[test]
-    fn accepts_unknown_keys_inside_a_policy() {
-        let set = parse(b"approval_policy: [{name: x, enabled: true, new_gitlab_key: {a: 1}}]\n").unwrap();
-        assert_eq!(set.policies[0].content["new_gitlab_key"]["a"], 1);
+        assert!(
+            text.starts_with(r#"{"content":{"include":[{"file":"ci.yml","project":"g/p"}]},"enabled":true,"name":"p""#),
+            "{text}"
+        );
     }
 
     #[test]
     fn a_utf8_byte_order_mark_is_not_content() {
-        // Block style is what serde_yaml misreads ("more than one document"); flow style was fine.
-        for plain in ["approval_policy:\n- name: x\n  enabled: true\n", "approval_policy: [{name: x, enabled: true}]\n"]
-        {
-            let mut bom = b"\xef\xbb\xbf".to_vec();
-            bom.extend_from_slice(plain.as_bytes());
-            assert!(parse(plain.as_bytes()).is_ok());
-            assert_eq!(parse(&bom), parse(plain.as_bytes()), "{plain:?}");
-        }
+        let plain = format!("pipeline_execution_policy:\n- {PIPELINE}\n");
+        let mut bom = b"\xef\xbb\xbf".to_vec();
+        bom.extend_from_slice(plain.as_bytes());
+        assert!(parse(plain.as_bytes()).is_ok());
+        assert_eq!(parse(&bom), parse(plain.as_bytes()));
     }
 
     #[test]
     fn applies_yaml_merge_keys() {
-        let a = parse(b"approval_policy:\n- &base {name: x, enabled: true, description: d}\n").unwrap();
-        let b = parse(b"approval_policy:\n- <<: {name: x, enabled: true}\n  description: d\n").unwrap();
-        assert_eq!(a.policies[0].content, b.policies[0].content);
+        let a = parse(format!("pipeline_execution_policy:\n- {PIPELINE}\n").as_bytes()).unwrap();
+        let b = parse(b"x: &base {enabled: true, pipeline_config_strategy: inject_policy}\n".as_slice());
+        assert!(b.is_err(), "an unknown top-level key is refused");
+        let c = parse(
+            b"pipeline_execution_policy:\n- <<: {enabled: true, pipeline_config_strategy: inject_policy}\n  name: p\n  content: {include: [{project: g/p, file: ci.yml}]}\n",
+        )
+        .unwrap();
+        assert_eq!(a.policies[0].content, c.policies[0].content);
     }
 }

@@ -35,19 +35,32 @@ fn policy_file(approvals: u32) -> String {
   rules:
   - type: scan_finding
     branches: [main]
+    scanners: [sast]
+    vulnerabilities_allowed: 0
     severity_levels: [critical]
+    vulnerability_states: [new_needs_triage]
   actions:
   - type: require_approval
     approvals_required: {approvals}
+    role_approvers: [maintainer]
 scan_execution_policy:
 - name: DAST nightly
   enabled: true
   rules:
   - type: schedule
+    branches: [main]
     cadence: 0 0 * * *
   actions:
   - scan: dast
+    site_profile: Staging
 "
+    )
+}
+
+/// A valid scan execution policy item named `name`, as block YAML at list level.
+fn scan_policy(name: &str, enabled: bool) -> String {
+    format!(
+        "- name: {name}\n  enabled: {enabled}\n  rules:\n  - {{type: pipeline, branch_type: all}}\n  actions:\n  - scan: secret_detection\n"
     )
 }
 
@@ -157,7 +170,7 @@ fn policy_cases() -> Vec<Case> {
         text.push_str("vulnerability_management_policy:\n"); // a third type, so the limit event is unambiguous
         for i in 1..=998 {
             text.push_str(&format!(
-                "- name: Auto-resolve {i:04}\n  enabled: true\n  rules:\n  - {{type: no_longer_detected, scanners: [sast]}}\n  actions:\n  - {{type: auto_resolve}}\n"
+                "- name: Auto-resolve {i:04}\n  enabled: true\n  rules:\n  - {{type: no_longer_detected, scanners: [sast], severity_levels: [low]}}\n  actions:\n  - {{type: auto_resolve}}\n"
             ));
         }
         text
@@ -185,7 +198,7 @@ fn policy_cases() -> Vec<Case> {
         invalid(
             "deep nesting (10,000 nested `[`)",
             with_in_first_policy(&format!("  deep: {}{}\n", "[".repeat(10_000), "]".repeat(10_000))),
-            "not valid YAML: lists or mappings nested deeper than 128 levels",
+            "not valid YAML: lists or mappings nested deeper than 100 levels",
         ),
         Case {
             name: "file over a configured limit (3,000 bytes, max_policy_file_bytes = 2048)",
@@ -219,7 +232,7 @@ fn policy_cases() -> Vec<Case> {
         // YAML structure.
         invalid("empty file (0 bytes)", "", "the file is empty: it has no policy-type key"),
         invalid("only comments", "# policies will go here\n# later\n", "the file is empty: it has no policy-type key"),
-        invalid("empty mapping `{}` (no policy-type key)", "{}\n", "no policy-type key at the top level"),
+        invalid("empty mapping `{}` (no policy-type key)", "{}\n", "(top level): the mapping is not valid under any of the schemas listed in the 'anyOf' keyword"),
         invalid(
             "top level is a list",
             "- name: Critical vulns\n  enabled: true\n",
@@ -228,33 +241,47 @@ fn policy_cases() -> Vec<Case> {
         invalid(
             "unclosed flow sequence",
             fixed().replace("branches: [main]", "branches: [main"),
-            "not valid YAML: did not find expected ',' or ']'",
+            "not valid YAML: illegal placement of ':' indicator at byte 159 line 8 column 13",
         ),
-        invalid(
-            "multiple YAML documents in one file",
-            format!("{}---\n{}", fixed(), fixed()),
-            "not valid YAML: deserializing from YAML containing more than one document is not supported",
+        valid(
+            "multiple YAML documents in one file (GitLab reads the first)",
+            format!("{}---\nnot: [yaml\n", fixed()),
+            vec![FIX_UPDATE.into()],
         ),
-        invalid(
-            "duplicate mapping key inside a policy (`enabled` twice)",
+        valid(
+            "duplicate mapping key inside a policy (`enabled` twice, the last wins)",
             with_in_first_policy("  enabled: false\n"),
-            "not valid YAML: approval_policy[0]: duplicate entry with key \"enabled\"",
+            vec![],
+        ),
+        valid(
+            "duplicate top-level key (`scan_execution_policy` twice, the last wins)",
+            format!("{}scan_execution_policy:\n{}", fixed(), scan_policy("Other", true)),
+            vec![
+                "create scan_execution_policy \"Other\"".into(),
+                FIX_UPDATE.into(),
+                "delete scan_execution_policy \"DAST nightly\"".into(),
+            ],
+        ),
+        valid(
+            "YAML 1.1 booleans (`enabled: yes`, `on`)",
+            fixed().replace("  enabled: true\n", "  enabled: yes\n").replacen("  enabled: yes\n", "  enabled: On\n", 1),
+            vec![FIX_UPDATE.into()],
         ),
         invalid(
-            "duplicate top-level key (`scan_execution_policy` twice)",
-            format!("{}scan_execution_policy:\n- name: Other\n  enabled: true\n", fixed()),
-            "duplicate entry with key \"scan_execution_policy\"",
+            "a date where a string belongs (YAML.safe_load refuses Date)",
+            fixed().replace("description: Block critical findings", "description: 2024-01-31"),
+            "YAML.safe_load refuses a date (Ruby Date) `2024-01-31` at line 3",
         ),
         invalid(
             "tabs for indentation",
             fixed().replace("\n  ", "\n\t"),
-            "not valid YAML: found a tab character that violates indentation",
+            "not valid YAML: while scanning a plain scalar, found a tab at byte 25 line 2 column 9",
         ),
         valid(
             "merge key `<<` (DAST written through an anchor and a merge)",
             fixed().replace(
-                "- name: DAST nightly\n  enabled: true\n  rules:\n  - type: schedule\n    cadence: 0 0 * * *\n",
-                "- <<: &nightly\n    enabled: true\n    rules:\n    - type: schedule\n      cadence: 0 0 * * *\n  name: DAST nightly\n",
+                "- name: DAST nightly\n  enabled: true\n  rules:\n  - type: schedule\n    branches: [main]\n    cadence: 0 0 * * *\n",
+                "- <<: &nightly\n    enabled: true\n    rules:\n    - type: schedule\n      branches: [main]\n      cadence: 0 0 * * *\n  name: DAST nightly\n",
             ),
             vec![FIX_UPDATE.into()],
         ),
@@ -262,17 +289,17 @@ fn policy_cases() -> Vec<Case> {
         invalid(
             "unknown top-level key",
             format!("{}policies_version: 2\n", fixed()),
-            "unknown top-level key `policies_version` (expected one of:",
+            "(top level): Additional properties are not allowed ('policies_version' was unexpected)",
         ),
         invalid(
             "unknown policy type `secret_push_protection_policy`",
             format!("{}secret_push_protection_policy:\n- name: Push protection\n  enabled: true\n", fixed()),
-            "unknown top-level key `secret_push_protection_policy`",
+            "(top level): Additional properties are not allowed ('secret_push_protection_policy' was unexpected)",
         ),
         valid(
             "both `scan_result_policy` and `approval_policy`",
             format!(
-                "{}scan_result_policy:\n- name: Licenses\n  enabled: true\n  rules:\n  - {{type: license_finding, branches: [main]}}\n",
+                "{}scan_result_policy:\n- name: Licenses\n  enabled: true\n  rules:\n  - {{type: license_finding, branches: [main], match_on_inclusion_license: true, license_types: [MIT], license_states: [detected]}}\n  actions:\n  - {{type: send_bot_message, enabled: true}}\n",
                 fixed()
             ),
             vec!["create approval_policy \"Licenses\"".into(), FIX_UPDATE.into()],
@@ -281,60 +308,60 @@ fn policy_cases() -> Vec<Case> {
             "duplicate policy names (a second `Critical vulns`)",
             baseline().replace(
                 "scan_execution_policy:\n",
-                "- name: Critical vulns\n  enabled: false\n  rules:\n  - {type: any_merge_request, branch_type: protected}\nscan_execution_policy:\n",
+                "- name: Critical vulns\n  enabled: false\n  rules:\n  - {type: any_merge_request, branch_type: protected, commits: any}\n  approval_settings: {}\nscan_execution_policy:\n",
             ),
             vec!["create approval_policy \"Critical vulns\"".into()],
         ),
         invalid(
             "section is a mapping, not a list",
             fixed().replace(
-                "scan_execution_policy:\n- name: DAST nightly\n  enabled: true\n  rules:\n  - type: schedule\n    cadence: 0 0 * * *\n  actions:\n  - scan: dast\n",
+                "scan_execution_policy:\n- name: DAST nightly\n  enabled: true\n  rules:\n  - type: schedule\n    branches: [main]\n    cadence: 0 0 * * *\n  actions:\n  - scan: dast\n    site_profile: Staging\n",
                 "scan_execution_policy:\n  name: DAST nightly\n  enabled: true\n",
             ),
-            "`scan_execution_policy` must be a list of policies, found a mapping",
+            "scan_execution_policy: the mapping is not of type \"array\"",
         ),
         invalid(
             "policy item is a string",
             fixed().replace(
-                "scan_execution_policy:\n- name: DAST nightly\n  enabled: true\n  rules:\n  - type: schedule\n    cadence: 0 0 * * *\n  actions:\n  - scan: dast\n",
+                "scan_execution_policy:\n- name: DAST nightly\n  enabled: true\n  rules:\n  - type: schedule\n    branches: [main]\n    cadence: 0 0 * * *\n  actions:\n  - scan: dast\n    site_profile: Staging\n",
                 "scan_execution_policy:\n- DAST nightly\n",
             ),
-            "scan_execution_policy[0] must be a mapping, found a string",
+            "scan_execution_policy[0]: \"DAST nightly\" is not of type \"object\"",
         ),
         invalid(
             "empty name",
             fixed().replace("name: DAST nightly", "name: ''"),
-            "scan_execution_policy[0]: `name` must be 1 to 255 characters long, it has 0",
+            "scan_execution_policy[0].name: \"\" is shorter than 1 character",
         ),
         invalid(
             "300-character name",
             fixed().replace("name: DAST nightly", &format!("name: {}", "n".repeat(300))),
-            "scan_execution_policy[0]: `name` must be 1 to 255 characters long, it has 300",
+            "scan_execution_policy[0].name: the text is longer than 255 characters",
         ),
         valid(
             "255-character name of 2-byte characters (510 bytes)",
-            format!("{}- name: {wide_name}\n  enabled: false\n", fixed()),
+            format!("{}{}", fixed(), scan_policy(&wide_name, false)),
             vec![format!("create scan_execution_policy \"{wide_name}\""), FIX_UPDATE.into()],
         ),
         invalid(
             "name is a number",
             fixed().replace("name: DAST nightly", "name: 42"),
-            "scan_execution_policy[0]: `name` must be a string, found a number",
+            "scan_execution_policy[0].name: 42 is not of type \"string\"",
         ),
         invalid(
             "enabled is the string \"true\"",
             fixed().replace("  enabled: true\n  rules:\n  - type: schedule", "  enabled: \"true\"\n  rules:\n  - type: schedule"),
-            "scan_execution_policy[0] \"DAST nightly\": `enabled` must be true or false, found a string",
+            "scan_execution_policy[0].enabled: \"true\" is not of type \"boolean\"",
         ),
         invalid(
             "enabled is missing",
             fixed().replace("  enabled: true\n  rules:\n  - type: schedule", "  rules:\n  - type: schedule"),
-            "scan_execution_policy[0] \"DAST nightly\": `enabled` is missing",
+            "scan_execution_policy[0]: \"enabled\" is a required property",
         ),
         invalid(
             "approval rule without branches",
             fixed().replace("    branches: [main]\n", ""),
-            "approval_policy[0] \"Critical vulns\": rules[0] must have `branches` or `branch_type`",
+            "approval_policy[0].rules[0]: the mapping is not valid under any of the schemas listed in the 'oneOf' keyword",
         ),
         // Not a file at the policy path.
         not_a_file("policy path is a directory", Input::Directory, "policy.yml is a directory, not a file"),
@@ -577,7 +604,7 @@ fn bad_input_flow_nesting_near_the_size_limit_finishes() {
             with_in_first_policy(&format!("  deep: {}{}\n", "[".repeat(400_000), "]".repeat(400_000))).into_bytes(),
         ),
         max_bytes: None,
-        expect: Expect::Invalid("not valid YAML: lists or mappings nested deeper than 128 levels"),
+        expect: Expect::Invalid("not valid YAML: lists or mappings nested deeper than 100 levels"),
     };
     run_case(&case);
 }

@@ -8,7 +8,7 @@ const POLICY: &str = ".gitlab/security-policies/policy.yml";
 
 fn policy(approvals: u32, extra: &str) -> String {
     format!(
-        "approval_policy:\n- name: Critical\n  enabled: true\n  rules:\n  - {{type: scan_finding, branches: [main]}}\n  actions:\n  - {{type: require_approval, approvals_required: {approvals}}}\n{extra}"
+        "approval_policy:\n- name: Critical\n  enabled: true\n  rules:\n  - {{type: scan_finding, branches: [main], scanners: [sast], vulnerabilities_allowed: 0, severity_levels: [critical], vulnerability_states: [new_needs_triage]}}\n  actions:\n  - {{type: require_approval, approvals_required: {approvals}, role_approvers: [maintainer]}}\n{extra}"
     )
 }
 
@@ -17,7 +17,7 @@ fn backfilled(ws: &Workspace) -> (PathBuf, PathBuf) {
     let repo = ws.init_repo("spp");
     ws.write(&format!("spp/{POLICY}"), &policy(1, ""));
     commit(&repo, "Alice", "alice@example.com", "2024-01-01T10:00:00Z", "create");
-    ws.write(&format!("spp/{POLICY}"), &policy(2, "scan_execution_policy:\n- {name: DAST, enabled: true}\n"));
+    ws.write(&format!("spp/{POLICY}"), &policy(2, "scan_execution_policy:\n- {name: DAST, enabled: true, rules: [{type: pipeline, branch_type: all}], actions: [{scan: secret_detection}]}\n"));
     commit(&repo, "Bob", "bob@example.com", "2024-02-01T10:00:00Z", "update and add DAST");
     ws.write(&format!("spp/{POLICY}"), &policy(2, ""));
     commit(&repo, "Alice", "alice@example.com", "2024-03-01T10:00:00Z", "drop DAST\n\nSee merge request acme/spp!4");
@@ -258,7 +258,7 @@ fn a_backfill_larger_than_one_store_chunk_is_stored_whole_and_in_order() {
     let mut text = String::from("approval_policy:\n");
     for round in 0..3 {
         for k in 0..600 {
-            text.push_str(&format!("- {{name: p{round}-{k:03}, enabled: false}}\n"));
+            text.push_str(&format!("- {{name: p{round}-{k:03}, enabled: false, rules: [{{type: any_merge_request, branch_type: protected, commits: any}}], approval_settings: {{block_branch_modification: true}}}}\n"));
         }
         ws.write(&format!("big/{POLICY}"), &text);
         commit(

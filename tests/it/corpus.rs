@@ -1,6 +1,7 @@
 //! Every real and documented `policy.yml` in `../shared/corpus` (when that folder exists; a
-//! clone of this repository alone skips it): documented policy files parse, the invalid real
-//! ones and the fragments are reported invalid with a readable reason.
+//! clone of this repository alone skips it) gets GitLab's verdict: current documented policy
+//! files parse; bare lists, fragments, pre-17.0 examples and the real files that a current
+//! GitLab refuses are reported invalid with the path of each error.
 
 use policy_audit::policy::parse;
 use std::path::{Path, PathBuf};
@@ -37,13 +38,22 @@ fn name(p: &Path) -> String {
     p.file_name().unwrap_or_default().to_string_lossy().into_owned()
 }
 
-/// Documents that SOURCES.md describes as not policy files: bare lists of policies (no
-/// policy-type key) and the GitLab 13.10-era example whose unquoted cron is not YAML.
+/// Documents GitLab refuses: bare lists of policies (no policy-type key), the GitLab 13.10-era
+/// example whose unquoted cron is not YAML, and the pre-17.0 examples with the retired
+/// vulnerability state `newly_detected`.
 const INVALID_DOCS: &[(&str, &str)] = &[
     ("_index__02.yml", "top level must be a mapping"),
-    ("index__02.yml", "not valid YAML"),
+    ("index__02.yml", "not valid YAML: while parsing node, found unknown anchor"),
     ("scan-execution-policies__01.yml", "top level must be a mapping"),
+    (
+        "scan-result-policies__01.yml",
+        "scan_result_policy[0].rules[0].vulnerability_states[0]: \"newly_detected\" is not one of",
+    ),
     ("scan-result-policies__02.yml", "top level must be a mapping"),
+    (
+        "scan-result-policies__03.yml",
+        "scan_result_policy[0].rules[0].vulnerability_states[0]: \"newly_detected\" is not one of",
+    ),
     ("scan_execution_policies__01.yml", "top level must be a mapping"),
     ("scan_execution_policies__04.yml", "top level must be a mapping"),
     ("scan_execution_policies__05.yml", "top level must be a mapping"),
@@ -51,7 +61,7 @@ const INVALID_DOCS: &[(&str, &str)] = &[
 ];
 
 #[test]
-fn documented_policy_files_parse_and_bare_lists_do_not() {
+fn documented_policy_files_get_gitlabs_verdict() {
     let Some(dir) = corpus() else { return };
     let files = yml_files(&dir.join("docs"));
     assert!(files.len() >= 30, "corpus docs/ looks incomplete: {} files", files.len());
@@ -59,9 +69,9 @@ fn documented_policy_files_parse_and_bare_lists_do_not() {
         let n = name(&file);
         let result = parse(&std::fs::read(&file).expect("read"));
         match INVALID_DOCS.iter().find(|(f, _)| *f == n) {
-            Some((_, reason)) => {
+            Some((_, fragment)) => {
                 let err = result.expect_err(&format!("{n} should be invalid"));
-                assert!(err.reason.contains(reason), "{n}: unexpected reason {:?}", err.reason);
+                assert!(err.errors.iter().any(|e| e.contains(fragment)), "{n}: unexpected errors {:?}", err.errors);
             }
             None => {
                 let set = result.unwrap_or_else(|e| panic!("{n} should parse: {e}"));
@@ -76,12 +86,7 @@ fn fragments_are_not_policy_files() {
     let Some(dir) = corpus() else { return };
     for file in yml_files(&dir.join("docs/fragments")) {
         let err = parse(&std::fs::read(&file).expect("read")).expect_err(&format!("{} is a fragment", name(&file)));
-        assert!(
-            err.reason.contains("unknown top-level key") || err.reason.contains("no policy-type key"),
-            "{}: {}",
-            name(&file),
-            err.reason
-        );
+        assert!(err.errors.iter().any(|e| e.starts_with("(top level): ")), "{}: {:?}", name(&file), err.errors);
     }
 }
 
@@ -89,18 +94,31 @@ fn fragments_are_not_policy_files() {
 fn real_files() {
     let Some(dir) = corpus() else { return };
     let real = dir.join("real");
+    // The pre-17.0 key `match_on_inclusion` was retired: a current GitLab refuses the file.
     let legacy = parse(&std::fs::read(real.join("24HeuresINSA__Overbookd.yml")).expect("read"))
-        .expect("legacy scan_result_policy file parses");
-    assert_eq!(legacy.policies[0].policy_type.key(), "approval_policy");
-    assert_eq!(legacy.policies[0].name, "Test");
+        .expect_err("retired match_on_inclusion");
+    assert!(
+        legacy.errors.contains(
+            &"scan_result_policy[0].rules[0]: Additional properties are not allowed ('match_on_inclusion' was unexpected)"
+                .to_string()
+        ),
+        "{:?}",
+        legacy.errors
+    );
 
     let err = parse(&std::fs::read(real.join("jrevillard__genie-ai-replica.yml")).expect("read"))
         .expect_err("rules without branches");
-    assert!(err.reason.contains("approval_policy[0] \"Require approval on HIGH/CRITICAL vulnerabilities\": rules[0] must have `branches` or `branch_type`"), "{}", err.reason);
+    for want in [
+        "approval_policy[0].rules[0]: Additional properties are not allowed ('number_of_changes_required' was unexpected)",
+        "approval_policy[0].rules[0]: the mapping is not valid under any of the schemas listed in the 'oneOf' keyword",
+        "approval_policy[1].rules[0]: the mapping is not valid under any of the schemas listed in the 'oneOf' keyword",
+    ] {
+        assert!(err.errors.iter().any(|e| e == want), "{want}: {:?}", err.errors);
+    }
 
     let err = parse(&std::fs::read(real.join("arif-900__Snap-Waste-Management-.yml")).expect("read"))
         .expect_err("not a policy file");
-    assert!(err.reason.contains("unknown top-level key `name`"), "{}", err.reason);
+    assert!(err.reason.contains("(top level): Additional properties are not allowed ('description', 'enabled', 'name', 'rules' were unexpected)"), "{}", err.reason);
 }
 
 #[test]

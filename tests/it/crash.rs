@@ -48,7 +48,7 @@ fn long_history(ws: &Workspace, commits: usize, every: usize) -> PathBuf {
             let mut text = String::from("approval_policy:\n");
             for (n, rev) in &live {
                 text.push_str(&format!(
-                    "- name: policy {n}\n  enabled: {}\n  description: revision {rev}\n  rules:\n  - {{type: scan_finding, branches: [main]}}\n",
+                    "- name: policy {n}\n  enabled: {}\n  description: revision {rev}\n  rules:\n  - {{type: any_merge_request, branch_type: protected, commits: any}}\n  approval_settings: {{block_branch_modification: true}}\n",
                     n % 2 == 0
                 ));
             }
@@ -71,7 +71,7 @@ fn add_policy(repo: &Path, n: u64) {
     let file = repo.join(".gitlab/security-policies/policy.yml");
     let mut text = std::fs::read_to_string(&file).expect("policy file");
     text.push_str(&format!(
-        "- name: late {n}\n  enabled: false\n  rules:\n  - {{type: scan_finding, branches: [main]}}\n"
+        "- name: late {n}\n  enabled: false\n  rules:\n  - {{type: any_merge_request, branch_type: protected, commits: any}}\n  approval_settings: {{block_branch_modification: true}}\n"
     ));
     std::fs::write(&file, text).expect("write");
     let date = format!("2025-01-01T00:{:02}:{:02}Z", n / 60, n % 60);

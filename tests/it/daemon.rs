@@ -82,7 +82,7 @@ fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
 
 fn spp(ws: &Workspace) -> PathBuf {
     let repo = ws.init_repo("spp");
-    ws.write(&format!("spp/{POLICY}"), "approval_policy:\n- {name: first, enabled: true}\n");
+    ws.write(&format!("spp/{POLICY}"), "approval_policy:\n- {name: first, enabled: true, rules: [{type: any_merge_request, branch_type: protected, commits: any}], approval_settings: {block_branch_modification: true}}\n");
     commit(&repo, "Alice", "alice@example.com", "2024-01-01T10:00:00Z", "first");
     repo
 }
@@ -90,7 +90,7 @@ fn spp(ws: &Workspace) -> PathBuf {
 fn add_policy(repo: &Path, name: &str, date: &str) {
     let path = repo.join(POLICY);
     let mut text = std::fs::read_to_string(&path).expect("policy");
-    text.push_str(&format!("- {{name: {name}, enabled: true}}\n"));
+    text.push_str(&format!("- {{name: {name}, enabled: true, rules: [{{type: any_merge_request, branch_type: protected, commits: any}}], approval_settings: {{block_branch_modification: true}}}}\n"));
     std::fs::write(&path, text).expect("write");
     commit(repo, "Bob", "bob@example.com", date, &format!("add {name}"));
 }
@@ -186,7 +186,7 @@ fn sighup_reloads_the_config_and_a_broken_one_is_rejected() {
     let ws = Workspace::new();
     let repo = spp(&ws);
     let other = ws.init_repo("other");
-    ws.write(&format!("other/{POLICY}"), "scan_execution_policy:\n- {name: dast, enabled: true}\n");
+    ws.write(&format!("other/{POLICY}"), "scan_execution_policy:\n- {name: dast, enabled: true, rules: [{type: pipeline, branch_type: all}], actions: [{scan: secret_detection}]}\n");
     commit(&other, "Carol", "carol@example.com", "2024-01-03T10:00:00Z", "dast");
     let config_path = config(&ws, NEVER, &[("acme/spp", &repo)], "");
     let daemon = Daemon::start(&ws, &config_path);

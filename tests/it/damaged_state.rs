@@ -27,7 +27,7 @@ fn trail_bytes(ws: &Workspace) -> Vec<(Vec<u8>, Vec<u8>)> {
 fn new_change(ws: &Workspace) {
     let repo = ws.path("spp");
     let mut text = std::fs::read_to_string(repo.join(POLICY)).expect("policy");
-    text.push_str("- {name: p-new, enabled: false}\n");
+    text.push_str("- {name: p-new, enabled: false, rules: [{type: any_merge_request, branch_type: protected, commits: any}], approval_settings: {block_branch_modification: true}}\n");
     ws.write(&format!("spp/{POLICY}"), &text);
     commit(&repo, "Bob", "bob@example.com", "2024-02-01T10:00:00Z", "p-new");
 }

@@ -19,7 +19,7 @@ fn spp(ws: &Workspace, dir: &str, names: &[&str]) -> PathBuf {
 fn set_policies(repo: &Path, names: &[&str], date: &str, message: &str) {
     let mut text = String::from("approval_policy:\n");
     for n in names {
-        text.push_str(&format!("- {{name: {n}, enabled: false}}\n"));
+        text.push_str(&format!("- {{name: {n}, enabled: false, rules: [{{type: any_merge_request, branch_type: protected, commits: any}}], approval_settings: {{block_branch_modification: true}}}}\n"));
     }
     std::fs::create_dir_all(repo.join(".gitlab/security-policies")).expect("mkdir");
     std::fs::write(repo.join(POLICY), text).expect("write");
@@ -260,7 +260,7 @@ fn a_read_only_state_directory_gives_a_clear_error_and_loses_nothing() {
         "$BIN" --config config.toml reconcile > first.out
         mount -o remount,ro state
         git -C spp -c user.name=B -c user.email=b@example.com -c commit.gpgsign=false commit -q --allow-empty -m empty
-        printf 'approval_policy:\n- {name: a, enabled: false}\n- {name: b, enabled: false}\n' > spp/.gitlab/security-policies/policy.yml
+        printf 'approval_policy:\n- {name: a, enabled: false, rules: [{type: any_merge_request, branch_type: protected, commits: any}], approval_settings: {block_branch_modification: true}}\n- {name: b, enabled: false, rules: [{type: any_merge_request, branch_type: protected, commits: any}], approval_settings: {block_branch_modification: true}}\n' > spp/.gitlab/security-policies/policy.yml
         GIT_CONFIG_GLOBAL=/dev/null git -C spp -c user.name=B -c user.email=b@example.com -c commit.gpgsign=false commit -q -am "add b"
         set +e
         "$BIN" --config config.toml reconcile > ro.out 2> ro.err

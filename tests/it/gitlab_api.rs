@@ -106,7 +106,7 @@ const VALID: &str = "approval_policy:
 - name: Critical
   enabled: true
   rules:
-  - {type: scan_finding, branches: [main], scanners: [sast], vulnerabilities_allowed: 0, severity_levels: [critical], vulnerability_states: [newly_detected]}
+  - {type: scan_finding, branches: [main], scanners: [sast], vulnerabilities_allowed: 0, severity_levels: [critical], vulnerability_states: [new_needs_triage]}
   actions:
   - {type: require_approval, approvals_required: APPROVALS, role_approvers: [maintainer]}
 ";

@@ -15,6 +15,7 @@ mod git_http;
 mod gitlab_api;
 mod output;
 mod package;
+mod policy_corpus;
 mod receiver;
 mod repo_urls;
 mod secrets;

@@ -11,7 +11,7 @@ fn trail_of(ws: &Workspace, n: usize) -> PathBuf {
     let repo = ws.init_repo("spp");
     let mut text = String::from("approval_policy:\n");
     for i in 0..n {
-        text.push_str(&format!("- {{name: policy-number-{i:05}, enabled: false}}\n"));
+        text.push_str(&format!("- {{name: policy-number-{i:05}, enabled: false, rules: [{{type: any_merge_request, branch_type: protected, commits: any}}], approval_settings: {{block_branch_modification: true}}}}\n"));
     }
     ws.write(&format!("spp/{POLICY}"), &text);
     commit(&repo, "Alice", "alice@example.com", "2024-01-01T10:00:00Z", "policies");

@@ -9,7 +9,7 @@ const POLICY: &str = ".gitlab/security-policies/policy.yml";
 
 fn spp(ws: &Workspace) -> std::path::PathBuf {
     let repo = ws.init_repo("src/spp");
-    ws.write(&format!("src/spp/{POLICY}"), "approval_policy:\n- {name: One, enabled: true}\n");
+    ws.write(&format!("src/spp/{POLICY}"), "approval_policy:\n- {name: One, enabled: true, rules: [{type: any_merge_request, branch_type: protected, commits: any}], approval_settings: {block_branch_modification: true}}\n");
     commit(&repo, "Alice", "alice@example.com", "2024-01-01T10:00:00Z", "create");
     repo
 }
@@ -57,7 +57,7 @@ fn http_fetch_sends_the_token_and_never_stores_or_prints_it() {
 
     // A wrong token: the fetch fails with an error naming the project, and still no token is shown.
     std::fs::write(ws.path("token"), "wrong-token\n").expect("token file");
-    ws.write(&format!("src/spp/{POLICY}"), "approval_policy:\n- {name: Two, enabled: true}\n");
+    ws.write(&format!("src/spp/{POLICY}"), "approval_policy:\n- {name: Two, enabled: true, rules: [{type: any_merge_request, branch_type: protected, commits: any}], approval_settings: {block_branch_modification: true}}\n");
     commit(&repo, "Bob", "bob@example.com", "2024-01-02T10:00:00Z", "rename");
     git(&repo, &["push", "-q", &bare.to_string_lossy(), "main"]);
     let out = ws.run(&config, &["reconcile"]);

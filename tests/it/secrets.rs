@@ -16,7 +16,7 @@ const SIGNING: &str = "whsec_U0VDUkVULXNpZ25pbmcta2V5LTYxNjE=";
 fn no_secret_reaches_logs_status_or_errors() {
     let ws = Workspace::new();
     let repo = ws.init_repo("src/spp");
-    ws.write(&format!("src/spp/{POLICY}"), "approval_policy:\n- {name: One, enabled: true}\n");
+    ws.write(&format!("src/spp/{POLICY}"), "approval_policy:\n- {name: One, enabled: true, rules: [{type: any_merge_request, branch_type: protected, commits: any}], approval_settings: {block_branch_modification: true}}\n");
     commit(&repo, "Alice", "alice@example.com", "2024-01-01T10:00:00Z", "create");
     git(
         ws.dir.path(),
@@ -77,7 +77,7 @@ fn no_secret_reaches_logs_status_or_errors() {
 fn state_directory_is_private_and_the_socket_owner_only() {
     let ws = Workspace::new();
     let repo = ws.init_repo("spp");
-    ws.write(&format!("spp/{POLICY}"), "approval_policy:\n- {name: One, enabled: true}\n");
+    ws.write(&format!("spp/{POLICY}"), "approval_policy:\n- {name: One, enabled: true, rules: [{type: any_merge_request, branch_type: protected, commits: any}], approval_settings: {block_branch_modification: true}}\n");
     commit(&repo, "Alice", "alice@example.com", "2024-01-01T10:00:00Z", "create");
     let config = ws.write(
         "config.toml",

@@ -20,7 +20,7 @@ fn file(approvals: u32, with_dast: bool) -> String {
     scanners: [sast]
     vulnerabilities_allowed: 0
     severity_levels: [critical]
-    vulnerability_states: [newly_detected]
+    vulnerability_states: [new_needs_triage]
   actions:
   - type: require_approval
     approvals_required: {approvals}

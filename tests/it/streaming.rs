@@ -35,7 +35,7 @@ fn repo_with_creates(ws: &Workspace, n: usize) -> PathBuf {
     let repo = ws.init_repo("spp");
     let mut text = String::from("approval_policy:\n");
     for i in 0..n {
-        text.push_str(&format!("- {{name: policy-{i}, enabled: false}}\n"));
+        text.push_str(&format!("- {{name: policy-{i}, enabled: false, rules: [{{type: any_merge_request, branch_type: protected, commits: any}}], approval_settings: {{block_branch_modification: true}}}}\n"));
         ws.write(&format!("spp/{POLICY}"), &text);
         commit(&repo, "Alice", "alice@example.com", &format!("2024-01-01T10:{i:02}:00Z"), &format!("add policy {i}"));
     }
@@ -296,7 +296,7 @@ fn a_destination_that_is_down_does_not_hold_up_another_or_polling() {
     assert_eq!(up.ids(), stored_ids(&ws, &config));
     // Polling goes on: a new commit is stored and delivered to the healthy destination.
     let mut text = std::fs::read_to_string(repo.join(POLICY)).expect("policy");
-    text.push_str("- {name: late, enabled: false}\n");
+    text.push_str("- {name: late, enabled: false, rules: [{type: any_merge_request, branch_type: protected, commits: any}], approval_settings: {block_branch_modification: true}}\n");
     std::fs::write(repo.join(POLICY), text).expect("write");
     commit(&repo, "Bob", "bob@example.com", "2024-02-01T10:00:00Z", "late policy");
     let out = ws.run(&config, &["reconcile"]);
@@ -317,7 +317,7 @@ fn a_destination_that_is_down_does_not_hold_up_another_or_polling() {
 fn filters_by_event_type_and_namespace() {
     let ws = Workspace::new();
     let repo = repo_with_creates(&ws, 2);
-    std::fs::write(repo.join(POLICY), "approval_policy:\n- {name: policy-0, enabled: false}\n").expect("write");
+    std::fs::write(repo.join(POLICY), "approval_policy:\n- {name: policy-0, enabled: false, rules: [{type: any_merge_request, branch_type: protected, commits: any}], approval_settings: {block_branch_modification: true}}\n").expect("write");
     commit(&repo, "Bob", "bob@example.com", "2024-02-01T10:00:00Z", "drop policy-1");
     let (creates, by_ns, other_ns) = (Receiver::start(vec![]), Receiver::start(vec![]), Receiver::start(vec![]));
     let dests = [

@@ -11,7 +11,7 @@ pub(crate) fn trail(ws: &Workspace) -> PathBuf {
     let repo = ws.init_repo("spp");
     let mut text = String::from("approval_policy:\n");
     for i in 0..5 {
-        text.push_str(&format!("- {{name: p{i}, enabled: false}}\n"));
+        text.push_str(&format!("- {{name: p{i}, enabled: false, rules: [{{type: any_merge_request, branch_type: protected, commits: any}}], approval_settings: {{block_branch_modification: true}}}}\n"));
         ws.write(&format!("spp/{POLICY}"), &text);
         commit(&repo, "Alice", "alice@example.com", &format!("2024-01-0{}T10:00:00Z", i + 1), &format!("p{i}"));
     }
