@@ -68,6 +68,11 @@ pub struct ReconcileArgs {
     /// Print time spent per phase (fetch, walk, parse, diff, store)
     #[arg(long)]
     pub timings: bool,
+    /// Start a new trail (a baseline) for projects whose state was lost although their mirror
+    /// shows an earlier trail; the changes in between are not reported
+    #[arg(long)]
+    #[serde(default)]
+    pub rebaseline: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -136,6 +141,11 @@ pub enum DeliveryState {
 pub struct VerifyArgs {
     #[arg(long)]
     pub json: bool,
+    /// The chain head recorded earlier (from `verify` or `status`): fail unless the trail still
+    /// ends there or continues from it
+    #[arg(long, value_name = "HEX")]
+    #[serde(default)]
+    pub expect_head: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
@@ -153,16 +163,19 @@ pub struct Output {
 }
 
 impl Output {
+    // Names, reasons and remote messages are data, not terminal commands: every line shown to
+    // a person has its control characters escaped (line breaks of a multi-line report stay).
     pub fn unusable(message: impl std::fmt::Display) -> Output {
+        let message = crate::text::escape_controls_keeping_lines(&message.to_string()).into_owned();
         Output { stderr: format!("error: {message}\n"), code: EXIT_UNUSABLE, ..Output::default() }
     }
 
     pub fn err_line(&mut self, line: impl std::fmt::Display) {
-        let _ = writeln!(self.stderr, "{line}");
+        let _ = writeln!(self.stderr, "{}", crate::text::escape_controls_keeping_lines(&line.to_string()));
     }
 
     pub fn out_line(&mut self, line: impl std::fmt::Display) {
-        let _ = writeln!(self.stdout, "{line}");
+        let _ = writeln!(self.stdout, "{}", crate::text::escape_controls_keeping_lines(&line.to_string()));
     }
 }
 

@@ -15,3 +15,4 @@ pub mod reconcile;
 pub mod repo;
 pub mod store;
 pub mod stream;
+pub mod text;

@@ -3,6 +3,7 @@
 use super::{EXIT_UNUSABLE, EventsArgs, Format, Output};
 use crate::event::{AuditEvent, EventType, rfc3339_millis};
 use crate::store::{EventQuery, Store};
+use crate::text::escape_controls;
 
 pub fn run(store: &Store, args: &EventsArgs) -> Output {
     let query = match query_of(args) {
@@ -90,13 +91,14 @@ fn table(events: &[AuditEvent]) -> String {
             if e.details.history_rewritten {
                 what.push_str(" (history rewritten)");
             }
-            let what = clip(&what, 90);
+            // Names are data, not terminal commands: a cell never holds a raw control character.
+            let what = clip(&escape_controls(&what), 90);
             [
                 e.created_at.clone(),
-                e.entity_path.clone(),
+                escape_controls(&e.entity_path).into_owned(),
                 kind(e).to_string(),
                 what,
-                format!("{} <{}>", e.author_name, e.details.author_email),
+                escape_controls(&format!("{} <{}>", e.author_name, e.details.author_email)).into_owned(),
                 format!(
                     "{}{mr}",
                     &e.details.security_policy_project_commit_sha

@@ -30,7 +30,8 @@ pub fn run(config: &Config, store: &Store, args: &ReconcileArgs, stop: Option<Ar
         }
         chosen
     };
-    let options = Options { backfill: args.backfill, progress: !args.json && stop.is_none(), stop };
+    let options =
+        Options { backfill: args.backfill, rebaseline: args.rebaseline, progress: !args.json && stop.is_none(), stop };
     let results = reconcile_all(config, store, &projects, &options, jiff::Timestamp::now);
     let mut json_rows = Vec::new();
     for (path, result) in &results {

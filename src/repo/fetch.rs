@@ -51,7 +51,9 @@ pub fn fetch(
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(result) => {
+                // The transport's own messages may quote the URL with its credentials.
                 return result
+                    .map_err(|e| anyhow!("{}", crate::text::redact_urls(&format!("{e:#}"))))
                     .with_context(|| format!("fetch of branch {:?} from {} failed", mirror.branch, redact_url(url)));
             }
             Err(mpsc::RecvTimeoutError::Timeout)
@@ -152,27 +154,4 @@ pub(super) fn in_flight(dir: &std::path::Path) -> bool {
     in_flight_set().contains(dir)
 }
 
-/// The URL with any `user:password@` removed, for messages and logs.
-pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) =
-                rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
-            let host = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
-            format!("{scheme}://{host}{path}")
-        }
-        None => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn credentials_are_removed_from_urls() {
-        assert_eq!(
-            super::redact_url("https://oauth2:glpat-x@gitlab.example.com/a/b.git"),
-            "https://gitlab.example.com/a/b.git"
-        );
-        assert_eq!(super::redact_url("/srv/repos/spp"), "/srv/repos/spp");
-    }
-}
+pub use crate::text::redact_url;

@@ -8,6 +8,7 @@
 //!   config, so a token cannot leak through the state directory;
 //! - every fetch has a deadline: a stalled server fails the fetch, it does not hang the run.
 
+mod commit;
 mod fetch;
 mod history;
 
@@ -25,7 +26,7 @@ pub fn local_tip(url: &str, branch: &str) -> Option<ObjectId> {
     let mut reference = repo.try_find_reference(format!("refs/heads/{branch}").as_str()).ok()??;
     reference.peel_to_id().ok().map(|id| id.detach())
 }
-pub use history::{Commit, Link, PolicyBlob, PolicyPath};
+pub use history::{Commit, Link, ObjectUnreadable, PolicyBlob, PolicyPath};
 
 use anyhow::{Context, Result};
 use gix::ObjectId;
@@ -101,7 +102,9 @@ impl Mirror {
         if ancestor == tip {
             return Ok(true);
         }
-        let base = self.repo.merge_base(ancestor, tip).context("cannot compute merge base")?;
+        let base = self.repo.merge_base(ancestor, tip).map_err(|e| {
+            anyhow::Error::new(ObjectUnreadable { id: tip, reason: format!("cannot compute a merge base: {e:#}") })
+        })?;
         Ok(base.is_some_and(|b| b.detach() == ancestor))
     }
 }

@@ -85,6 +85,23 @@ impl Store {
         Ok(ChainHead { events, head: hex(&head) })
     }
 
+    /// How many events the trail held when its chain head was `head` (hex): Some(0) for the
+    /// empty trail's head, None when no link of this trail is `head` (the trail was lost,
+    /// reset or rewritten since that head was recorded).
+    pub fn events_at_head(&self, head: &str) -> Result<Option<u64>> {
+        let head = head.trim().to_ascii_lowercase();
+        if head == hex(&GENESIS) {
+            return Ok(Some(0));
+        }
+        for entry in self.chain.iter() {
+            let (seq, link) = entry?;
+            if hex(&to_link(&link)) == head {
+                return Ok(Some(be_u64(&seq) + 1));
+            }
+        }
+        Ok(None)
+    }
+
     /// Recomputes the chain over every stored event and reports the first break.
     pub fn verify_chain(&self) -> Result<Verification> {
         let recorded = self.chain_head()?;

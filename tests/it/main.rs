@@ -11,6 +11,7 @@ mod faults;
 mod fixtures;
 mod fuzz_regressions;
 mod git_http;
+mod hostile;
 mod receiver;
 mod repo_urls;
 mod secrets;
