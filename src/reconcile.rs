@@ -279,15 +279,15 @@ fn walk_new_history(
         (None, false) => (walker.baseline_at(tip)?, Plan::Nothing),
         (Some(c), false) => match ObjectId::from_hex(c.commit.as_bytes()).ok() {
             // The last synced commit must be on the tip's first-parent line for the steps to be
-            // the changes made since. An ancestor off that line (a "foxtrot" merge put it on a
-            // second-parent side) would charge the side branch's commits with reverting what
-            // only the other line had: treated like a rewrite instead, never an invented change.
-            Some(since) if mirror.has_commit(since) && mirror.is_ancestor(since, tip)? => {
-                match mirror.first_parent_chain(tip, Some(since))? {
-                    Some(links) => (State::from_cursor(c), Plan::Steps(links)),
-                    None => (State::from_cursor(c), Plan::Rewritten(tip)),
-                }
-            }
+            // the changes made since. Not there, it is either gone (a force push) or an ancestor
+            // off that line (a "foxtrot" merge put it on a second-parent side), where walking
+            // the line would charge the side branch's commits with reverting what only the
+            // other line had: both are a rewrite, never an invented change. (No merge-base
+            // search: it decodes every commit's signatures, which one odd commit must not stop.)
+            Some(since) if mirror.has_commit(since) => match mirror.first_parent_chain(tip, Some(since))? {
+                Some(links) => (State::from_cursor(c), Plan::Steps(links)),
+                None => (State::from_cursor(c), Plan::Rewritten(tip)),
+            },
             _ => (State::from_cursor(c), Plan::Rewritten(tip)),
         },
     };

@@ -39,7 +39,21 @@ pub fn fetch(
     let dir = mirror.dir.clone();
     in_flight_set().insert(dir.clone());
     let spawned = std::thread::Builder::new().name("fetch".into()).spawn(move || {
-        let result = fetch_blocking(repo, &url_owned, &branch, token, deadline, &flag);
+        let mut result = fetch_blocking(repo.clone(), &url_owned, &branch, token.clone(), deadline, &flag, false);
+        // Negotiation reads the mirror's commits with gix's strict signature parser: one odd
+        // commit (an author without an email, as git itself accepts) fails it on every run.
+        // Then fetch once more without negotiation (the whole branch), which reads none of them.
+        if let Err(e) = &result
+            && !flag.load(Ordering::SeqCst)
+            && local_tip(&repo, &branch).is_some()
+        {
+            tracing::warn!(
+                url = %redact_url(&url_owned),
+                error = %crate::text::redact_urls(&format!("{e:#}")),
+                "fetch failed; fetching the whole branch once more without negotiation"
+            );
+            result = fetch_blocking(repo, &url_owned, &branch, token, deadline, &flag, true);
+        }
         in_flight_set().remove(&dir);
         let _ = tx.send(result);
     });
@@ -76,23 +90,23 @@ fn fetch_blocking(
     token: Option<String>,
     deadline: Duration,
     interrupt: &AtomicBool,
+    without_negotiation: bool,
 ) -> Result<FetchOutcome> {
     let secs = deadline.as_secs().max(1);
     {
         // In memory only: a slow HTTP transfer is abandoned like a stalled one.
         let mut config = repo.config_snapshot_mut();
-        config
-            .append_config(
-                [
-                    "http.lowSpeedLimit=1".to_string(),
-                    format!("http.lowSpeedTime={secs}"),
-                    format!("gitoxide.http.connectTimeout={}", secs * 1000),
-                    "credential.helper=".to_string(),
-                    "core.askPass=".to_string(),
-                ],
-                gix::config::Source::Api,
-            )
-            .map_err(anyhow::Error::new)?;
+        let mut settings = vec![
+            "http.lowSpeedLimit=1".to_string(),
+            format!("http.lowSpeedTime={secs}"),
+            format!("gitoxide.http.connectTimeout={}", secs * 1000),
+            "credential.helper=".to_string(),
+            "core.askPass=".to_string(),
+        ];
+        if without_negotiation {
+            settings.push("fetch.negotiationAlgorithm=noop".to_string());
+        }
+        config.append_config(settings, gix::config::Source::Api).map_err(anyhow::Error::new)?;
         config.commit().map_err(anyhow::Error::new)?;
     }
     let refspec = format!("+refs/heads/{branch}:refs/remotes/origin/{branch}");
@@ -127,9 +141,34 @@ fn fetch_blocking(
     let prepared = connection
         .prepare_fetch(gix::progress::Discard, Default::default())
         .map_err(|e| missing_branch(anyhow::Error::new(e)))?;
-    let outcome =
-        prepared.receive(gix::progress::Discard, interrupt).map_err(|e| missing_branch(anyhow::Error::new(e)))?;
     let wanted = format!("refs/heads/{branch}");
+    let tracking = format!("refs/remotes/origin/{branch}");
+    let advertised = prepared
+        .ref_map()
+        .mappings
+        .iter()
+        .find(|m| m.remote.as_name().is_some_and(|n| n == wanted.as_bytes()))
+        .and_then(|m| m.remote.as_id().map(|id| id.to_owned()));
+    let before = local_tip(&repo, branch);
+    // Nothing new: no negotiation at all (it would read the tip commit, odd or not).
+    if let Some(tip) = advertised
+        && before == Some(tip)
+    {
+        return Ok(FetchOutcome { tip });
+    }
+    // Without negotiation the mirror's own tip must not be read either: the ref is set again
+    // by the fetch, or put back when it fails.
+    if without_negotiation && before.is_some() {
+        set_tracking_ref(&repo, &tracking, None)?;
+    }
+    let received =
+        prepared.receive(gix::progress::Discard, interrupt).map_err(|e| missing_branch(anyhow::Error::new(e)));
+    if received.is_err()
+        && let Some(before) = before.filter(|_| without_negotiation)
+    {
+        set_tracking_ref(&repo, &tracking, Some(before))?;
+    }
+    let outcome = received?;
     let tip = outcome
         .ref_map
         .mappings
@@ -140,6 +179,34 @@ fn fetch_blocking(
         Some(tip) => Ok(FetchOutcome { tip }),
         None => bail!("branch {branch:?} does not exist in the repository"),
     }
+}
+
+/// The mirror's tracking ref, if it is set.
+fn local_tip(repo: &gix::Repository, branch: &str) -> Option<ObjectId> {
+    let mut reference = repo.try_find_reference(format!("refs/remotes/origin/{branch}").as_str()).ok()??;
+    reference.peel_to_id().ok().map(|id| id.detach())
+}
+
+/// Sets (Some) or removes (None) the mirror's tracking ref.
+fn set_tracking_ref(repo: &gix::Repository, name: &str, to: Option<ObjectId>) -> Result<()> {
+    match to {
+        Some(id) => {
+            repo.reference(
+                name,
+                id,
+                gix::refs::transaction::PreviousValue::Any,
+                "policy-audit: restore after a failed fetch",
+            )
+            .map_err(anyhow::Error::new)
+            .with_context(|| format!("cannot restore {name}"))?;
+        }
+        None => {
+            if let Some(r) = repo.try_find_reference(name).map_err(anyhow::Error::new)? {
+                r.delete().map_err(anyhow::Error::new).with_context(|| format!("cannot remove {name}"))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Mirrors with a fetch thread still running in this process (one that passed its deadline

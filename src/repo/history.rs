@@ -130,8 +130,11 @@ impl Mirror {
     /// identity or time is data to show, not a reason to stop the project.
     pub fn commit(&self, id: ObjectId) -> Result<Commit> {
         let mut buf = Vec::new();
-        let data = self.repo.objects.find_commit_iter(&id, &mut buf).map_err(|e| unreadable(id, e))?.data;
-        let raw = super::commit::parse(data);
+        let object = self.repo.objects.find(&id, &mut buf).map_err(|e| unreadable(id, e))?;
+        if object.kind != gix::object::Kind::Commit {
+            return Err(unreadable(id, format!("it is a {}, not a commit", object.kind)));
+        }
+        let raw = super::commit::parse(object.data);
         let tree = raw.tree.ok_or_else(|| unreadable(id, "the commit names no tree"))?;
         Ok(Commit {
             id,

@@ -96,17 +96,6 @@ impl Mirror {
     pub fn has_commit(&self, id: ObjectId) -> bool {
         self.repo.find_commit(id).is_ok()
     }
-
-    /// Whether `ancestor` is reachable from `tip` (a fast-forward since the last sync).
-    pub fn is_ancestor(&self, ancestor: ObjectId, tip: ObjectId) -> Result<bool> {
-        if ancestor == tip {
-            return Ok(true);
-        }
-        let base = self.repo.merge_base(ancestor, tip).map_err(|e| {
-            anyhow::Error::new(ObjectUnreadable { id: tip, reason: format!("cannot compute a merge base: {e:#}") })
-        })?;
-        Ok(base.is_some_and(|b| b.detach() == ancestor))
-    }
 }
 
 /// Removes `*.lock` files under `refs/` and at the top of a bare repository.

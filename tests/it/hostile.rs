@@ -101,7 +101,7 @@ fn a_foxtrot_merge_invents_no_change_and_is_reported_as_a_rewrite() {
     // approvals 2 -> 1 charged to the side branch.
     assert_eq!(new.len(), 1, "expected one event, got {new:#?}");
     let e = new[0];
-    assert_eq!(e["event_type"], "security_policy_created", "{e:#}");
+    assert_eq!(e["event_type"], "security_policy_create", "{e:#}");
     assert_eq!(e["details"]["policy_name"], "Side scan");
     assert_eq!(e["details"]["security_policy_project_commit_sha"], tip.as_str());
     assert_eq!(e["details"]["history_rewritten"], true, "{e:#}");
@@ -169,7 +169,7 @@ fn ten_thousand_same_named_policies_do_not_stall_the_diff() {
     assert!(took < Duration::from_secs(60), "the diff stalled: {took:?}");
     let updates = events_json(&ws, &config)
         .iter()
-        .filter(|e| e["event_type"] == "security_policy_updated" && e["details"]["policy_name"] == "Same")
+        .filter(|e| e["event_type"] == "security_policy_update" && e["details"]["policy_name"] == "Same")
         .count();
     assert_eq!(updates, 10_000);
 }
@@ -276,6 +276,26 @@ fn odd_commit_identities_are_read_like_git_reads_them() {
     let created = by_sha(&absurd)["created_at"].as_str().unwrap_or_default().to_string();
     assert!(!created.starts_with("1970"), "an absurd time must not become 1970-01-01: {created}");
     assert!(created.as_str() > "2025", "the event carries the time of detection: {created}");
+
+    // The odd commits are now in the mirror: the next fetch and walk go past them.
+    ws.write(&format!("spp/{POLICY}"), &policy(6, ""));
+    let next = commit(&repo, "Alice", "alice@example.com", "2024-01-06T10:00:00Z", "six approvals");
+    let out = ws.run(&config, &["reconcile"]);
+    assert!(out.status.success() && !stderr(&out).contains("re-cloning"), "{}", stderr(&out));
+    assert!(
+        events_json(&ws, &config).iter().any(|e| e["details"]["security_policy_project_commit_sha"] == next.as_str())
+    );
+
+    // An odd commit as the mirror's tip, then a normal one on top: still no stop.
+    odd_commit(&ws, &repo, &policy(7, ""), b"Importer Bot 1704618000 +0000", b"Importer Bot 1704618000 +0000", b"");
+    reconcile_ok(&ws, &config);
+    ws.write(&format!("spp/{POLICY}"), &policy(8, ""));
+    let last = commit(&repo, "Alice", "alice@example.com", "2024-01-08T10:00:00Z", "eight approvals");
+    let err = reconcile_ok(&ws, &config);
+    assert!(!err.contains("re-cloning"), "{err}");
+    assert!(
+        events_json(&ws, &config).iter().any(|e| e["details"]["security_policy_project_commit_sha"] == last.as_str())
+    );
 }
 
 /// Item 4: names with ESC, CR, LF and NUL are shown escaped in the events table: a name cannot
@@ -287,7 +307,7 @@ fn control_characters_in_names_are_escaped_in_the_table_and_logs() {
     reconcile_ok(&ws, &config);
     let evil = "scan_execution_policy:\n- name: \"Nice\\e[2K\\r2024-01-05  acme/spp  deleted  approval_policy \\\"Critical vulns\\\"\\n\\0x\"\n  enabled: true\n  actions: [{scan: dast}]\n";
     ws.write(&format!("spp/{POLICY}"), &policy(1, evil));
-    commit(&repo, "Eve\u{1b}]0;pwned\u{7}", "eve@example.com", "2024-01-05T10:00:00Z", "evil");
+    commit(&repo, "Eve\u{1b}]0;pwned\u{7}x", "eve@example.com", "2024-01-05T10:00:00Z", "evil");
     let log = reconcile_ok(&ws, &config);
     assert!(!log.contains('\u{1b}') && !log.contains('\r'), "raw control characters in the log: {log:?}");
 
@@ -298,7 +318,7 @@ fn control_characters_in_names_are_escaped_in_the_table_and_logs() {
         assert!(c == '\n' || !c.is_control(), "raw control character {c:?} in the events table:\n{table:?}");
     }
     assert!(table.contains("Nice\\e[2K\\r2024-01-05"), "the name is shown escaped:\n{table}");
-    assert!(table.contains("Eve\\e]0;pwned\\u{7}"), "the author is shown escaped:\n{table}");
+    assert!(table.contains("Eve\\e]0;pwned\\u{7}x"), "the author is shown escaped:\n{table}");
     assert_eq!(table.lines().count(), 3, "header + 2 rows, no forged row:\n{table}");
     // JSON keeps the exact value.
     let events = events_json(&ws, &config);
