@@ -143,7 +143,8 @@ fn a_foxtrot_merge_without_a_policy_change_reports_nothing() {
 }
 
 /// Item 2: thousands of policies sharing one name (accepted) are diffed in linear time. The
-/// deadline only guards against a stall (the quadratic match took about 2 minutes at 10,000);
+/// deadline only guards against a stall (the quadratic match took 50-70 s here in a debug build,
+/// the linear one 3-8 s);
 /// the figures are in docs/performance.md.
 #[test]
 fn ten_thousand_same_named_policies_do_not_stall_the_diff() {
@@ -166,7 +167,7 @@ fn ten_thousand_same_named_policies_do_not_stall_the_diff() {
     reconcile_ok(&ws, &config);
     let took = started.elapsed();
     println!("10,000 same-named policies, every one changed: reconcile took {took:?}");
-    assert!(took < Duration::from_secs(60), "the diff stalled: {took:?}");
+    assert!(took < Duration::from_secs(30), "the diff stalled: {took:?}");
     let updates = events_json(&ws, &config)
         .iter()
         .filter(|e| e["event_type"] == "security_policy_update" && e["details"]["policy_name"] == "Same")
