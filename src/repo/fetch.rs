@@ -44,6 +44,7 @@ pub fn fetch(
         // commit (an author without an email, as git itself accepts) fails it on every run.
         // Then fetch once more without negotiation (the whole branch), which reads none of them.
         if let Err(e) = &result
+            && e.downcast_ref::<ReceiveFailed>().is_some()
             && !flag.load(Ordering::SeqCst)
             && local_tip(&repo, &branch).is_some()
         {
@@ -161,8 +162,9 @@ fn fetch_blocking(
     if without_negotiation && before.is_some() {
         set_tracking_ref(&repo, &tracking, None)?;
     }
-    let received =
-        prepared.receive(gix::progress::Discard, interrupt).map_err(|e| missing_branch(anyhow::Error::new(e)));
+    let received = prepared
+        .receive(gix::progress::Discard, interrupt)
+        .map_err(|e| anyhow::Error::new(ReceiveFailed(format!("{:#}", missing_branch(anyhow::Error::new(e))))));
     if received.is_err()
         && let Some(before) = before.filter(|_| without_negotiation)
     {
@@ -180,6 +182,12 @@ fn fetch_blocking(
         None => bail!("branch {branch:?} does not exist in the repository"),
     }
 }
+
+/// The server answered and the negotiation or the pack transfer failed (not the connection or
+/// the ref advertisement): the one failure a fetch without negotiation may get past.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ReceiveFailed(String);
 
 /// The mirror's tracking ref, if it is set.
 fn local_tip(repo: &gix::Repository, branch: &str) -> Option<ObjectId> {
