@@ -52,5 +52,37 @@ fn bench_diff(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_parse, bench_diff);
+/// 10,000 policies in one file (≈ 500 KB, under the default 1 MiB cap), all sharing one name
+/// or all distinct: the diff when every policy changed, and when they were only reordered.
+/// The figures are in docs/performance.md ("Many policies in one file").
+fn bench_diff_many(c: &mut Criterion) {
+    let mut group = c.benchmark_group("diff_many");
+    group.sample_size(10);
+    let file = |same_name: bool, version: u32, reversed: bool| {
+        let mut order: Vec<usize> = (0..10_000).collect();
+        if reversed {
+            order.reverse();
+        }
+        let mut text = String::from("approval_policy:\n");
+        for i in order {
+            let name = if same_name { "Same".to_string() } else { format!("Policy {i}") };
+            text.push_str(&format!("- {{name: '{name}', enabled: true, description: 'policy {i} v{version}'}}\n"));
+        }
+        parse(text.as_bytes()).unwrap_or_else(|e| panic!("bench input invalid: {e}"))
+    };
+    for (label, same_name) in [("same-named", true), ("distinct", false)] {
+        let old = file(same_name, 1, false);
+        let changed = file(same_name, 2, false);
+        let reordered = file(same_name, 1, true);
+        group.bench_function(BenchmarkId::new("all changed", label), |b| {
+            b.iter(|| diff(black_box(&old), black_box(&changed)))
+        });
+        group.bench_function(BenchmarkId::new("reordered", label), |b| {
+            b.iter(|| diff(black_box(&old), black_box(&reordered)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_parse, bench_diff, bench_diff_many);
 criterion_main!(benches);

@@ -78,6 +78,10 @@ pub struct ReconcileArgs {
     /// Print time spent per phase (fetch, walk, parse, diff, store)
     #[arg(long)]
     pub timings: bool,
+    /// Start a new trail (a baseline) for projects whose state was lost although their mirror
+    /// shows an earlier trail; the changes in between are not reported
+    #[arg(long)]
+    pub rebaseline: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
@@ -146,6 +150,10 @@ pub enum DeliveryState {
 pub struct VerifyArgs {
     #[arg(long)]
     pub json: bool,
+    /// The chain head recorded earlier (from `verify` or `status`): fail unless the trail still
+    /// ends there or continues from it
+    #[arg(long, value_name = "HEX")]
+    pub expect_head: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -230,6 +238,7 @@ fn request_of(command: &Command) -> Option<Request> {
             no_deliver: a.no_deliver,
             json: a.json,
             timings: a.timings,
+            rebaseline: a.rebaseline,
         }),
         Command::Events(a) => Request::Events(app::EventsRequest {
             projects: a.projects.clone(),
@@ -258,7 +267,7 @@ fn request_of(command: &Command) -> Option<Request> {
             }),
             json: a.json,
         }),
-        Command::Verify(a) => Request::Verify { json: a.json },
+        Command::Verify(a) => Request::Verify { json: a.json, expect_head: a.expect_head.clone() },
         Command::CheckConfig | Command::Demo | Command::Run | Command::Completions(_) | Command::Man => return None,
     })
 }

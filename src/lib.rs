@@ -20,4 +20,5 @@ pub mod reconcile;
 pub mod repo;
 pub mod store;
 pub mod stream;
+pub mod text;
 pub mod tls;

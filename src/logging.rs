@@ -39,14 +39,48 @@ pub fn init(config_level: Option<&str>) {
             filter = filter.add_directive(directive);
         }
     }
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
-    let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let ansi = !journal && std::io::stderr().is_terminal();
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(move || SafeStderr { ansi }).with_target(false);
+    let _ = if journal {
         let format =
             JournalPriority(tracing_subscriber::fmt::format().without_time().with_target(false).with_ansi(false));
         builder.event_format(format).try_init()
     } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).try_init()
+        builder.with_ansi(ansi).try_init()
     };
+}
+
+/// Stderr for log lines, with the control characters of logged values (a policy or author
+/// name, a remote's message) escaped: one log line stays one line and cannot drive the
+/// terminal. The formatter's own colour codes are kept when colours are on.
+struct SafeStderr {
+    ansi: bool,
+}
+
+impl std::io::Write for SafeStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // The formatter writes one whole event per call; its final line break stays.
+        let text = String::from_utf8_lossy(buf);
+        let (body, end) = match text.strip_suffix('\n') {
+            Some(body) => (body, "\n"),
+            None => (text.as_ref(), ""),
+        };
+        let safe = if self.ansi {
+            crate::text::escape_controls_keeping_colours(body)
+        } else {
+            crate::text::escape_controls(body)
+        };
+        let mut out = std::io::stderr().lock();
+        out.write_all(safe.as_bytes())?;
+        out.write_all(end.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// Prefixes each line with its syslog priority for journald.

@@ -29,6 +29,9 @@ pub struct Options {
     /// Replay the whole first-parent history (first sync or not); already stored events are
     /// recognised by id and not stored twice.
     pub backfill: bool,
+    /// Record a new baseline for a project whose state is gone although its mirror shows an
+    /// earlier trail (otherwise refused with [`TrailLost`]).
+    pub rebaseline: bool,
     /// Show a progress bar for long walks (on a terminal).
     pub progress: bool,
     /// Set on shutdown: stop before the next project, and before storing (never half-way).
@@ -101,6 +104,36 @@ fn count_events(summary: &mut Summary, events: &[AuditEvent]) {
     }
 }
 
+/// The state database has no cursor for a project whose mirror records that its events were
+/// stored before: the state was deleted or replaced. A silent new baseline would hide every
+/// change made since, so it is refused until the user says so.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the state database has no record of project {project} but its mirror {mirror} shows that its trail was stored before \
+     (the state database was deleted, replaced or restored from an old backup); refusing to record a new baseline, which \
+     would hide the changes made since. Restore the state database, or run `policy-audit reconcile --project {project} --backfill` \
+     to replay the whole history, or `policy-audit reconcile --project {project} --rebaseline` to start a new trail from the \
+     current policy file"
+)]
+pub struct TrailLost {
+    pub project: String,
+    pub mirror: String,
+}
+
+/// Written into a mirror once a reconcile of its project has stored its cursor: the evidence
+/// that a trail exists, which outlives a deleted state database.
+const SYNCED_MARKER: &str = "policy-audit-synced";
+
+fn mark_synced(dir: &std::path::Path, project: &Project) {
+    let marker = dir.join(SYNCED_MARKER);
+    if dir.join("HEAD").exists()
+        && !marker.exists()
+        && let Err(e) = std::fs::write(&marker, format!("{}\n", project.path))
+    {
+        tracing::warn!(project = %project.path, file = %marker.display(), error = %e, "cannot record that the project was synced");
+    }
+}
+
 /// A read of the mirror failed after a successful fetch: objects are missing or corrupt.
 #[derive(Debug, thiserror::Error)]
 #[error("the mirror cannot be read: {0}")]
@@ -151,11 +184,16 @@ fn attempt(
             .is_some_and(|tip| ObjectId::from_hex(c.commit.as_bytes()).is_ok_and(|synced| synced == tip))
     {
         summary.to = c.commit.clone();
+        mark_synced(&mirror_dir(config, project), project);
         summary.timings.fetch_ms = ms(started.elapsed());
         summary.duration_ms = summary.timings.fetch_ms;
         return Ok(summary);
     }
-    let mirror = Mirror::open_or_init(&mirror_dir(config, project), &project.branch)?;
+    let dir = mirror_dir(config, project);
+    if cursor.is_none() && !backfill && !options.rebaseline && dir.join(SYNCED_MARKER).exists() {
+        return Err(anyhow::Error::new(TrailLost { project: project.path.clone(), mirror: dir.display().to_string() }));
+    }
+    let mirror = Mirror::open_or_init(&dir, &project.branch)?;
     let never = AtomicBool::new(false);
     let stop = options.stop.as_deref().unwrap_or(&never);
     let tip = match repo::fetch(&mirror, &project.url, project.token.as_ref(), &project.tls, config.fetch_timeout, stop)
@@ -171,6 +209,7 @@ fn attempt(
         && c.commit == summary.to
         && !backfill
     {
+        mark_synced(&dir, project);
         summary.duration_ms = ms(started.elapsed());
         return Ok(summary); // nothing new: no walk at all
     }
@@ -192,11 +231,12 @@ fn attempt(
     let (state, mut events) =
         walk_new_history(config, project, &mirror, &mut summary, options, cursor.as_ref(), tip, now, &sink).map_err(
             |e| {
-                // Storing a chunk failed, or we are stopping: not a mirror problem.
-                if e.downcast_ref::<crate::store::StoreError>().is_some() || options.stopped() {
-                    e
-                } else {
+                // Only a missing or corrupt object is cured by cloning again; anything else (a
+                // store failure, shutdown, an odd commit) would fail the same way on a new clone.
+                if e.chain().any(|c| c.is::<repo::ObjectUnreadable>()) && !options.stopped() {
                     anyhow::Error::new(MirrorDamaged(format!("{e:#}")))
+                } else {
+                    e
                 }
             },
         )?;
@@ -210,6 +250,7 @@ fn attempt(
     attributor.apply(&mut events);
     summary.stored +=
         store.commit_reconcile(&project.path, &new_cursor, &events, &destinations_for, now.as_millisecond())?;
+    mark_synced(&dir, project);
     summary.timings.store_ms += ms(stored_at.elapsed());
     summary.duration_ms = ms(started.elapsed());
     Ok(summary)
@@ -231,22 +272,22 @@ fn walk_new_history(
 ) -> Result<(State, Vec<AuditEvent>)> {
     let backfill = summary.backfill;
     let chain_started = Instant::now();
-    // The cheap walk (trees and first parents only); the revision walker when the last synced
-    // commit is an ancestor off the first-parent chain (a merge made it a second parent).
-    let chain = |since: Option<ObjectId>| -> Result<Vec<Link>> {
-        match mirror.first_parent_chain(tip, since)? {
-            Some(links) => Ok(links),
-            None => mirror.links(&mirror.first_parent_steps(tip, since)?),
-        }
-    };
-    let mut walker = Walker::new(config, project, mirror, summary, options.progress);
+    // The cheap walk: trees and first parents only.
+    let mut walker = Walker::new(config, project, mirror, summary, options);
     let (state, plan) = match (cursor, backfill) {
-        (_, true) => (State::before_history(), Plan::Steps(chain(None)?)),
+        (_, true) => (State::before_history(), Plan::Steps(mirror.first_parent_chain(tip, None)?.unwrap_or_default())),
         (None, false) => (walker.baseline_at(tip)?, Plan::Nothing),
         (Some(c), false) => match ObjectId::from_hex(c.commit.as_bytes()).ok() {
-            Some(since) if mirror.has_commit(since) && mirror.is_ancestor(since, tip)? => {
-                (State::from_cursor(c), Plan::Steps(chain(Some(since))?))
-            }
+            // The last synced commit must be on the tip's first-parent line for the steps to be
+            // the changes made since. Not there, it is either gone (a force push) or an ancestor
+            // off that line (a "foxtrot" merge put it on a second-parent side), where walking
+            // the line would charge the side branch's commits with reverting what only the
+            // other line had: both are a rewrite, never an invented change. (No merge-base
+            // search: it decodes every commit's signatures, which one odd commit must not stop.)
+            Some(since) if mirror.has_commit(since) => match mirror.first_parent_chain(tip, Some(since))? {
+                Some(links) => (State::from_cursor(c), Plan::Steps(links)),
+                None => (State::from_cursor(c), Plan::Rewritten(tip)),
+            },
             _ => (State::from_cursor(c), Plan::Rewritten(tip)),
         },
     };
@@ -270,7 +311,8 @@ enum Plan {
     /// First sync in baseline mode: record the state, emit nothing.
     Nothing,
     Steps(Vec<Link>),
-    /// The last synced commit is gone from the branch's history: one step to the tip.
+    /// The last synced commit is gone from the branch's history, or off its first-parent line:
+    /// one step to the tip.
     Rewritten(ObjectId),
 }
 
@@ -310,6 +352,8 @@ struct Walker<'a> {
     /// Files of the current window, parsed ahead in parallel.
     ahead: HashMap<ObjectId, Result<PolicySet, InvalidPolicyFile>>,
     progress: bool,
+    /// Shutdown: a long walk stops between steps (what was stored is consistent).
+    stop: Option<Arc<AtomicBool>>,
 }
 
 const PARSE_CACHE_ENTRIES: usize = 64;
@@ -322,7 +366,7 @@ impl<'a> Walker<'a> {
         project: &'a Project,
         mirror: &'a Mirror,
         summary: &'a mut Summary,
-        progress: bool,
+        options: &Options,
     ) -> Self {
         Walker {
             config,
@@ -332,8 +376,16 @@ impl<'a> Walker<'a> {
             path: PolicyPath::new(&project.policy_file),
             parsed: HashMap::new(),
             ahead: HashMap::new(),
-            progress,
+            progress: options.progress,
+            stop: options.stop.clone(),
         }
+    }
+
+    fn check_stop(&self) -> Result<()> {
+        if self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+            anyhow::bail!("stopped by shutdown; what was stored is consistent, the next run goes on from there");
+        }
+        Ok(())
     }
 
     /// The state at `tip` for a baseline: the file there, or when it is invalid the last valid
@@ -370,7 +422,10 @@ impl<'a> Walker<'a> {
         // Which commits change the file: a cheap pass over trees only.
         let mut changes: Vec<(Link, PolicyBlob)> = Vec::new();
         let mut key = state.blob.clone();
-        for link in steps {
+        for (i, link) in steps.iter().enumerate() {
+            if i % 4096 == 0 {
+                self.check_stop()?;
+            }
             bar.inc(1);
             self.summary.commits += 1;
             let blob = self.path.lookup(self.mirror, link.tree)?;
@@ -387,6 +442,7 @@ impl<'a> Walker<'a> {
             self.summary.timings.parse_ms += ms(parse_started.elapsed());
             stepping += parse_started.elapsed();
             for (link, blob) in window {
+                self.check_stop()?;
                 let step_started = Instant::now();
                 let commit = self.mirror.commit(link.id)?;
                 self.summary.steps += 1;
@@ -463,7 +519,7 @@ impl<'a> Walker<'a> {
             author_name: &commit.author_name,
             author_email: &commit.author_email,
             author_id: self.config.author_id(&commit.author_email),
-            committed_at: commit.committed_at,
+            committed_at: self.committed_at(commit, now),
             message: &commit.message,
             detected_at: now,
             history_rewritten: rewritten,
@@ -492,6 +548,23 @@ impl<'a> Walker<'a> {
         }
         self.summary.timings.diff_ms += ms(diff_started.elapsed());
         Ok(())
+    }
+
+    /// The commit's time, or when it is missing or absurd (before year -9999 or after 9999) the
+    /// time of detection, said in a warning: never a made-up 1970-01-01.
+    fn committed_at(&self, commit: &Commit, now: jiff::Timestamp) -> i64 {
+        match commit.committed_at {
+            Some(secs) => secs,
+            None => {
+                tracing::warn!(
+                    project = %self.project.path,
+                    commit = %commit.id,
+                    time = %crate::text::escape_controls(&commit.committer_time),
+                    "the commit's committer time is missing or absurd; its events carry the time of detection instead"
+                );
+                now.as_second()
+            }
+        }
     }
 
     /// The policy set in a blob, or why it is invalid (missing, not a file, too big, bad YAML).

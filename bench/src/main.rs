@@ -346,8 +346,9 @@ impl Bench {
         std::fs::write(&config, "state_dir = \"ex-state\"\n")?;
         eprintln!("filling a store with {events} events (once)");
         synthetic_events(&config, events, false)?;
+        let bin = self.bin.clone();
         let command = |args: &[&str]| -> Result<Sample> {
-            run(Command::new(&self.bin)
+            run(Command::new(&bin)
                 .arg("--config")
                 .arg(&config)
                 .args(args)

@@ -135,8 +135,12 @@ pub fn describe(r: &DestinationReport) -> String {
     let mut line = format!("destination {}: {} delivered", r.destination, r.delivered);
     if r.pending > 0 {
         let next = r.next_attempt_at.map(|t| format!(", next attempt at {}", time(t))).unwrap_or_default();
-        let why =
-            r.last_error.as_ref().filter(|_| r.retried > 0).map(|e| format!(" (last error: {e})")).unwrap_or_default();
+        let why = r
+            .last_error
+            .as_ref()
+            .filter(|_| r.retried > 0)
+            .map(|e| format!(" (last error: {})", crate::text::escape_controls(e)))
+            .unwrap_or_default();
         line.push_str(&format!(", {} queued for retry{next}{why}", r.pending));
     }
     if r.dead > 0 {

@@ -8,6 +8,7 @@
 use super::{EXIT_UNUSABLE, EventsRequest, Format, Output, write_failed};
 use crate::event::{AuditEvent, EventType, rfc3339_millis};
 use crate::store::{EventQuery, Store};
+use crate::text::escape_controls;
 use serde::ser::{SerializeSeq, Serializer};
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -152,13 +153,14 @@ fn table(events: &[AuditEvent]) -> String {
             if e.details.history_rewritten {
                 what.push_str(" (history rewritten)");
             }
-            let what = clip(&what, 90);
+            // Names are data, not terminal commands: a cell never holds a raw control character.
+            let what = clip(&escape_controls(&what), 90);
             [
                 e.created_at.clone(),
-                e.entity_path.clone(),
+                escape_controls(&e.entity_path).into_owned(),
                 kind(e).to_string(),
                 what,
-                author_cell(e),
+                escape_controls(&author_cell(e)).into_owned(),
                 format!(
                     "{}{mr}",
                     &e.details.security_policy_project_commit_sha

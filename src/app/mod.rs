@@ -37,10 +37,19 @@ pub const EXIT_UNUSABLE: u8 = 2;
 pub enum Request {
     Reconcile(ReconcileRequest),
     Events(EventsRequest),
-    Status { json: bool },
+    Status {
+        json: bool,
+    },
     Deliveries(DeliveriesRequest),
-    RetryDeliveries { destination: Option<String> },
-    Verify { json: bool },
+    RetryDeliveries {
+        destination: Option<String>,
+    },
+    Verify {
+        json: bool,
+        /// A chain head recorded earlier that must still be in the trail.
+        #[serde(default)]
+        expect_head: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -51,6 +60,10 @@ pub struct ReconcileRequest {
     pub no_deliver: bool,
     pub json: bool,
     pub timings: bool,
+    /// Start a new trail for projects whose state was lost although their mirror shows an
+    /// earlier one.
+    #[serde(default)]
+    pub rebaseline: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,16 +114,19 @@ pub struct Output {
 }
 
 impl Output {
+    // Names, reasons and remote messages are data, not terminal commands: every line shown to
+    // a person has its control characters escaped (line breaks of a multi-line report stay).
     pub fn unusable(message: impl std::fmt::Display) -> Output {
+        let message = crate::text::escape_controls_keeping_lines(&message.to_string()).into_owned();
         Output { stderr: format!("error: {message}\n"), code: EXIT_UNUSABLE, ..Output::default() }
     }
 
     pub fn err_line(&mut self, line: impl std::fmt::Display) {
-        let _ = writeln!(self.stderr, "{line}");
+        let _ = writeln!(self.stderr, "{}", crate::text::escape_controls_keeping_lines(&line.to_string()));
     }
 
     pub fn out_line(&mut self, line: impl std::fmt::Display) {
-        let _ = writeln!(self.stdout, "{line}");
+        let _ = writeln!(self.stdout, "{}", crate::text::escape_controls_keeping_lines(&line.to_string()));
     }
 
     /// Appends another output's text and keeps the worse exit code.
@@ -136,7 +152,7 @@ pub fn execute(
         Request::Status { json } => status::run(config, store, *json),
         Request::Deliveries(r) => deliveries::run(config, store, r),
         Request::RetryDeliveries { destination } => deliveries::retry(config, store, destination.as_deref()),
-        Request::Verify { json } => verify::run(store, *json),
+        Request::Verify { json, expect_head } => verify::run(store, *json, expect_head.as_deref()),
     }
 }
 

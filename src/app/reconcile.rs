@@ -54,7 +54,8 @@ pub fn reconcile(config: &Config, store: &Store, req: &ReconcileRequest, stop: O
         }
         chosen
     };
-    let options = Options { backfill: req.backfill, progress: !req.json && stop.is_none(), stop };
+    let options =
+        Options { backfill: req.backfill, rebaseline: req.rebaseline, progress: !req.json && stop.is_none(), stop };
     report.projects = reconcile_all(config, store, &projects, &options, jiff::Timestamp::now);
     if !req.no_deliver && !report.damaged() {
         report.deliveries = super::deliveries::deliver_now(config, store, &mut report.delivery_output);

@@ -98,7 +98,10 @@ fn destination(store: &Store, name: &str) -> anyhow::Result<serde_json::Value> {
 }
 
 fn text(report: &serde_json::Value) -> String {
-    let str_of = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
+    // Every value shown is escaped: an error message may quote a remote's or a file's text.
+    let str_of = |v: &serde_json::Value| {
+        v.as_str().map(|s| crate::text::escape_controls(s).into_owned()).unwrap_or_else(|| "-".into())
+    };
     let mut s = format!("events stored: {}\n", report["events"]);
     s.push_str(&format!(
         "chain head:    {} (covers {} events; `policy-audit verify` checks it)\n",

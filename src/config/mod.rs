@@ -7,6 +7,7 @@
 mod flag;
 mod gitlab;
 mod raw;
+mod same_repo;
 mod secret;
 mod tls;
 
@@ -162,7 +163,9 @@ impl Config {
         let mut checker = Checker { file: path, text, errors: Vec::new(), resolve_secrets };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let at = e.span().map(|s| checker.locate(s.start)).unwrap_or_else(|| path.display().to_string());
-            ConfigError { errors: vec![format!("{at}: {}", e.message().trim())] }
+            ConfigError {
+                errors: vec![crate::text::redact_urls(&format!("{at}: {}", e.message().trim())).into_owned()],
+            }
         })?;
         let config = checker.validate(raw);
         match (config, checker.errors.is_empty()) {
@@ -202,7 +205,8 @@ impl Checker<'_> {
 
     fn error_at<T>(&mut self, spanned: &Spanned<T>, msg: impl fmt::Display) {
         let at = self.locate(spanned.span().start);
-        self.errors.push(format!("{at}: {msg}"));
+        // No secret in any error: a URL's `user:password@` never reaches the message.
+        self.errors.push(crate::text::redact_urls(&format!("{at}: {msg}")).into_owned());
     }
 
     fn base_dir(&self) -> PathBuf {
@@ -513,7 +517,10 @@ impl Checker<'_> {
             let url = raw.url.get_ref().trim().to_string();
             let host = http_host(&url);
             if host.is_none() {
-                self.error_at(&raw.url, format!("{who}: `url` = {url:?} must be an http:// or https:// URL"));
+                self.error_at(
+                    &raw.url,
+                    format!("{who}: `url` = {:?} must be an http:// or https:// URL", crate::text::redact_url(&url)),
+                );
             }
             let verification_token = self.secret(
                 &who,
@@ -654,11 +661,9 @@ pub fn normalize_cron(expr: &str) -> Result<String, String> {
     Ok(six)
 }
 
-/// Same repository: compares URLs without a trailing slash or `.git`.
+/// Same repository: normalised URLs or canonical paths (see `same_repo`), same branch.
 fn repo_key(url: &str, branch: &str) -> (String, String) {
-    let u = url.trim_end_matches('/');
-    let u = u.strip_suffix(".git").unwrap_or(u);
-    (u.to_string(), branch.to_string())
+    (same_repo::repo_identity(url), branch.to_string())
 }
 
 /// The host of an http(s) URL, or None when it is not one.

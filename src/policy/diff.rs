@@ -3,13 +3,14 @@
 //! Identity is `(policy type, name)`; a rename or a move to another type section is a delete
 //! plus a create. When a type holds several policies of the same name (GitLab accepts that),
 //! identical ones are matched first and the rest are paired in file order, so reordering such
-//! duplicates is not a change.
+//! duplicates is not a change. Matching goes through a map, never a scan per policy: diff time
+//! grows linearly with the number of policies, however many share a name.
 
 use super::{Policy, PolicySet, PolicyType};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Digest;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// At most this many field changes are listed for one update, so events stay short.
 pub const MAX_FIELD_CHANGES: usize = 50;
@@ -83,14 +84,19 @@ pub fn diff(old: &PolicySet, new: &PolicySet) -> Vec<Change> {
     }
     let mut changes = Vec::new();
     for (_, (mut before, mut after)) in groups {
-        // Identical policies of the same name are not changes, wherever they sit.
-        before.retain(|b| match after.iter().position(|a| a.content == b.content) {
-            Some(i) => {
-                after.remove(i);
-                false
-            }
-            None => true,
-        });
+        // Identical policies of the same name are not changes, wherever they sit: each `before`
+        // takes the first unmatched identical `after` in file order. Found through a map keyed
+        // by the canonical text (keys sorted), so thousands of same-named policies stay linear.
+        if before.len() > 1 || after.len() > 1 {
+            let (kept_before, kept_after) = drop_identical(&before, &after);
+            before = kept_before;
+            after = kept_after;
+        } else if let (Some(b), Some(a)) = (before.first(), after.first())
+            && a.content == b.content
+        {
+            before.clear();
+            after.clear();
+        }
         let paired = before.len().min(after.len());
         for (i, (b, a)) in before.iter().zip(&after).enumerate() {
             let (fields, fields_truncated) = field_changes(&b.content, &a.content);
@@ -107,6 +113,26 @@ pub fn diff(old: &PolicySet, new: &PolicySet) -> Vec<Change> {
         (x.kind, x.policy_type, &x.name, x.occurrence).cmp(&(y.kind, y.policy_type, &y.name, y.occurrence))
     });
     changes
+}
+
+/// `before` and `after` without the pairs of identical policies; each `before` is matched with
+/// the first identical `after` not matched yet. Linear in the number and size of the policies.
+fn drop_identical<'a>(before: &[&'a Policy], after: &[&'a Policy]) -> BeforeAfter<'a> {
+    let mut by_content: HashMap<String, VecDeque<usize>> = HashMap::with_capacity(after.len());
+    for (i, a) in after.iter().enumerate() {
+        by_content.entry(a.content.to_string()).or_default().push_back(i);
+    }
+    let mut matched = vec![false; after.len()];
+    let mut kept_before = Vec::new();
+    for b in before {
+        let hit = by_content.get_mut(&b.content.to_string()).and_then(VecDeque::pop_front);
+        match hit {
+            Some(i) => matched[i] = true,
+            None => kept_before.push(*b),
+        }
+    }
+    let kept_after = after.iter().zip(&matched).filter(|(_, m)| !**m).map(|(a, _)| *a).collect();
+    (kept_before, kept_after)
 }
 
 fn change(kind: ChangeKind, policy: &Policy, occurrence: usize, fields: Vec<FieldChange>, truncated: bool) -> Change {

@@ -42,7 +42,23 @@ pub fn fetch(
     let dir = mirror.dir.clone();
     in_flight_set().insert(dir.clone());
     let spawned = std::thread::Builder::new().name("fetch".into()).spawn(move || {
-        let result = fetch_blocking(repo, &url_owned, &branch, token, &tls, deadline, &flag);
+        let remote = Remote { url: &url_owned, branch: &branch, token: token.as_deref(), tls: &tls };
+        let mut result = fetch_blocking(repo.clone(), &remote, deadline, &flag, false);
+        // Negotiation reads the mirror's commits with gix's strict signature parser: one odd
+        // commit (an author without an email, as git itself accepts) fails it on every run.
+        // Then fetch once more without negotiation (the whole branch), which reads none of them.
+        if let Err(e) = &result
+            && e.downcast_ref::<ReceiveFailed>().is_some()
+            && !flag.load(Ordering::SeqCst)
+            && local_tip(&repo, &branch).is_some()
+        {
+            tracing::warn!(
+                url = %redact_url(&url_owned),
+                error = %crate::text::redact_urls(&format!("{e:#}")),
+                "fetch failed; fetching the whole branch once more without negotiation"
+            );
+            result = fetch_blocking(repo, &remote, deadline, &flag, true);
+        }
         in_flight_set().remove(&dir);
         let _ = tx.send(result);
     });
@@ -54,8 +70,9 @@ pub fn fetch(
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(result) => {
+                // The transport's own messages may quote the URL with its credentials.
                 return result
-                    .map_err(explain_tls)
+                    .map_err(|e| anyhow!("{}", crate::text::redact_urls(&format!("{:#}", explain_tls(e)))))
                     .with_context(|| format!("fetch of branch {:?} from {} failed", mirror.branch, redact_url(url)));
             }
             Err(mpsc::RecvTimeoutError::Timeout)
@@ -71,31 +88,37 @@ pub fn fetch(
     }
 }
 
+/// Where a fetch goes and how it authenticates.
+struct Remote<'a> {
+    url: &'a str,
+    branch: &'a str,
+    token: Option<&'a str>,
+    tls: &'a TlsSettings,
+}
+
 fn fetch_blocking(
     mut repo: gix::Repository,
-    url: &str,
-    branch: &str,
-    token: Option<String>,
-    tls: &TlsSettings,
+    remote: &Remote<'_>,
     deadline: Duration,
     interrupt: &AtomicBool,
+    without_negotiation: bool,
 ) -> Result<FetchOutcome> {
+    let Remote { url, branch, token, tls } = *remote;
     let secs = deadline.as_secs().max(1);
     {
         // In memory only: a slow HTTP transfer is abandoned like a stalled one.
         let mut config = repo.config_snapshot_mut();
-        config
-            .append_config(
-                [
-                    "http.lowSpeedLimit=1".to_string(),
-                    format!("http.lowSpeedTime={secs}"),
-                    format!("gitoxide.http.connectTimeout={}", secs * 1000),
-                    "credential.helper=".to_string(),
-                    "core.askPass=".to_string(),
-                ],
-                gix::config::Source::Api,
-            )
-            .map_err(anyhow::Error::new)?;
+        let mut settings = vec![
+            "http.lowSpeedLimit=1".to_string(),
+            format!("http.lowSpeedTime={secs}"),
+            format!("gitoxide.http.connectTimeout={}", secs * 1000),
+            "credential.helper=".to_string(),
+            "core.askPass=".to_string(),
+        ];
+        if without_negotiation {
+            settings.push("fetch.negotiationAlgorithm=noop".to_string());
+        }
+        config.append_config(settings, gix::config::Source::Api).map_err(anyhow::Error::new)?;
         config.commit().map_err(anyhow::Error::new)?;
     }
     let refspec = format!("+refs/heads/{branch}:refs/remotes/origin/{branch}");
@@ -116,7 +139,7 @@ fn fetch_blocking(
         (gix::credentials::helper::Action::Get(ctx), Some(token)) => Ok(Some(gix::credentials::protocol::Outcome {
             identity: gix::sec::identity::Account {
                 username: "oauth2".into(),
-                password: token.clone(),
+                password: token.to_string(),
                 oauth_refresh_token: None,
             },
             next: ctx.clone().into(),
@@ -134,9 +157,35 @@ fn fetch_blocking(
     let prepared = connection
         .prepare_fetch(gix::progress::Discard, Default::default())
         .map_err(|e| missing_branch(anyhow::Error::new(e)))?;
-    let outcome =
-        prepared.receive(gix::progress::Discard, interrupt).map_err(|e| missing_branch(anyhow::Error::new(e)))?;
     let wanted = format!("refs/heads/{branch}");
+    let tracking = format!("refs/remotes/origin/{branch}");
+    let advertised = prepared
+        .ref_map()
+        .mappings
+        .iter()
+        .find(|m| m.remote.as_name().is_some_and(|n| n == wanted.as_bytes()))
+        .and_then(|m| m.remote.as_id().map(|id| id.to_owned()));
+    let before = local_tip(&repo, branch);
+    // Nothing new: no negotiation at all (it would read the tip commit, odd or not).
+    if let Some(tip) = advertised
+        && before == Some(tip)
+    {
+        return Ok(FetchOutcome { tip });
+    }
+    // Without negotiation the mirror's own tip must not be read either: the ref is set again
+    // by the fetch, or put back when it fails.
+    if without_negotiation && before.is_some() {
+        set_tracking_ref(&repo, &tracking, None)?;
+    }
+    let received = prepared
+        .receive(gix::progress::Discard, interrupt)
+        .map_err(|e| anyhow::Error::new(ReceiveFailed(format!("{:#}", missing_branch(anyhow::Error::new(e))))));
+    if received.is_err()
+        && let Some(before) = before.filter(|_| without_negotiation)
+    {
+        set_tracking_ref(&repo, &tracking, Some(before))?;
+    }
+    let outcome = received?;
     let tip = outcome
         .ref_map
         .mappings
@@ -177,6 +226,40 @@ fn transport_options(repo: &gix::Repository, url: &str, tls: &TlsSettings) -> Re
     Ok(Some(options))
 }
 
+/// The server answered and the negotiation or the pack transfer failed (not the connection or
+/// the ref advertisement): the one failure a fetch without negotiation may get past.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ReceiveFailed(String);
+
+/// The mirror's tracking ref, if it is set.
+fn local_tip(repo: &gix::Repository, branch: &str) -> Option<ObjectId> {
+    let mut reference = repo.try_find_reference(format!("refs/remotes/origin/{branch}").as_str()).ok()??;
+    reference.peel_to_id().ok().map(|id| id.detach())
+}
+
+/// Sets (Some) or removes (None) the mirror's tracking ref.
+fn set_tracking_ref(repo: &gix::Repository, name: &str, to: Option<ObjectId>) -> Result<()> {
+    match to {
+        Some(id) => {
+            repo.reference(
+                name,
+                id,
+                gix::refs::transaction::PreviousValue::Any,
+                "policy-audit: restore after a failed fetch",
+            )
+            .map_err(anyhow::Error::new)
+            .with_context(|| format!("cannot restore {name}"))?;
+        }
+        None => {
+            if let Some(r) = repo.try_find_reference(name).map_err(anyhow::Error::new)? {
+                r.delete().map_err(anyhow::Error::new).with_context(|| format!("cannot remove {name}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Mirrors with a fetch thread still running in this process (one that passed its deadline
 /// keeps running until its transport gives up).
 fn in_flight_set() -> std::sync::MutexGuard<'static, std::collections::HashSet<std::path::PathBuf>> {
@@ -189,27 +272,4 @@ pub(super) fn in_flight(dir: &std::path::Path) -> bool {
     in_flight_set().contains(dir)
 }
 
-/// The URL with any `user:password@` removed, for messages and logs.
-pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) =
-                rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
-            let host = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
-            format!("{scheme}://{host}{path}")
-        }
-        None => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn credentials_are_removed_from_urls() {
-        assert_eq!(
-            super::redact_url("https://oauth2:glpat-x@gitlab.example.com/a/b.git"),
-            "https://gitlab.example.com/a/b.git"
-        );
-        assert_eq!(super::redact_url("/srv/repos/spp"), "/srv/repos/spp");
-    }
-}
+pub use crate::text::redact_url;

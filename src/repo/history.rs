@@ -2,7 +2,7 @@
 //! and the policy file's blob at a commit.
 
 use super::Mirror;
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use gix::ObjectId;
 use gix::prelude::FindExt;
 
@@ -14,8 +14,11 @@ pub struct Commit {
     pub first_parent: Option<ObjectId>,
     pub author_name: String,
     pub author_email: String,
-    /// Committer time, unix seconds: when the change landed on the branch.
-    pub committed_at: i64,
+    /// Committer time, unix seconds: when the change landed on the branch. None when the
+    /// commit's time is missing or absurd (see `committer_time`).
+    pub committed_at: Option<i64>,
+    /// The committer time as written, to report an unreadable one as such.
+    pub committer_time: String,
     pub message: String,
 }
 
@@ -62,14 +65,10 @@ impl PolicyPath {
                 return Ok(answer);
             }
             trees.push(tree);
-            let entries = mirror
-                .repo
-                .objects
-                .find_tree_iter(&tree, &mut self.buf)
-                .with_context(|| format!("cannot read tree {tree}"))?;
+            let entries = mirror.repo.objects.find_tree_iter(&tree, &mut self.buf).map_err(|e| unreadable(tree, e))?;
             let mut found = None;
             for entry in entries {
-                let entry = entry.with_context(|| format!("corrupt tree {tree}"))?;
+                let entry = entry.map_err(|e| unreadable(tree, e))?;
                 if entry.filename == name.as_slice() {
                     found = Some((entry.mode, entry.oid.to_owned()));
                     break;
@@ -103,25 +102,9 @@ impl PolicyPath {
 }
 
 impl Mirror {
-    /// First-parent commits from `tip` back to (excluding) `since`, oldest first; the whole
-    /// first-parent history when `since` is None.
-    pub fn first_parent_steps(&self, tip: ObjectId, since: Option<ObjectId>) -> Result<Vec<ObjectId>> {
-        let walk = self.repo.rev_walk([tip]).first_parent_only();
-        let walk = match since {
-            Some(s) => walk.with_hidden([s]),
-            None => walk,
-        };
-        let mut ids = Vec::new();
-        for info in walk.all().context("cannot start history walk")? {
-            ids.push(info.context("history walk failed")?.id);
-        }
-        ids.reverse();
-        Ok(ids)
-    }
-
     /// The first-parent chain from `tip` back to (excluding) `since`, oldest first, reading only
     /// each commit's tree and first parent. None when `since` is not on the chain (it may still
-    /// be an ancestor: a merge made the old tip a second parent); see [`Mirror::first_parent_steps`].
+    /// be an ancestor: a "foxtrot" merge made the old tip a second parent).
     pub fn first_parent_chain(&self, tip: ObjectId, since: Option<ObjectId>) -> Result<Option<Vec<Link>>> {
         let mut chain = Vec::new();
         let mut buf = Vec::new();
@@ -131,12 +114,8 @@ impl Mirror {
                 chain.reverse();
                 return Ok(Some(chain));
             }
-            let mut iter = self
-                .repo
-                .objects
-                .find_commit_iter(&id, &mut buf)
-                .with_context(|| format!("cannot read commit {id}"))?;
-            let tree = iter.tree_id().with_context(|| format!("commit {id} has no tree"))?;
+            let mut iter = self.repo.objects.find_commit_iter(&id, &mut buf).map_err(|e| unreadable(id, e))?;
+            let tree = iter.tree_id().map_err(|e| unreadable(id, e))?;
             next = iter.parent_ids().next();
             chain.push(Link { id, tree });
         }
@@ -147,46 +126,50 @@ impl Mirror {
         Ok(Some(chain))
     }
 
-    /// Links for commits found another way (by [`Mirror::first_parent_steps`]).
-    pub fn links(&self, ids: &[ObjectId]) -> Result<Vec<Link>> {
-        let mut buf = Vec::new();
-        ids.iter()
-            .map(|&id| {
-                let mut iter = self
-                    .repo
-                    .objects
-                    .find_commit_iter(&id, &mut buf)
-                    .with_context(|| format!("cannot read commit {id}"))?;
-                Ok(Link { id, tree: iter.tree_id().with_context(|| format!("commit {id} has no tree"))? })
-            })
-            .collect()
-    }
-
+    /// A step commit's metadata, read as leniently as git reads it (see `commit.rs`): an odd
+    /// identity or time is data to show, not a reason to stop the project.
     pub fn commit(&self, id: ObjectId) -> Result<Commit> {
-        let commit = self.repo.find_commit(id).with_context(|| format!("cannot read commit {id}"))?;
-        let decoded = commit.decode().with_context(|| format!("cannot decode commit {id}"))?;
-        let author = decoded.author().with_context(|| format!("commit {id} has a malformed author"))?;
-        let committer = decoded.committer().with_context(|| format!("commit {id} has a malformed committer"))?;
+        let mut buf = Vec::new();
+        let object = self.repo.objects.find(&id, &mut buf).map_err(|e| unreadable(id, e))?;
+        if object.kind != gix::object::Kind::Commit {
+            return Err(unreadable(id, format!("it is a {}, not a commit", object.kind)));
+        }
+        let raw = super::commit::parse(object.data);
+        let tree = raw.tree.ok_or_else(|| unreadable(id, "the commit names no tree"))?;
         Ok(Commit {
             id,
-            tree: decoded.tree(),
-            first_parent: decoded.parents().next(),
-            author_name: author.name.to_string().trim().to_string(),
-            author_email: author.email.to_string().trim().to_string(),
-            committed_at: committer.seconds(),
-            message: decoded.message.to_string(),
+            tree,
+            first_parent: raw.first_parent,
+            author_name: raw.author.name,
+            author_email: raw.author.email,
+            committed_at: raw.committer.seconds,
+            committer_time: raw.committer.raw_time,
+            message: raw.message,
         })
     }
 
     pub fn read_blob(&self, id: ObjectId) -> Result<Vec<u8>> {
         let mut buf = Vec::new();
-        let blob = self.repo.objects.find_blob(&id, &mut buf).with_context(|| format!("cannot read blob {id}"))?;
+        let blob = self.repo.objects.find_blob(&id, &mut buf).map_err(|e| unreadable(id, e))?;
         Ok(blob.data.to_vec())
     }
 
     /// The blob's size without reading it, so oversized files are refused cheaply.
     pub fn blob_size(&self, id: ObjectId) -> Result<u64> {
-        let header = self.repo.find_header(id).with_context(|| format!("cannot read object {id}"))?;
+        let header = self.repo.find_header(id).map_err(|e| unreadable(id, e))?;
         Ok(header.size())
     }
+}
+
+/// An object of the mirror could not be found or decoded: the one kind of failure that
+/// re-cloning the mirror can cure.
+#[derive(Debug, thiserror::Error)]
+#[error("object {id} cannot be read from the mirror: {reason}")]
+pub struct ObjectUnreadable {
+    pub id: ObjectId,
+    pub reason: String,
+}
+
+fn unreadable(id: ObjectId, reason: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(ObjectUnreadable { id, reason: format!("{reason:#}") })
 }

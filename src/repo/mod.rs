@@ -8,6 +8,7 @@
 //!   config, so a token cannot leak through the state directory;
 //! - every fetch has a deadline: a stalled server fails the fetch, it does not hang the run.
 
+mod commit;
 mod fetch;
 mod history;
 
@@ -25,7 +26,7 @@ pub fn local_tip(url: &str, branch: &str) -> Option<ObjectId> {
     let mut reference = repo.try_find_reference(format!("refs/heads/{branch}").as_str()).ok()??;
     reference.peel_to_id().ok().map(|id| id.detach())
 }
-pub use history::{Commit, Link, PolicyBlob, PolicyPath};
+pub use history::{Commit, Link, ObjectUnreadable, PolicyBlob, PolicyPath};
 
 use anyhow::{Context, Result};
 use gix::ObjectId;
@@ -94,15 +95,6 @@ impl Mirror {
 
     pub fn has_commit(&self, id: ObjectId) -> bool {
         self.repo.find_commit(id).is_ok()
-    }
-
-    /// Whether `ancestor` is reachable from `tip` (a fast-forward since the last sync).
-    pub fn is_ancestor(&self, ancestor: ObjectId, tip: ObjectId) -> Result<bool> {
-        if ancestor == tip {
-            return Ok(true);
-        }
-        let base = self.repo.merge_base(ancestor, tip).context("cannot compute merge base")?;
-        Ok(base.is_some_and(|b| b.detach() == ancestor))
     }
 }
 

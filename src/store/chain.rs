@@ -83,6 +83,25 @@ impl Store {
         Ok(ChainHead { events: self.next_seq()?, head: hex(&self.recorded_head()?) })
     }
 
+    /// How many events the trail held when its chain head was `head` (hex): Some(0) for the
+    /// empty trail's head, None when no link of this trail is `head` (the trail was lost,
+    /// reset or rewritten since that head was recorded).
+    pub fn events_at_head(&self, head: &str) -> Result<Option<u64>> {
+        let head = head.trim().to_ascii_lowercase();
+        if head == hex(&GENESIS) {
+            return Ok(Some(0));
+        }
+        for entry in self.chain.iter() {
+            let (key, link) = entry?;
+            let seq = self.decode_seq_key("chain", &key)?;
+            let link = decode_link(&self.dir, "chain", &link, || format!("the chain link of event #{seq}"))?;
+            if hex(&link) == head {
+                return Ok(Some(seq + 1));
+            }
+        }
+        Ok(None)
+    }
+
     /// Recomputes the chain over every stored event and reports the first break.
     pub fn verify_chain(&self) -> Result<Verification> {
         let recorded = self.chain_head()?;

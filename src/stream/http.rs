@@ -92,10 +92,12 @@ impl Sender {
                 }
             }
             Err(e @ (ureq::Error::BadUri(_) | ureq::Error::Http(_) | ureq::Error::RequireHttpsOnly(_))) => {
-                Outcome::Unsendable { reason: e.to_string() }
+                Outcome::Unsendable { reason: crate::text::redact_urls(&e.to_string()).into_owned() }
             }
             Err(ureq::Error::Timeout(t)) => Outcome::Transport { reason: format!("timed out ({t})") },
-            Err(e) => Outcome::Transport { reason: self.tls_problem(&e).unwrap_or_else(|| e.to_string()) },
+            Err(e) => Outcome::Transport {
+                reason: crate::text::redact_urls(&self.tls_problem(&e).unwrap_or_else(|| e.to_string())).into_owned(),
+            },
         }
     }
 }

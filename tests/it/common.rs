@@ -128,3 +128,37 @@ pub fn spawn_daemon(config: &Path, stderr: std::process::Stdio, env: &[(&str, &s
         .spawn()
         .expect("start daemon")
 }
+
+/// Opens the sled database in `dir` from the test, as someone with access to the state
+/// directory could, waiting (bounded) for a handle the test dropped a moment ago: sled's
+/// background threads close its file a little after the handle goes.
+pub fn open_sled(dir: &Path) -> sled::Db {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() < until => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("cannot open {}: {e}", dir.display()),
+        }
+    }
+}
+
+/// Drops `db` and waits (bounded) until its lock is released, so that the binary run next
+/// finds the database free.
+pub fn close_sled(db: sled::Db, dir: &Path) {
+    drop(db);
+    let lock = dir.join("db");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < until {
+        let Ok(file) = std::fs::File::open(&lock) else { return };
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own; released when `file` is closed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

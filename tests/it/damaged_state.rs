@@ -10,7 +10,7 @@ const POLICY: &str = ".gitlab/security-policies/policy.yml";
 
 /// Every stored event and chain link, as bytes.
 fn trail_bytes(ws: &Workspace) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let db = sled::open(ws.path("state/db")).expect("open sled");
+    let db = crate::common::open_sled(&ws.path("state/db"));
     let mut all = Vec::new();
     for tree in ["events", "chain", "meta", "cursors"] {
         for item in db.open_tree(tree).expect("tree").iter() {
@@ -20,6 +20,7 @@ fn trail_bytes(ws: &Workspace) -> Vec<(Vec<u8>, Vec<u8>)> {
             all.push((key, v.to_vec()));
         }
     }
+    crate::common::close_sled(db, &ws.path("state/db"));
     all
 }
 

@@ -13,6 +13,7 @@ mod fixtures;
 mod fuzz_regressions;
 mod git_http;
 mod gitlab_api;
+mod hostile;
 mod output;
 mod package;
 mod policy_corpus;

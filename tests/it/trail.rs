@@ -29,9 +29,10 @@ pub(crate) fn trail(ws: &Workspace) -> PathBuf {
 
 /// Opens the database directly, as someone with access to the state directory could.
 pub(crate) fn tamper(ws: &Workspace, edit: impl FnOnce(&sled::Db)) {
-    let db = sled::open(ws.path("state/db")).expect("open sled");
+    let db = crate::common::open_sled(&ws.path("state/db"));
     edit(&db);
     db.flush().expect("flush");
+    crate::common::close_sled(db, &ws.path("state/db"));
 }
 
 fn key(seq: u64) -> [u8; 8] {
