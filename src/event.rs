@@ -1,7 +1,6 @@
 //! The audit event: GitLab's streamed audit event schema (SPEC §3), deterministic ids and
 //! GitLab's exact messages. Pure: the caller passes the commit, the clock reading and the change.
 
-use crate::config::Project;
 use crate::policy::{Change, ChangeKind, FieldChange, InvalidPolicyFile, Policy, TypeLimit};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -155,10 +154,21 @@ pub struct MergeRequest {
     pub approved_by: Option<Vec<GitLabUser>>,
 }
 
+/// The Security Policy Project an event is about, as the events name it (from the config's
+/// project entry; this module does not read the config).
+#[derive(Debug, Clone, Copy)]
+pub struct Spp<'a> {
+    pub path: &'a str,
+    pub id: Option<i64>,
+    pub branch: &'a str,
+    pub policy_file: &'a str,
+    pub linked: &'a [String],
+}
+
 /// What one step commit contributes to every event of that step.
 #[derive(Debug, Clone)]
 pub struct StepContext<'a> {
-    pub project: &'a Project,
+    pub project: Spp<'a>,
     pub sha: &'a str,
     pub previous_sha: Option<&'a str>,
     pub author_name: &'a str,
@@ -202,7 +212,7 @@ impl StepContext<'_> {
     }
 
     pub fn invalidated_event(&self, invalid: &InvalidPolicyFile) -> AuditEvent {
-        let path = self.project.path.clone();
+        let path = self.project.path.to_string();
         let mut event =
             self.event(EventType::YamlInvalidated, INVALIDATED_MESSAGE.to_string(), "Project", path, "0", "", "");
         event.details.invalid_reason = Some(invalid.reason.clone());
@@ -216,7 +226,7 @@ impl StepContext<'_> {
             limit.policy_type.display_name(),
             limit.limit
         );
-        let path = self.project.path.clone();
+        let path = self.project.path.to_string();
         let mut event =
             self.event(EventType::LimitExceeded, message, "Project", path, "0", limit.policy_type.key(), "");
         let d = &mut event.details;
@@ -241,11 +251,11 @@ impl StepContext<'_> {
     ) -> AuditEvent {
         let p = self.project;
         AuditEvent {
-            id: event_id(&p.path, self.sha, event_type, policy_type, policy_name, occurrence),
+            id: event_id(p.path, self.sha, event_type, policy_type, policy_name, occurrence),
             event_type,
             entity_type: "Project".into(),
             entity_id: p.id,
-            entity_path: p.path.clone(),
+            entity_path: p.path.to_string(),
             target_type: target_type.into(),
             target_details: target_details.clone(),
             author_name: self.author_name.into(),
@@ -264,13 +274,13 @@ impl StepContext<'_> {
                 author_email: self.author_email.into(),
                 target_type: target_type.into(),
                 target_details,
-                entity_path: p.path.clone(),
-                branch: p.branch.clone(),
-                policy_file: p.policy_file.clone(),
+                entity_path: p.path.to_string(),
+                branch: p.branch.to_string(),
+                policy_file: p.policy_file.to_string(),
                 previous_commit_sha: self.previous_sha.map(str::to_string),
                 detected_at: rfc3339_millis(self.detected_at),
                 merge_request: merge_request(self.message),
-                linked_namespaces: p.linked.clone(),
+                linked_namespaces: p.linked.to_vec(),
                 policy_scope: None,
                 enabled: None,
                 changes: None,

@@ -410,7 +410,7 @@ fn synthetic_events(config_path: &Path, n: usize, outbox: bool) -> Result<Vec<u8
     for i in 0..n {
         let sha = format!("{i:040x}");
         let ctx = StepContext {
-            project,
+            project: project.spp(),
             sha: &sha,
             previous_sha: None,
             author_name: "Bench",

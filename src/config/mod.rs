@@ -86,6 +86,19 @@ pub struct Project {
     pub tls: TlsSettings,
 }
 
+impl Project {
+    /// The project as events name it.
+    pub fn spp(&self) -> crate::event::Spp<'_> {
+        crate::event::Spp {
+            path: &self.path,
+            id: self.id,
+            branch: &self.branch,
+            policy_file: &self.policy_file,
+            linked: &self.linked,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Destination {
     pub name: String,

@@ -146,17 +146,12 @@ fn fetch_blocking(
         })),
         _ => Ok(None),
     });
-    // gix says "None of the refspec(s) ... matched": name the branch instead.
-    let missing_branch = |e: anyhow::Error| {
-        if format!("{e:#}").contains("None of the refspec") {
-            anyhow::anyhow!("branch {branch:?} does not exist in the repository")
-        } else {
-            e
-        }
-    };
-    let prepared = connection
-        .prepare_fetch(gix::progress::Discard, Default::default())
-        .map_err(|e| missing_branch(anyhow::Error::new(e)))?;
+    let prepared = connection.prepare_fetch(gix::progress::Discard, Default::default()).map_err(anyhow::Error::new)?;
+    // The branch must be advertised: asked for by name, gix's typed answer is an unmatched
+    // required mapping (its receive would fail with "None of the refspec(s) ... matched").
+    if prepared.ref_map().is_missing_required_mapping() {
+        return Err(anyhow::Error::new(BranchMissing { branch: branch.to_string() }));
+    }
     let wanted = format!("refs/heads/{branch}");
     let tracking = format!("refs/remotes/origin/{branch}");
     let advertised = prepared
@@ -179,7 +174,7 @@ fn fetch_blocking(
     }
     let received = prepared
         .receive(gix::progress::Discard, interrupt)
-        .map_err(|e| anyhow::Error::new(ReceiveFailed(format!("{:#}", missing_branch(anyhow::Error::new(e))))));
+        .map_err(|e| anyhow::Error::new(ReceiveFailed(format!("{:#}", anyhow::Error::new(e)))));
     if received.is_err()
         && let Some(before) = before.filter(|_| without_negotiation)
     {
@@ -192,10 +187,7 @@ fn fetch_blocking(
         .iter()
         .find(|m| m.remote.as_name().is_some_and(|n| n == wanted.as_bytes()))
         .and_then(|m| m.remote.as_id().map(|id| id.to_owned()));
-    match tip {
-        Some(tip) => Ok(FetchOutcome { tip }),
-        None => bail!("branch {branch:?} does not exist in the repository"),
-    }
+    tip.map(|tip| FetchOutcome { tip }).ok_or_else(|| anyhow::Error::new(BranchMissing { branch: branch.to_string() }))
 }
 
 /// A fetch that failed in the TLS handshake says so first, with the setting that fixes it.
@@ -224,6 +216,13 @@ fn transport_options(repo: &gix::Repository, url: &str, tls: &TlsSettings) -> Re
     };
     http_options.backend = Some(Arc::new(std::sync::Mutex::new(backend)));
     Ok(Some(options))
+}
+
+/// The tracked branch is not on the remote (wrong `branch`, or it was deleted).
+#[derive(Debug, thiserror::Error)]
+#[error("branch {branch:?} does not exist in the repository")]
+pub struct BranchMissing {
+    pub branch: String,
 }
 
 /// The server answered and the negotiation or the pack transfer failed (not the connection or

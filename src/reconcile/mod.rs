@@ -1,0 +1,291 @@
+//! One project's reconcile: fetch, walk the new first-parent steps, diff each step's policy
+//! file against the last valid state, build the events, store them with the new cursor.
+//!
+//! The stages, one file each: `walk.rs` (which commits are steps, the plan: baseline, steps or
+//! rewrite), `policy_files.rs` (reading and parsing the file of each step, cached and parsed
+//! ahead), `step.rs` (pure: state + loaded file + step context -> events + new state) and
+//! `fleet.rs` (every project of a run, in parallel). This file holds one project's attempt and
+//! the one [`error_policy`] that decides between cloning the mirror again and giving up.
+//!
+//! Invariants:
+//! - idempotent: the cursor moves only in the store transaction that holds the events, and event
+//!   ids are deterministic, so a run interrupted anywhere is repeated with the same result;
+//! - a step is a commit that changes the policy file's blob; an invalid or missing file emits one
+//!   `security_policy_yaml_invalidated` and keeps the last valid state as the baseline;
+//! - authors come from the step commit only, never from a later one.
+
+mod fleet;
+mod policy_files;
+mod step;
+mod walk;
+
+pub use fleet::{Outcome, reconcile_all};
+
+use crate::config::{Config, InitialSync, Project};
+use crate::event::AuditEvent;
+use crate::gitlab::attribution::Attributor;
+use crate::repo::{self, Mirror};
+use crate::store::{Cursor, Store};
+use anyhow::{Context, Result};
+use gix::ObjectId;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use walk::walk_new_history;
+
+/// What the caller asks of a reconcile.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Replay the whole first-parent history (first sync or not); already stored events are
+    /// recognised by id and not stored twice.
+    pub backfill: bool,
+    /// Record a new baseline for a project whose state is gone although its mirror shows an
+    /// earlier trail (otherwise refused with [`TrailLost`]).
+    pub rebaseline: bool,
+    /// Show a progress bar for long walks (on a terminal).
+    pub progress: bool,
+    /// Set on shutdown: stop before the next project, and before storing (never half-way).
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl Options {
+    fn stopped(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
+}
+
+/// Time spent per phase, for `--timings` and the performance work.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub fetch_ms: f64,
+    pub walk_ms: f64,
+    pub parse_ms: f64,
+    pub diff_ms: f64,
+    pub store_ms: f64,
+}
+
+/// The result of one project's reconcile.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub project: String,
+    /// "baseline" / "backfill" on a first sync.
+    pub first_sync: Option<String>,
+    pub from: Option<String>,
+    pub to: String,
+    /// First-parent commits walked.
+    pub commits: usize,
+    /// Commits that changed the policy file.
+    pub steps: usize,
+    /// Events built, per event type.
+    pub events: BTreeMap<String, usize>,
+    /// Events newly stored (fewer than built when a replay met already stored ids).
+    pub stored: usize,
+    pub flag_enabled: bool,
+    pub history_rewritten: bool,
+    /// The whole first-parent history was replayed.
+    pub backfill: bool,
+    pub timings: Timings,
+    /// Wall time of this project's reconcile.
+    pub duration_ms: f64,
+}
+
+impl Summary {
+    pub fn event_total(&self) -> usize {
+        self.events.values().sum()
+    }
+}
+
+/// The directory of a project's mirror: readable name plus a hash, so paths never collide.
+pub fn mirror_dir(config: &Config, project: &Project) -> PathBuf {
+    let readable: String =
+        project.path.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    config.mirrors_dir().join(format!("{readable}-{:08x}.git", crc32fast::hash(project.path.as_bytes())))
+}
+
+/// Events stored per transaction during a long walk: bounds memory, keeps transactions small.
+const CHUNK_EVENTS: usize = 1000;
+
+/// Chunk writer: stores the events with the cursor they lead to; returns how many were new.
+type Sink<'a> = dyn Fn(&Cursor, &[AuditEvent]) -> Result<usize> + 'a;
+
+fn count_events(summary: &mut Summary, events: &[AuditEvent]) {
+    for e in events {
+        *summary.events.entry(e.event_type.name().to_string()).or_default() += 1;
+    }
+}
+
+/// The state database has no cursor for a project whose mirror records that its events were
+/// stored before: the state was deleted or replaced. A silent new baseline would hide every
+/// change made since, so it is refused until the user says so.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the state database has no record of project {project} but its mirror {mirror} shows that its trail was stored before \
+     (the state database was deleted, replaced or restored from an old backup); refusing to record a new baseline, which \
+     would hide the changes made since. Restore the state database, or run `policy-audit reconcile --project {project} --backfill` \
+     to replay the whole history, or `policy-audit reconcile --project {project} --rebaseline` to start a new trail from the \
+     current policy file"
+)]
+pub struct TrailLost {
+    pub project: String,
+    pub mirror: String,
+}
+
+/// Written into a mirror once a reconcile of its project has stored its cursor: the evidence
+/// that a trail exists, which outlives a deleted state database.
+const SYNCED_MARKER: &str = "policy-audit-synced";
+
+fn mark_synced(dir: &std::path::Path, project: &Project) {
+    let marker = dir.join(SYNCED_MARKER);
+    if dir.join("HEAD").exists()
+        && !marker.exists()
+        && let Err(e) = std::fs::write(&marker, format!("{}\n", project.path))
+    {
+        tracing::warn!(project = %project.path, file = %marker.display(), error = %e, "cannot record that the project was synced");
+    }
+}
+
+/// A read of the mirror failed after a successful fetch: objects are missing or corrupt.
+#[derive(Debug, thiserror::Error)]
+#[error("the mirror cannot be read: {0}")]
+pub struct MirrorDamaged(String);
+
+/// What to do after a failed attempt of one project.
+#[derive(Debug, PartialEq, Eq)]
+enum Recovery {
+    /// The mirror's objects are missing or corrupt: remove it and clone again (once).
+    Reclone,
+    /// Anything else fails the same way on a new clone: report it; the next run tries again.
+    GiveUp,
+}
+
+/// The one place that decides whether a failure is cured by cloning the mirror again, from the
+/// error's type alone (kube-rs's `error_policy`): a mirror found unsound after a failed fetch
+/// ([`MirrorDamaged`]) or an object that cannot be read ([`repo::ObjectUnreadable`]). A store
+/// failure, a shutdown, an unreachable remote, a missing branch or an odd commit never delete a
+/// mirror.
+fn error_policy(e: &anyhow::Error, options: &Options) -> Recovery {
+    let damaged = e.chain().any(|c| c.is::<MirrorDamaged>() || c.is::<repo::ObjectUnreadable>());
+    if damaged && !options.stopped() { Recovery::Reclone } else { Recovery::GiveUp }
+}
+
+/// Reconciles one project. `now` is the clock (passed in so tests control `detected_at`).
+/// A mirror whose objects cannot be read is removed and cloned again, once.
+pub fn reconcile_project(
+    config: &Config,
+    store: &Store,
+    project: &Project,
+    options: &Options,
+    attributor: &Attributor,
+    now: jiff::Timestamp,
+) -> Result<Summary> {
+    let first = attempt(config, store, project, options, attributor, now);
+    match first {
+        Err(e) if error_policy(&e, options) == Recovery::Reclone => {
+            let dir = mirror_dir(config, project);
+            tracing::warn!(project = %project.path, mirror = %dir.display(), error = %format!("{e:#}"), "re-cloning a damaged mirror");
+            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove damaged mirror {}", dir.display()))?;
+            attempt(config, store, project, options, attributor, now).context("after re-cloning a damaged mirror")
+        }
+        other => other,
+    }
+}
+
+fn attempt(
+    config: &Config,
+    store: &Store,
+    project: &Project,
+    options: &Options,
+    attributor: &Attributor,
+    now: jiff::Timestamp,
+) -> Result<Summary> {
+    let mut summary = Summary {
+        project: project.path.clone(),
+        flag_enabled: config.flag.enabled_for(&project.path),
+        ..Summary::default()
+    };
+    let started = Instant::now();
+    let cursor = store.cursor(&project.path)?;
+    summary.from = cursor.as_ref().map(|c| c.commit.clone());
+    let backfill = options.backfill || (cursor.is_none() && project.initial_sync == InitialSync::Backfill);
+    // A local repository can be asked directly: when its branch is where we left it, there is
+    // nothing to fetch or walk (the common case for a fleet, at a fraction of a fetch's cost).
+    if let (Some(c), false) = (&cursor, backfill)
+        && repo::local_tip(&project.url, &project.branch)
+            .is_some_and(|tip| ObjectId::from_hex(c.commit.as_bytes()).is_ok_and(|synced| synced == tip))
+    {
+        summary.to = c.commit.clone();
+        mark_synced(&mirror_dir(config, project), project);
+        summary.timings.fetch_ms = ms(started.elapsed());
+        summary.duration_ms = summary.timings.fetch_ms;
+        return Ok(summary);
+    }
+    let dir = mirror_dir(config, project);
+    if cursor.is_none() && !backfill && !options.rebaseline && dir.join(SYNCED_MARKER).exists() {
+        return Err(anyhow::Error::new(TrailLost { project: project.path.clone(), mirror: dir.display().to_string() }));
+    }
+    let mirror = Mirror::open_or_init(&dir, &project.branch)?;
+    let never = AtomicBool::new(false);
+    let stop = options.stop.as_deref().unwrap_or(&never);
+    let tip = match repo::fetch(&mirror, &project.url, project.token.as_ref(), &project.tls, config.fetch_timeout, stop)
+    {
+        Ok(fetched) => fetched.tip,
+        // A fetch also fails when the mirror's own objects are gone: re-clone then.
+        Err(e) if !mirror.is_sound() => return Err(anyhow::Error::new(MirrorDamaged(format!("{e:#}")))),
+        Err(e) => return Err(e),
+    };
+    summary.timings.fetch_ms = ms(started.elapsed());
+    summary.to = tip.to_string();
+    if let Some(c) = &cursor
+        && c.commit == summary.to
+        && !backfill
+    {
+        mark_synced(&dir, project);
+        summary.duration_ms = ms(started.elapsed());
+        return Ok(summary); // nothing new: no walk at all
+    }
+    summary.backfill = backfill;
+    if cursor.is_none() {
+        summary.first_sync = Some(if backfill { "backfill" } else { "baseline" }.into());
+    }
+    let destinations_for = |e: &AuditEvent| destinations_for(config, e);
+    // A long walk is stored in chunks, each transaction holding its events and the cursor at
+    // the step it ends on: as atomic and resumable as one transaction, in bounded memory.
+    let sink = |at: &Cursor, events: &[AuditEvent]| -> Result<usize> {
+        if options.stopped() {
+            anyhow::bail!("stopped by shutdown; what was stored is consistent, the next run goes on from there");
+        }
+        let mut events = events.to_vec();
+        attributor.apply(&mut events);
+        Ok(store.commit_reconcile(&project.path, at, &events, &destinations_for, now.as_millisecond())?)
+    };
+    let (state, mut events) =
+        walk_new_history(config, project, &mirror, &mut summary, options, cursor.as_ref(), tip, now, &sink)?;
+    count_events(&mut summary, &events);
+    let stored_at = Instant::now();
+    let new_cursor =
+        Cursor { commit: tip.to_string(), blob: state.blob, baseline: state.baseline, limits: state.limits };
+    if options.stopped() {
+        anyhow::bail!("stopped by shutdown before storing; nothing was written, the next run repeats this");
+    }
+    attributor.apply(&mut events);
+    summary.stored +=
+        store.commit_reconcile(&project.path, &new_cursor, &events, &destinations_for, now.as_millisecond())?;
+    mark_synced(&dir, project);
+    summary.timings.store_ms += ms(stored_at.elapsed());
+    summary.duration_ms = ms(started.elapsed());
+    Ok(summary)
+}
+
+/// The destinations whose filters accept an event.
+pub fn destinations_for(config: &Config, event: &AuditEvent) -> Vec<String> {
+    let mut paths: Vec<&str> = vec![event.entity_path.as_str()];
+    paths.extend(event.details.linked_namespaces.iter().map(String::as_str));
+    config.destinations.iter().filter(|d| d.wants(event.event_type, &paths)).map(|d| d.name.clone()).collect()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
