@@ -147,7 +147,7 @@ fn mark_synced(dir: &std::path::Path, project: &Project) {
     }
 }
 
-/// A read of the mirror failed after a successful fetch: objects are missing or corrupt.
+/// A fetch failed and the mirror itself is unsound: its objects are missing or corrupt.
 #[derive(Debug, thiserror::Error)]
 #[error("the mirror cannot be read: {0}")]
 pub struct MirrorDamaged(String);

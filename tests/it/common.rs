@@ -52,15 +52,7 @@ impl Workspace {
 
     /// Runs `policy-audit --config <config> <args>`.
     pub fn run(&self, config: &Path, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .env_remove("POLICY_AUDIT_CONFIG")
-            .env_remove("RUST_LOG")
-            .env("HOME", self.dir.path())
-            .output()
-            .expect("run policy-audit")
+        self.run_with_env(config, args, &[])
     }
 }
 
