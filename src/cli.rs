@@ -26,7 +26,7 @@ pub enum Command {
     Events(EventsArgs),
     /// Show per project and per destination state
     Status(StatusArgs),
-    /// List pending or dead deliveries; `deliveries retry` re-queues dead ones
+    /// List pending or dead deliveries; `deliveries retry` re-queues dead ones, `deliveries replay` queues history
     Deliveries(DeliveriesArgs),
     /// Recompute the tamper-evident chain over the stored events (exit 1 on a break)
     Verify(VerifyArgs),
@@ -111,6 +111,13 @@ pub struct DeliveriesArgs {
 pub enum DeliveriesAction {
     /// Put dead deliveries back in the queue (attempts reset) and deliver what is due
     Retry,
+    /// Queue stored events for --destination that it has not had (one added later), in trail
+    /// order, and deliver what is due
+    Replay {
+        /// Only events created at or after this time (RFC 3339 or YYYY-MM-DD)
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -225,6 +232,9 @@ fn request_of(command: &Command) -> Option<Request> {
         Command::Deliveries(DeliveriesArgs { action: Some(DeliveriesAction::Retry), destination, .. }) => {
             Request::RetryDeliveries { destination: destination.clone() }
         }
+        Command::Deliveries(DeliveriesArgs {
+            action: Some(DeliveriesAction::Replay { since }), destination, ..
+        }) => Request::ReplayDeliveries { destination: destination.clone().unwrap_or_default(), since: since.clone() },
         Command::Deliveries(a) => Request::Deliveries(app::DeliveriesRequest {
             destination: a.destination.clone(),
             state: a.state.map(|s| match s {

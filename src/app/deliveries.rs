@@ -7,6 +7,10 @@ use crate::event::rfc3339_millis;
 use crate::store::{Delivery, Store};
 use crate::stream::{Clock, DestinationReport, SystemClock, deliver_due};
 
+/// Each destination's outbox is served by the instance holding its lease; re-queueing on a
+/// replica would send from the wrong place.
+const CLUSTER_DELIVERIES: &str = "`deliveries retry` and `deliveries replay` are not available in cluster mode yet: the destination's lease holder serves its outbox (see docs/cluster.md)";
+
 /// Lists pending and dead deliveries.
 pub fn run(config: &Config, store: &Store, args: &DeliveriesRequest) -> Output {
     let known = |name: &String| -> anyhow::Result<bool> {
@@ -29,6 +33,9 @@ pub fn run(config: &Config, store: &Store, args: &DeliveriesRequest) -> Output {
 
 /// Re-queues dead deliveries (of one destination, or all) and delivers what is due.
 pub fn retry(config: &Config, store: &Store, destination: Option<&str>) -> Output {
+    if config.cluster.is_some() {
+        return Output::unusable(CLUSTER_DELIVERIES);
+    }
     if let Some(name) = destination
         && !config.destinations.iter().any(|d| d.name == name)
     {
@@ -39,6 +46,42 @@ pub fn retry(config: &Config, store: &Store, destination: Option<&str>) -> Outpu
     let mut out = Output::default();
     match store.requeue_dead(destination, SystemClock.now_ms()) {
         Ok(n) => out.out_line(format!("re-queued {n} dead deliver{}", if n == 1 { "y" } else { "ies" })),
+        Err(e) => return Output::unusable(format!("{e:#}")),
+    }
+    deliver_now(config, store, &mut out);
+    out
+}
+
+/// Queues the stored history (from `since`) that `destination` has not had, in trail order, and
+/// delivers what is due.
+pub fn replay(config: &Config, store: &Store, destination: &str, since: Option<&str>) -> Output {
+    if config.cluster.is_some() {
+        return Output::unusable(CLUSTER_DELIVERIES);
+    }
+    if destination.is_empty() {
+        return Output::unusable("deliveries replay needs --destination NAME");
+    }
+    let Some(dest) = config.destinations.iter().find(|d| d.name == destination) else {
+        return Output::unusable(format!(
+            "destination {destination:?} is not in {}: add it there first, then replay",
+            config.source.display()
+        ));
+    };
+    let since = match since.map(|s| super::events::time_bound(s, false)).transpose() {
+        Ok(since) => since,
+        Err(e) => return Output::unusable(format!("--since: {e}")),
+    };
+    let wants = |e: &crate::event::AuditEvent| {
+        let mut paths: Vec<&str> = vec![e.entity_path.as_str()];
+        paths.extend(e.details.linked_namespaces.iter().map(String::as_str));
+        dest.wants(e.event_type, &paths)
+    };
+    let mut out = Output::default();
+    match store.enqueue_history(destination, since.as_deref(), &wants, SystemClock.now_ms()) {
+        Ok(n) => out.out_line(format!(
+            "queued {n} stored event{} for destination {destination}",
+            if n == 1 { "" } else { "s" }
+        )),
         Err(e) => return Output::unusable(format!("{e:#}")),
     }
     deliver_now(config, store, &mut out);

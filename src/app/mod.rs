@@ -37,10 +37,21 @@ pub const EXIT_UNUSABLE: u8 = 2;
 pub enum Request {
     Reconcile(ReconcileRequest),
     Events(EventsRequest),
-    Status { json: bool },
+    Status {
+        json: bool,
+    },
     Deliveries(DeliveriesRequest),
-    RetryDeliveries { destination: Option<String> },
-    Verify { json: bool },
+    RetryDeliveries {
+        destination: Option<String>,
+    },
+    Verify {
+        json: bool,
+    },
+    /// Queue stored events (created at or after `since`) a destination has not had.
+    ReplayDeliveries {
+        destination: String,
+        since: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -137,6 +148,9 @@ pub fn execute(
         Request::Deliveries(r) => deliveries::run(config, store, r),
         Request::RetryDeliveries { destination } => deliveries::retry(config, store, destination.as_deref()),
         Request::Verify { json } => verify::run(store, *json),
+        Request::ReplayDeliveries { destination, since } => {
+            deliveries::replay(config, store, destination, since.as_deref())
+        }
     }
 }
 

@@ -48,7 +48,7 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
         removed.push(d);
     }
     let chain = store.chain_head()?;
-    Ok(json!({
+    let mut report = json!({
         "events": store.event_count(),
         "chain_head": chain.head,
         "chain_events": chain.events,
@@ -56,7 +56,11 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
         "unconfigured_projects_with_state": unconfigured,
         "destinations": destinations,
         "removed_destinations": removed,
-    }))
+    });
+    if config.cluster.is_some() {
+        report["cluster"] = cluster_view(config);
+    }
+    Ok(report)
 }
 
 /// Names with deliveries in the store but no `[[destinations]]` entry.
@@ -77,6 +81,40 @@ fn destination(store: &Store, name: &str) -> anyhow::Result<serde_json::Value> {
         "oldest_pending_enqueued_at": oldest.and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok()).map(crate::event::rfc3339_millis),
         "last_error": last_error,
     }))
+}
+
+/// Cluster mode: who holds which project and destination. An unreachable NATS is reported in
+/// place, so `status` still shows the local replica.
+fn cluster_view(config: &Config) -> serde_json::Value {
+    let view = (|| -> anyhow::Result<serde_json::Value> {
+        let node = crate::cluster::Node::start(config)?;
+        let now = crate::cluster::now_ms();
+        let mut leases = Vec::new();
+        let mut instances = Vec::new();
+        for (key, lease) in node.leases()? {
+            if key.starts_with("instance.") {
+                if lease.is_live(now) {
+                    instances.push(lease.holder);
+                }
+                continue;
+            }
+            let live = lease.is_live(now);
+            leases.push(json!({
+                "lease": key,
+                "expires_in_ms": live.then_some(lease.expires_at - now),
+                "holder": live.then_some(lease.holder),
+            }));
+        }
+        Ok(json!({"instance": node.id, "instances": instances, "leases": leases}))
+    })();
+    let name = config.cluster.as_ref().map(|c| c.name.clone());
+    match view {
+        Ok(mut v) => {
+            v["name"] = json!(name);
+            v
+        }
+        Err(e) => json!({"name": name, "error": format!("{e:#}")}),
+    }
 }
 
 fn text(report: &serde_json::Value) -> String {
@@ -113,6 +151,18 @@ fn text(report: &serde_json::Value) -> String {
             s.push_str(&format!(", last error: {}", str_of(&d["last_error"])));
         }
         s.push('\n');
+    }
+    if let Some(c) = report["cluster"].as_object() {
+        s.push_str(&format!("cluster {}: this instance is {}\n", str_of(&c["name"]), str_of(&c["instance"])));
+        if let Some(e) = c.get("error") {
+            s.push_str(&format!("  cannot read the leases: {}\n", str_of(e)));
+        }
+        let live: Vec<String> = c["instances"].as_array().into_iter().flatten().map(str_of).collect();
+        s.push_str(&format!("  live instances: {}\n", if live.is_empty() { "-".into() } else { live.join(", ") }));
+        for l in c["leases"].as_array().into_iter().flatten() {
+            let holder = l["holder"].as_str().map_or_else(|| "free".to_string(), |h| format!("held by {h}"));
+            s.push_str(&format!("  {}: {holder}\n", str_of(&l["lease"])));
+        }
     }
     s
 }

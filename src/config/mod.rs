@@ -5,10 +5,12 @@
 //! `check-config` is safe to run next to a live daemon.
 
 mod flag;
+mod nats;
 mod raw;
 mod secret;
 
 pub use flag::FeatureFlag;
+pub use nats::{Cluster, DEFAULT_CLUSTER_NAME, DEFAULT_LEASE_TTL, DestinationKind, NatsAuth, NatsTarget};
 pub use raw::InitialSync;
 pub use secret::Secret;
 
@@ -55,6 +57,8 @@ pub struct Config {
     pub authors: BTreeMap<String, i64>,
     pub projects: Vec<Project>,
     pub destinations: Vec<Destination>,
+    /// `[cluster]`: None = the single-instance mode.
+    pub cluster: Option<Cluster>,
     /// Things that are accepted but worth saying (e.g. merged duplicate projects).
     pub warnings: Vec<String>,
 }
@@ -77,7 +81,9 @@ pub struct Project {
 #[derive(Debug, Clone)]
 pub struct Destination {
     pub name: String,
+    /// An http(s) URL, or for `kind = "nats"` the NATS servers.
     pub url: String,
+    pub kind: DestinationKind,
     pub verification_token: Option<Secret>,
     pub signing_secret: Option<Secret>,
     pub event_types: Vec<EventType>,
@@ -272,6 +278,7 @@ impl Checker<'_> {
         let authors = raw.authors.iter().map(|(email, id)| (email.to_lowercase(), *id.get_ref())).collect();
         let projects = self.projects(raw.projects, &base);
         let destinations = self.destinations(raw.destinations, &base);
+        let cluster = self.cluster(raw.cluster, &base);
         if let Some(level) = &raw.log_level
             && tracing_subscriber::EnvFilter::try_new(level.get_ref()).is_err()
         {
@@ -305,6 +312,7 @@ impl Checker<'_> {
             authors,
             projects: projects.0,
             destinations,
+            cluster,
             warnings: projects.1,
         })
     }
@@ -485,8 +493,9 @@ impl Checker<'_> {
             }
             let who = format!("destination {name:?}");
             let url = raw.url.get_ref().trim().to_string();
+            let kind = self.destination_kind(&who, &raw, base);
             let host = http_host(&url);
-            if host.is_none() {
+            if host.is_none() && kind == DestinationKind::Http {
                 self.error_at(&raw.url, format!("{who}: `url` = {url:?} must be an http:// or https:// URL"));
             }
             let verification_token = self.secret(
@@ -542,6 +551,7 @@ impl Checker<'_> {
             out.push(Destination {
                 name,
                 url,
+                kind,
                 verification_token,
                 signing_secret,
                 event_types,

@@ -23,6 +23,7 @@ pub struct RawConfig {
     pub projects: Vec<RawProject>,
     #[serde(default)]
     pub destinations: Vec<RawDestination>,
+    pub cluster: Option<RawCluster>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,4 +100,24 @@ pub struct RawDestination {
     pub backoff_max: Option<Spanned<String>>,
     #[serde(default)]
     pub allow_insecure_http: bool,
+    // kind = "nats" (see `nats`)
+    pub kind: Option<Spanned<String>>,
+    pub subject: Option<Spanned<String>>,
+    pub stream: Option<Spanned<String>>,
+    pub token_env: Option<Spanned<String>>,
+    pub token_file: Option<Spanned<String>>,
+    pub credentials_file: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub nats_url: Spanned<String>,
+    pub name: Option<Spanned<String>>,
+    pub lease_ttl: Option<Spanned<String>>,
+    pub token_env: Option<Spanned<String>>,
+    pub token_file: Option<Spanned<String>>,
+    pub credentials_file: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<String>>,
 }

@@ -1,13 +1,15 @@
-//! Delivery of the outbox to HTTP destinations, at least once.
+//! Delivery of the outbox to HTTP and NATS JetStream destinations, at least once.
 //!
 //! Invariants:
-//! - an outbox entry leaves the outbox only when its destination answered 2xx, or into the dead
+//! - an outbox entry leaves the outbox only when its destination answered 2xx (HTTP) or
+//!   acknowledged the publish (JetStream), or into the dead
 //!   letters with its reason: nothing stored is dropped on the way out;
 //! - per destination, events go out in the order they were stored: a delivery waiting for its
 //!   retry holds back the ones after it (a dead one does not);
 //! - destinations are served concurrently, so one that is down never delays another.
 
 pub mod http;
+pub mod nats;
 pub mod retry;
 
 use crate::config::{Config, Destination};
@@ -89,7 +91,7 @@ fn deliver_destination(
     seed: u64,
     stop: &AtomicBool,
 ) -> Result<DestinationReport> {
-    let sender = http::Sender::new(dest);
+    let mut sender = Sender::new(dest);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut report = DestinationReport { destination: dest.name.clone(), ..DestinationReport::default() };
     let max_age_ms = i64::try_from(dest.max_age.as_millis()).unwrap_or(i64::MAX);
@@ -109,6 +111,9 @@ fn deliver_destination(
             continue;
         };
         let outcome = sender.send(&delivery.event_id, delivery.event_type.name(), &body, now);
+        if let retry::Outcome::Acknowledged { duplicate: true } = outcome {
+            tracing::debug!(destination = %dest.name, event = %delivery.event_id, "the stream already had this event");
+        }
         delivery.attempts += 1;
         delivery.last_status = outcome.status();
         match decide(&outcome) {
@@ -149,6 +154,28 @@ fn deliver_destination(
     }
     report.pending = store.pending_count(&dest.name);
     Ok(report)
+}
+
+/// The sending half of one destination, by kind.
+enum Sender {
+    Http(http::Sender),
+    Nats(Box<nats::Sender>),
+}
+
+impl Sender {
+    fn new(dest: &Destination) -> Sender {
+        match nats::Sender::new(dest) {
+            Some(nats) => Sender::Nats(Box::new(nats)),
+            None => Sender::Http(http::Sender::new(dest)),
+        }
+    }
+
+    fn send(&mut self, event_id: &str, event_type: &str, body: &[u8], now_ms: i64) -> retry::Outcome {
+        match self {
+            Sender::Http(http) => http.send(event_id, event_type, body, now_ms),
+            Sender::Nats(nats) => nats.send(event_id, event_type, body),
+        }
+    }
 }
 
 fn bury(store: &Store, delivery: &mut Delivery, reason: String, report: &mut DestinationReport) -> Result<()> {

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cli;
+mod cluster;
 mod common;
 mod corpus;
 mod crash;
@@ -12,6 +13,8 @@ mod faults;
 mod fixtures;
 mod fuzz_regressions;
 mod git_http;
+mod nats;
+mod nats_server;
 mod output;
 mod receiver;
 mod repo_urls;
