@@ -123,23 +123,29 @@ fn endpoint(settings: &Cluster) -> Endpoint {
 }
 
 async fn open_bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store> {
-    if let Ok(kv) = js.get_key_value(name).await {
-        return Ok(kv);
-    }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: name.to_string(),
-            description: "policy-audit leases and cursors".into(),
-            history: 64,
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(kv) => Ok(kv),
-        // Another instance created it at the same moment.
-        Err(_) => js.get_key_value(name).await.with_context(|| format!("cannot open key-value bucket {name:?}")),
-    }
+    // The bucket's stream is created here, as a key-value bucket is laid out (`KV_<name>`,
+    // subjects `$KV.<name>.>`), rather than with `create_key_value`, which first reads account
+    // details that a nats-server 2.9 (Debian 12) answers in a shape the client cannot parse.
+    let config = jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        description: Some("policy-audit leases and cursors".into()),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 64,
+        max_message_size: -1,
+        max_bytes: -1,
+        max_messages: -1,
+        storage: jetstream::stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    js.get_or_create_stream(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create key-value bucket {name:?}: {e}"))?;
+    js.get_key_value(name).await.with_context(|| format!("cannot open key-value bucket {name:?}"))
 }
 
 impl Node {

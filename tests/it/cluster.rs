@@ -232,7 +232,10 @@ fn three_instances_survive_a_kill_9_with_every_change_once_and_the_whole_trail_e
 
     // No project was ever held by two instances at once: a new holder's lease starts after the
     // previous holder's last expiry.
-    for (key, revisions) in lease_history(&nats.url()) {
+    let mut taken_from_victim = 0;
+    let history = lease_history(&nats.url());
+    assert_eq!(history.len(), PROJECTS, "one lease per project");
+    for (key, revisions) in history {
         let mut last: Option<(String, i64)> = None;
         for (holder, acquired_at, expires_at) in revisions {
             if let Some((previous, until)) = &last
@@ -244,8 +247,12 @@ fn three_instances_survive_a_kill_9_with_every_change_once_and_the_whole_trail_e
                     acquired_at >= *until,
                     "{key}: {holder} took it at {acquired_at} while {previous} held it until {until}"
                 );
+                if *previous == victim_id {
+                    taken_from_victim += 1;
+                }
             }
             last = Some((holder, expires_at));
         }
     }
+    assert!(taken_from_victim >= victim_projects.len(), "the history records the takeovers from b");
 }
