@@ -223,6 +223,71 @@ impl Checker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(Path::new("/etc/pa/config.toml"), text).map_err(|e| e.to_string())
+    }
+
+    const NATS: &str = "[[destinations]]\nname = \"bus\"\nkind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\n";
+
+    #[test]
+    fn a_destination_without_kind_stays_http() {
+        let c = parse("[[destinations]]\nname = \"siem\"\nurl = \"https://siem.example.com/a\"\n").unwrap();
+        assert_eq!(c.destinations[0].kind, DestinationKind::Http);
+        assert!(c.cluster.is_none(), "no [cluster]: the single-instance mode");
+    }
+
+    #[test]
+    fn a_nats_destination_needs_subject_and_stream_and_refuses_http_keys() {
+        let c = parse(&format!(
+            "{NATS}subject = \"gitlab.audit.policy\"\nstream = \"GITLAB_AUDIT\"\nca_file = \"ca.pem\"\n"
+        ))
+        .unwrap();
+        let DestinationKind::Nats(target) = &c.destinations[0].kind else { panic!("not nats") };
+        assert_eq!((target.subject.as_str(), target.stream.as_str()), ("gitlab.audit.policy", "GITLAB_AUDIT"));
+        assert_eq!(target.auth, NatsAuth::None);
+        assert_eq!(target.ca_file.as_deref(), Some(Path::new("/etc/pa/ca.pem")));
+
+        let e = parse(NATS).unwrap_err();
+        assert!(e.contains("destination \"bus\": `kind = \"nats\"` needs `subject`"), "{e}");
+        assert!(e.contains("needs `stream`"), "{e}");
+        let e = parse(&format!("{NATS}subject = \"a.>\"\nstream = \"S\"\nsigning_secret_env = \"X\"\n")).unwrap_err();
+        assert!(e.contains("`subject` = \"a.>\" is not valid"), "{e}");
+        assert!(e.contains("`signing_secret_env` is for `kind = \"http\"` destinations"), "{e}");
+        let e = parse(
+            "[[destinations]]\nname = \"b\"\nkind = \"nats\"\nurl = \"https://x\"\nsubject = \"a\"\nstream = \"S\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("must be nats:// or tls:// servers"), "{e}");
+        let e = parse("[[destinations]]\nname = \"b\"\nkind = \"kafka\"\nurl = \"https://x\"\n").unwrap_err();
+        assert!(e.contains("`kind` = \"kafka\" is not a destination kind"), "{e}");
+        let e = parse("[[destinations]]\nname = \"b\"\nurl = \"https://x\"\nsubject = \"a\"\n").unwrap_err();
+        assert!(e.contains("`subject` is for `kind = \"nats\"` destinations"), "{e}");
+    }
+
+    #[test]
+    fn a_nats_token_resolves_like_other_secrets_and_excludes_a_creds_file() {
+        let e = parse(&format!("{NATS}subject = \"a\"\nstream = \"S\"\ntoken_env = \"PA_TEST_UNSET_NATS_TOKEN\"\n"))
+            .unwrap_err();
+        assert!(e.contains("`token_env`: environment variable PA_TEST_UNSET_NATS_TOKEN is not set"), "{e}");
+        let e = parse(&format!(
+            "{NATS}subject = \"a\"\nstream = \"S\"\ntoken_file = \"t\"\ncredentials_file = \"c.creds\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+    }
+
+    #[test]
+    fn cluster_defaults_and_checks() {
+        let c = parse("[cluster]\nnats_url = \"nats://a:4222,nats://b:4222\"\n").unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.name, DEFAULT_CLUSTER_NAME);
+        assert_eq!(cluster.lease_ttl, DEFAULT_LEASE_TTL);
+        let e = parse("[cluster]\nnats_url = \"nats://a\"\nname = \"a.b\"\nlease_ttl = \"500ms\"\n").unwrap_err();
+        assert!(e.contains("`name` = \"a.b\" may hold only"), "{e}");
+        assert!(e.contains("`lease_ttl` must be at least 1s"), "{e}");
+    }
 
     #[test]
     fn nats_urls_subjects_and_names() {
