@@ -50,9 +50,20 @@ impl ConnectError {
     }
 }
 
+/// rustls is built with two crypto providers in this program (ureq brings its own, explicitly),
+/// so async-nats cannot pick one by itself: make ring, which it is built with, the default once.
+fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err: a provider is already installed, which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 impl Endpoint {
     /// Connects (must run inside a tokio runtime).
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client, ConnectError> {
+        install_crypto_provider();
         let setup =
             |what: &str, reason: String| ConnectError::Setup { url: self.url.clone(), what: what.to_string(), reason };
         let mut servers = Vec::new();

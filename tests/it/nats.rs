@@ -222,3 +222,65 @@ fn replay_since_queues_only_the_later_part_of_the_trail() {
     let stored = stored_ids(&ws, &config);
     assert_eq!(ids(&read_stream(&nats.url(), None, "HALF")), stored[5..].to_vec());
 }
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it, made with openssl:
+/// (CA certificate, server certificate, server key).
+fn test_pki(ws: &Workspace) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |name: &str| ws.path(name).display().to_string();
+    ws.write("server.ext", "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n");
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let steps: [Vec<String>; 3] = [
+        ["req", "-x509"]
+            .iter()
+            .chain(&ec)
+            .chain(&["-days", "2", "-subj", "/CN=policy-audit test CA"])
+            .map(|s| s.to_string())
+            .chain(["-keyout".into(), p("ca.key"), "-out".into(), p("ca.pem")])
+            .collect(),
+        ["req"]
+            .iter()
+            .chain(&ec)
+            .chain(&["-subj", "/CN=127.0.0.1"])
+            .map(|s| s.to_string())
+            .chain(["-keyout".into(), p("key.pem"), "-out".into(), p("server.csr")])
+            .collect(),
+        ["x509", "-req", "-days", "2", "-CAcreateserial"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["-in".into(), p("server.csr"), "-CA".into(), p("ca.pem"), "-CAkey".into(), p("ca.key")])
+            .chain(["-extfile".into(), p("server.ext"), "-out".into(), p("cert.pem")])
+            .collect(),
+    ];
+    for args in steps {
+        let out = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run openssl ({e}): install it with scripts/install-deps.sh"));
+        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+    }
+    (ws.path("ca.pem"), ws.path("cert.pem"), ws.path("key.pem"))
+}
+
+#[test]
+fn a_tls_server_is_trusted_through_ca_file_and_refused_without_it() {
+    let ws = Workspace::new();
+    let (ca, cert, key) = test_pki(&ws);
+    let nats = NatsServer::start_tls(&cert, &key);
+    let repo = ws.init_repo("spp");
+    add_policies(&ws, &repo, 0, 2);
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+
+    // Without the CA the certificate is not trusted: retried, with TLS named in the reason.
+    let config = write_config(&ws, &repo, &nats_dest("bus", &url, ""));
+    let out = ws.run(&config, &["reconcile"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("destination bus: 0 delivered, 2 queued for retry"), "{}", stdout(&out));
+    assert!(stdout(&out).to_lowercase().contains("tls"), "{}", stdout(&out));
+
+    let config = write_config(&ws, &repo, &nats_dest("bus", &url, &format!("ca_file = \"{}\"", ca.display())));
+    let loaded = Config::load(&config).expect("config");
+    let store = Store::open(&loaded.db_dir()).expect("store");
+    let clock = TestClock(AtomicI64::new(jiff::Timestamp::now().as_millisecond() + 3_600_000));
+    let reports = deliver_due(&loaded, &store, &clock, 3).expect("delivery round");
+    assert_eq!((reports[0].delivered, reports[0].pending), (2, 0), "{:?}", reports[0]);
+}

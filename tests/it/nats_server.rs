@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 pub struct NatsServer {
     pub port: u16,
     token: Option<String>,
+    extra: Vec<String>,
     store: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -20,10 +21,27 @@ impl NatsServer {
 
     /// A server that admits only clients presenting `token`.
     pub fn start_with_token(token: Option<&str>) -> NatsServer {
+        NatsServer::start_with(token, Vec::new())
+    }
+
+    /// A server that speaks only TLS, with this certificate and key (PEM files).
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> NatsServer {
+        let extra = vec![
+            "--tls".into(),
+            "--tlscert".into(),
+            cert.display().to_string(),
+            "--tlskey".into(),
+            key.display().to_string(),
+        ];
+        NatsServer::start_with(None, extra)
+    }
+
+    fn start_with(token: Option<&str>, extra: Vec<String>) -> NatsServer {
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
         let mut server = NatsServer {
             port,
             token: token.map(str::to_string),
+            extra,
             store: tempfile::tempdir().expect("temp dir"),
             child: None,
         };
@@ -54,6 +72,7 @@ impl NatsServer {
         if let Some(token) = &self.token {
             cmd.args(["--auth", token]);
         }
+        cmd.args(&self.extra);
         let child = cmd.spawn().unwrap_or_else(|e| {
             panic!(
                 "cannot start nats-server ({e}): install it with scripts/install-deps.sh (Debian package nats-server)"
