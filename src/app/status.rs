@@ -17,9 +17,15 @@ pub fn run(config: &Config, store: &Store, json: bool) -> Output {
 }
 
 fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> {
+    // In cluster mode the cursors live in the cluster's bucket, not in this replica.
+    let node = config.cluster.as_ref().map(|_| crate::cluster::Node::observe(config));
     let mut projects = Vec::new();
     for p in &config.projects {
-        let cursor = store.cursor(&p.path)?;
+        let cursor = match &node {
+            Some(Ok(node)) => crate::cluster::ProjectTrail::cursor(node, &p.path)?,
+            Some(Err(_)) => None,
+            None => store.cursor(&p.path)?,
+        };
         let status = store.project_status(&p.path)?;
         projects.push(json!({
             "path": p.path,
@@ -57,8 +63,8 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
         "destinations": destinations,
         "removed_destinations": removed,
     });
-    if config.cluster.is_some() {
-        report["cluster"] = cluster_view(config);
+    if let Some(node) = node {
+        report["cluster"] = cluster_view(config, node);
     }
     Ok(report)
 }
@@ -85,9 +91,9 @@ fn destination(store: &Store, name: &str) -> anyhow::Result<serde_json::Value> {
 
 /// Cluster mode: who holds which project and destination. An unreachable NATS is reported in
 /// place, so `status` still shows the local replica.
-fn cluster_view(config: &Config) -> serde_json::Value {
+fn cluster_view(config: &Config, node: anyhow::Result<crate::cluster::Node>) -> serde_json::Value {
     let view = (|| -> anyhow::Result<serde_json::Value> {
-        let node = crate::cluster::Node::start(config)?;
+        let node = node?;
         let now = crate::cluster::now_ms();
         let mut leases = Vec::new();
         let mut instances = Vec::new();

@@ -152,6 +152,15 @@ impl Node {
     /// Connects, and creates the bucket and the trail stream when missing. Call from a thread
     /// that is not running async code.
     pub fn start(config: &Config) -> Result<Node> {
+        Node::connect(config, true)
+    }
+
+    /// Connects to look only (`status`): nothing is created.
+    pub fn observe(config: &Config) -> Result<Node> {
+        Node::connect(config, false)
+    }
+
+    fn connect(config: &Config, create: bool) -> Result<Node> {
         let Some(settings) = config.cluster.clone() else { bail!("the config has no [cluster] section") };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -165,8 +174,14 @@ impl Node {
         let (js, kv) = runtime.block_on(async {
             let client = endpoint(&settings).connect(&format!("policy-audit {id}")).await?;
             let js = jetstream::new(client);
-            ensure_stream(&js, &trail_stream, vec![trail_subject.clone()]).await.map_err(anyhow::Error::msg)?;
-            let kv = open_bucket(&js, &settings.name).await?;
+            let kv = if create {
+                ensure_stream(&js, &trail_stream, vec![trail_subject.clone()]).await.map_err(anyhow::Error::msg)?;
+                open_bucket(&js, &settings.name).await?
+            } else {
+                js.get_key_value(&settings.name).await.with_context(|| {
+                    format!("no key-value bucket {:?}: has an instance of this cluster started yet?", settings.name)
+                })?
+            };
             anyhow::Ok((js, kv))
         })?;
         Ok(Node {

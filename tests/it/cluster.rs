@@ -224,6 +224,14 @@ fn three_instances_survive_a_kill_9_with_every_change_once_and_the_whole_trail_e
         let out = i.run(&ws, &["verify"]);
         assert!(out.status.success(), "verify on {}: {}{}", i.name, stdout(&out), stderr(&out));
     }
+    // `status` on a survivor: every project's cursor (from the cluster) and who holds it.
+    let status = instances[0].status(&ws);
+    for p in status["projects"].as_array().expect("projects") {
+        assert!(p["cursor"].is_string(), "the cluster's cursor is shown: {p}");
+    }
+    let text = stdout(&instances[2].run(&ws, &["status"]));
+    assert!(text.contains("cluster policy-audit: this instance is"), "{text}");
+    assert!(text.contains("lease.p.acme/spp0: held by"), "{text}");
     wait_for("the destination to receive the new changes", Duration::from_secs(30), || {
         let got: BTreeSet<String> =
             receiver.requests().iter().map(|r| r.json()["id"].as_str().unwrap_or_default().to_string()).collect();
