@@ -109,18 +109,24 @@ pub(super) fn reconcile_leased(
     report
 }
 
-/// Settles every destination's outbox up to its holder's watermark, delivers the destinations
-/// this instance holds, and publishes their new watermarks.
+/// Settles the outbox of every destination this instance did not serve in its last round up to
+/// the holder's watermark (a holder that kept its lease is the one that knows: what it re-queued
+/// or replayed below the watermark is still to be sent), delivers the destinations it holds, and
+/// publishes their new watermarks.
 pub(super) fn deliver_leased(
     daemon: &Daemon,
     node: &Node,
     config: &Config,
     seed: u64,
 ) -> Result<Vec<DestinationReport>> {
+    let served = daemon.served.lock().map(|s| s.clone()).unwrap_or_default();
     let mut marks = std::collections::HashMap::new();
     for d in &config.destinations {
         let mark = node.watermark(&d.name)?;
         marks.insert(d.name.clone(), mark);
+        if served.contains(&d.name) && node.holds(&destination_lease(&d.name)) {
+            continue;
+        }
         let settled = daemon.store.settle_below(&d.name, mark)?;
         if settled > 0 {
             tracing::debug!(destination = %d.name, settled, "settled deliveries made by another instance");
@@ -128,6 +134,9 @@ pub(super) fn deliver_leased(
     }
     let mut held = config.clone();
     held.destinations.retain(|d| node.holds(&destination_lease(&d.name)));
+    if let Ok(mut s) = daemon.served.lock() {
+        *s = held.destinations.iter().map(|d| d.name.clone()).collect();
+    }
     let reports = deliver_due_until(&held, &daemon.store, &SystemClock, seed, &daemon.stop)?;
     for d in &held.destinations {
         // Never lowered: a replica that is behind must not make the next holder send again
@@ -139,4 +148,55 @@ pub(super) fn deliver_leased(
         }
     }
     Ok(reports)
+}
+
+/// `deliveries retry` / `deliveries replay` in cluster mode: run by the holder of the
+/// destination, which queues and lets its delivery loop send; elsewhere an error naming the
+/// holder.
+pub(super) fn requeue(daemon: &Daemon, request: &app::Request) -> app::Output {
+    let Some(node) = &daemon.node else { return app::Output::unusable("not in cluster mode") };
+    let config = daemon.config();
+    let (destination, since) = match request {
+        app::Request::ReplayDeliveries { destination, since } => (Some(destination.clone()), Some(since.clone())),
+        app::Request::RetryDeliveries { destination } => (destination.clone(), None),
+        _ => return app::Output::unusable("not a delivery request"),
+    };
+    let held = node.held_destinations(&config);
+    let targets: Vec<String> = match &destination {
+        Some(name) => vec![name.clone()],
+        None => held.clone(),
+    };
+    let mut out = app::Output::default();
+    for name in targets {
+        if !held.contains(&name) {
+            let holder = node
+                .leases()
+                .ok()
+                .and_then(|all| all.into_iter().find(|(k, _)| *k == destination_lease(&name)))
+                .filter(|(_, l)| l.is_live(crate::cluster::now_ms()))
+                .map(|(_, l)| l.holder)
+                .unwrap_or_else(|| "no instance (yet)".into());
+            return app::Output::unusable(format!(
+                "destination {name:?} is served by {holder}, not by this instance ({}): run the command there",
+                node.id
+            ));
+        }
+        let result = match &since {
+            Some(since) => app::deliveries::queue_history(&config, &daemon.store, &name, since.as_deref()),
+            None => daemon.store.requeue_dead(Some(&name), SystemClock.now_ms()).map_err(|e| format!("{e:#}")),
+        };
+        match result {
+            Ok(n) if since.is_some() => out.out_line(format!(
+                "queued {n} stored event{} for destination {name} (instance {} sends them)",
+                if n == 1 { "" } else { "s" },
+                node.id
+            )),
+            Ok(n) => out.out_line(format!(
+                "re-queued {n} dead deliver{} of destination {name}",
+                if n == 1 { "y" } else { "ies" }
+            )),
+            Err(e) => return app::Output::unusable(e),
+        }
+    }
+    out
 }

@@ -41,6 +41,8 @@ struct Daemon {
     node: Option<Arc<Node>>,
     /// Lease keys of the projects being reconciled right now (not released mid-run).
     busy: std::sync::Mutex<Vec<String>>,
+    /// Destinations this instance served in its last delivery round (cluster mode).
+    served: std::sync::Mutex<Vec<String>>,
 }
 
 type Forced = (ReconcileRequest, oneshot::Sender<Output>);
@@ -110,6 +112,7 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
         wake_delivery: Notify::new(),
         node,
         busy: std::sync::Mutex::new(Vec::new()),
+        served: std::sync::Mutex::new(Vec::new()),
     });
     let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
     let (forced_tx, forced_rx) = mpsc::channel::<Forced>(64);
@@ -431,6 +434,16 @@ async fn answer(
                     ..Output::default()
                 })
             }
+        }
+        // In cluster mode a destination's outbox is served by its lease holder: it alone
+        // re-queues and replays.
+        request @ (Request::ReplayDeliveries { .. } | Request::RetryDeliveries { .. }) if daemon.node.is_some() => {
+            let d = daemon.clone();
+            let output = tokio::task::spawn_blocking(move || cluster::requeue(&d, &request))
+                .await
+                .unwrap_or_else(|e| Output::unusable(format!("the command panicked: {e}")));
+            daemon.wake_delivery.notify_one();
+            output
         }
         request => {
             // Listings are written to the socket as the command produces them.

@@ -264,3 +264,68 @@ fn three_instances_survive_a_kill_9_with_every_change_once_and_the_whole_trail_e
     }
     assert!(taken_from_victim >= victim_projects.len(), "the history records the takeovers from b");
 }
+
+#[test]
+fn a_destination_added_to_a_cluster_gets_the_history_from_its_lease_holder_once() {
+    let nats = NatsServer::start();
+    let late = Receiver::start(Vec::new());
+    let ws = Workspace::new();
+    let mut shared =
+        format!("schedule = \"* * * * * *\"\n[cluster]\nnats_url = \"{}\"\nlease_ttl = \"3s\"\n", nats.url());
+    for p in 0..2 {
+        ws.init_repo(&format!("spp{p}"));
+        for n in 0..3 {
+            add_policy(&ws, p, n);
+        }
+        shared.push_str(&format!(
+            "[[projects]]\npath = \"acme/spp{p}\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+            ws.path(&format!("spp{p}")).display()
+        ));
+    }
+    let instances: Vec<Instance> = ["a", "b"].into_iter().map(|name| Instance::start(&ws, name, &shared)).collect();
+    wait_for("the backfills on both replicas", Duration::from_secs(60), || {
+        instances.iter().all(|i| i.event_ids(&ws).len() >= 6)
+    });
+    let trail: Vec<String> =
+        read_stream(&nats.url(), None, "policy-audit-trail").iter().map(|m| m.msg_id.clone()).collect();
+
+    // The destination is added to the shared config; both instances reload it.
+    let with_late = format!(
+        "{shared}[[destinations]]\nname = \"late\"\nurl = \"http://127.0.0.1:{}/audit\"\ntimeout = \"2s\"\n",
+        late.port
+    );
+    for i in &instances {
+        ws.write(&format!("{}.toml", i.name), &format!("state_dir = \"state-{}\"\n{with_late}", i.name));
+        let pid = i.child.as_ref().expect("running").id().to_string();
+        assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill").success());
+    }
+    let mut holder = String::new();
+    wait_for("a holder for the new destination", Duration::from_secs(30), || {
+        holder = holders(&instances[0].status(&ws)).get("lease.d.late").cloned().unwrap_or_default();
+        !holder.is_empty()
+    });
+    let (serving, other): (Vec<&Instance>, Vec<&Instance>) =
+        instances.iter().partition(|i| i.status(&ws)["cluster"]["instance"].as_str() == Some(holder.as_str()));
+    let (serving, other) = (serving[0], other[0]);
+
+    let out = other.run(&ws, &["deliveries", "replay", "--destination", "late"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("destination \"late\" is served by {holder}")), "{}", stderr(&out));
+
+    let out = serving.run(&ws, &["deliveries", "replay", "--destination", "late"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("queued 6 stored events for destination late"), "{}", stdout(&out));
+    wait_for("the history at the new destination", Duration::from_secs(30), || late.requests().len() >= 6);
+    std::thread::sleep(Duration::from_secs(2));
+    let got: Vec<String> =
+        late.requests().iter().map(|r| r.json()["id"].as_str().unwrap_or_default().to_string()).collect();
+    let mut expected = serving.event_ids(&ws);
+    let mut in_trail = trail.clone();
+    expected.sort();
+    in_trail.sort();
+    assert_eq!(expected, in_trail, "the replica holds the trail");
+    let mut sorted = got.clone();
+    sorted.sort();
+    assert_eq!(sorted, in_trail, "every event once: {got:?}");
+    assert_eq!(got, trail, "in trail order");
+}
