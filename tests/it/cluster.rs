@@ -329,3 +329,49 @@ fn a_destination_added_to_a_cluster_gets_the_history_from_its_lease_holder_once(
     assert_eq!(sorted, in_trail, "every event once: {got:?}");
     assert_eq!(got, trail, "in trail order");
 }
+
+#[test]
+fn a_nats_restart_under_a_running_cluster_loses_and_repeats_nothing() {
+    let mut nats = NatsServer::start();
+    let ws = Workspace::new();
+    let mut shared =
+        format!("schedule = \"* * * * * *\"\n[cluster]\nnats_url = \"{}\"\nlease_ttl = \"3s\"\n", nats.url());
+    for p in 0..3 {
+        ws.init_repo(&format!("spp{p}"));
+        add_policy(&ws, p, 0);
+        shared.push_str(&format!(
+            "[[projects]]\npath = \"acme/spp{p}\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+            ws.path(&format!("spp{p}")).display()
+        ));
+    }
+    let instances: Vec<Instance> = ["a", "b"].into_iter().map(|name| Instance::start(&ws, name, &shared)).collect();
+    wait_for("the backfills in the trail stream", Duration::from_secs(60), || {
+        read_stream(&nats.url(), None, "policy-audit-trail").len() >= 3
+    });
+
+    // NATS goes away for longer than the lease TTL while new changes arrive.
+    nats.stop();
+    for p in 0..3 {
+        add_policy(&ws, p, 1);
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    nats.resume();
+    wait_for("the new changes in the trail stream", Duration::from_secs(60), || {
+        read_stream(&nats.url(), None, "policy-audit-trail").len() >= 6
+    });
+    for i in &instances {
+        wait_for(&format!("instance {}'s replica", i.name), Duration::from_secs(30), || i.event_ids(&ws).len() >= 6);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let ids: Vec<String> =
+        read_stream(&nats.url(), None, "policy-audit-trail").iter().map(|m| m.msg_id.clone()).collect();
+    let unique: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), unique.len()), (6, 6), "each change once: {ids:?}");
+    for i in &instances {
+        let mut theirs = i.event_ids(&ws);
+        theirs.sort();
+        let mut all = ids.clone();
+        all.sort();
+        assert_eq!(theirs, all, "instance {} shows the whole trail", i.name);
+    }
+}
