@@ -24,6 +24,8 @@
 //! `lease_ttl`. Correctness of the trail does not rest on it (the cursor update is checked).
 
 mod keys;
+mod lease;
+mod trail;
 
 use crate::config::{Cluster, Config};
 use crate::event::AuditEvent;
@@ -31,13 +33,13 @@ use crate::store::Cursor;
 use crate::stream::nats::{Endpoint, ensure_stream};
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream::{self, kv};
-use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
 pub use keys::{destination_lease, project_lease};
+use lease::Held;
+pub use lease::Lease;
 
 /// Where a project's cursor and events are committed: the local store in the single-instance
 /// mode, the cluster's bucket and stream in cluster mode.
@@ -46,28 +48,6 @@ pub trait ProjectTrail: Send + Sync + std::fmt::Debug {
     /// Stores `events` and then moves the project's cursor to `cursor`; returns how many
     /// events were new.
     fn commit(&self, project: &str, cursor: &Cursor, events: &[AuditEvent]) -> Result<usize>;
-}
-
-/// A lease as stored in the bucket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lease {
-    /// The instance id, "" when released.
-    pub holder: String,
-    pub acquired_at: i64,
-    pub expires_at: i64,
-}
-
-impl Lease {
-    pub fn is_live(&self, now_ms: i64) -> bool {
-        !self.holder.is_empty() && self.expires_at > now_ms
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Held {
-    revision: u64,
-    acquired_at: i64,
-    expires_at: i64,
 }
 
 /// This instance's membership in the cluster.
@@ -200,305 +180,5 @@ impl Node {
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         let Some(rt) = &self.runtime else { unreachable!("the runtime is taken only when the node drops") };
         rt.block_on(f)
-    }
-
-    fn ttl_ms(&self) -> i64 {
-        i64::try_from(self.settings.lease_ttl.as_millis()).unwrap_or(i64::MAX)
-    }
-
-    /// Whether we hold `key` with time to spare (a lease about to run out is not used).
-    pub fn holds(&self, key: &str) -> bool {
-        let margin = self.ttl_ms() / 10;
-        self.held.lock().map(|h| h.get(key).is_some_and(|l| l.expires_at - margin > now_ms())).unwrap_or(false)
-    }
-
-    /// One lease round: heartbeat, renew what we hold, release a surplus, take free or expired
-    /// leases up to our fair share. `busy` leases are not released (a reconcile is running).
-    pub fn lease_round(&self, config: &Config, busy: &[String]) -> Result<()> {
-        self.block_on(self.lease_round_async(config, busy))
-    }
-
-    async fn lease_round_async(&self, config: &Config, busy: &[String]) -> Result<()> {
-        let now = now_ms();
-        let me = Lease { holder: self.id.clone(), acquired_at: now, expires_at: now + self.ttl_ms() };
-        self.kv
-            .put(keys::instance(&self.id), serde_json::to_vec(&me)?.into())
-            .await
-            .context("cannot record this instance's heartbeat")?;
-        let live = self.live_instances().await?.len().max(1);
-        self.renew_all().await;
-        let projects: Vec<String> = config.projects.iter().map(|p| project_lease(&p.path)).collect();
-        let destinations: Vec<String> = config.destinations.iter().map(|d| destination_lease(&d.name)).collect();
-        for group in [projects, destinations] {
-            let share = group.len().div_ceil(live);
-            let mut mine: Vec<String> = group.iter().filter(|k| self.holds(k)).cloned().collect();
-            while mine.len() > share {
-                let Some(pos) = mine.iter().rposition(|k| !busy.contains(k)) else { break };
-                let key = mine.remove(pos);
-                self.release(&key).await;
-            }
-            // Start at a different place per instance, so instances do not all race for the
-            // same keys.
-            let offset = crc32fast::hash(self.id.as_bytes()) as usize % group.len().max(1);
-            for i in 0..group.len() {
-                if mine.len() >= share {
-                    break;
-                }
-                let key = &group[(i + offset) % group.len()];
-                if !self.holds(key) && self.try_take(key).await? {
-                    mine.push(key.clone());
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn live_instances(&self) -> Result<Vec<String>> {
-        let now = now_ms();
-        let mut live = Vec::new();
-        let mut keys = self.kv.keys().await.context("cannot list the bucket's keys")?;
-        let mut instances = Vec::new();
-        while let Some(key) = keys.next().await {
-            let key = key.context("cannot list the bucket's keys")?;
-            if key.starts_with(keys::INSTANCE_PREFIX) {
-                instances.push(key);
-            }
-        }
-        for key in instances {
-            if let Some(lease) = self.read_lease(&key).await?.map(|(l, _)| l)
-                && lease.is_live(now)
-            {
-                live.push(lease.holder);
-            }
-        }
-        Ok(live)
-    }
-
-    async fn read_lease(&self, key: &str) -> Result<Option<(Lease, u64)>> {
-        let Some(entry) = self.kv.entry(key).await.with_context(|| format!("cannot read {key}"))? else {
-            return Ok(None);
-        };
-        if entry.operation != kv::Operation::Put {
-            return Ok(None);
-        }
-        let lease: Lease =
-            serde_json::from_slice(&entry.value).with_context(|| format!("lease {key} does not decode"))?;
-        Ok(Some((lease, entry.revision)))
-    }
-
-    /// Takes `key` when it is absent, released or expired; false when someone else holds it or
-    /// won the race.
-    async fn try_take(&self, key: &str) -> Result<bool> {
-        let now = now_ms();
-        let lease = Lease { holder: self.id.clone(), acquired_at: now, expires_at: now + self.ttl_ms() };
-        let value: bytes::Bytes = serde_json::to_vec(&lease)?.into();
-        let revision = match self.read_lease(key).await? {
-            None => self.kv.create(key, value).await.ok(),
-            Some((current, rev)) if !current.is_live(now) || current.holder == self.id => {
-                self.kv.update(key, value, rev).await.ok()
-            }
-            Some(_) => None,
-        };
-        let Some(revision) = revision else { return Ok(false) };
-        tracing::info!(instance = %self.id, lease = %key, "lease taken");
-        if let Ok(mut held) = self.held.lock() {
-            held.insert(key.to_string(), Held { revision, acquired_at: now, expires_at: lease.expires_at });
-        }
-        Ok(true)
-    }
-
-    async fn renew_all(&self) {
-        let held: Vec<(String, Held)> =
-            self.held.lock().map(|h| h.iter().map(|(k, v)| (k.clone(), *v)).collect()).unwrap_or_default();
-        for (key, lease) in held {
-            let now = now_ms();
-            let renewed =
-                Lease { holder: self.id.clone(), acquired_at: lease.acquired_at, expires_at: now + self.ttl_ms() };
-            let Ok(value) = serde_json::to_vec(&renewed) else { continue };
-            let result = self.kv.update(&key, value.into(), lease.revision).await;
-            let Ok(mut held) = self.held.lock() else { continue };
-            match result {
-                Ok(revision) => {
-                    held.insert(key, Held { revision, expires_at: renewed.expires_at, ..lease });
-                }
-                Err(e) if lease.expires_at > now => {
-                    // Not lost yet (e.g. NATS is restarting): keep it until it runs out.
-                    tracing::warn!(instance = %self.id, lease = %key, error = %e, "cannot renew lease");
-                }
-                Err(e) => {
-                    tracing::warn!(instance = %self.id, lease = %key, error = %e, "lease lost");
-                    held.remove(&key);
-                }
-            }
-        }
-    }
-
-    async fn release(&self, key: &str) {
-        let Some(lease) = self.held.lock().ok().and_then(|mut h| h.remove(key)) else { return };
-        let released = Lease { holder: String::new(), acquired_at: lease.acquired_at, expires_at: now_ms() };
-        let Ok(value) = serde_json::to_vec(&released) else { return };
-        match self.kv.update(key, value.into(), lease.revision).await {
-            Ok(_) => tracing::info!(instance = %self.id, lease = %key, "lease released"),
-            Err(e) => tracing::warn!(instance = %self.id, lease = %key, error = %e, "cannot release lease"),
-        }
-    }
-
-    /// Releases every lease (clean shutdown): the others take over without waiting for the TTL.
-    pub fn release_all(&self) {
-        let keys: Vec<String> = self.held.lock().map(|h| h.keys().cloned().collect()).unwrap_or_default();
-        self.block_on(async {
-            for key in keys {
-                self.release(&key).await;
-            }
-            let _ = self.kv.delete(keys::instance(&self.id)).await;
-        });
-    }
-
-    /// The destinations whose lease we hold.
-    pub fn held_destinations(&self, config: &Config) -> Vec<String> {
-        config.destinations.iter().filter(|d| self.holds(&destination_lease(&d.name))).map(|d| d.name.clone()).collect()
-    }
-
-    /// The sequence below which the holder of `destination` has settled every delivery.
-    pub fn watermark(&self, destination: &str) -> Result<u64> {
-        self.block_on(async {
-            let key = keys::watermark(destination);
-            match self.kv.get(&key).await.with_context(|| format!("cannot read {key}"))? {
-                Some(v) => serde_json::from_slice(&v).with_context(|| format!("{key} does not decode")),
-                None => Ok(0),
-            }
-        })
-    }
-
-    pub fn set_watermark(&self, destination: &str, seq: u64) -> Result<()> {
-        self.block_on(async {
-            let key = keys::watermark(destination);
-            self.kv.put(&key, serde_json::to_vec(&seq)?.into()).await.with_context(|| format!("cannot write {key}"))?;
-            anyhow::Ok(())
-        })
-    }
-
-    /// Up to `max` events of the trail stream from sequence `from`, with the sequence of the
-    /// last one (None when there is nothing new).
-    pub fn read_trail(&self, from: u64, max: usize) -> Result<Option<(u64, Vec<AuditEvent>)>> {
-        self.block_on(async {
-            let mut stream =
-                self.js.get_stream(&self.trail_stream).await.context("cannot open the cluster's trail stream")?;
-            let last = stream.info().await.context("cannot read the trail stream's state")?.state.last_sequence;
-            if last < from {
-                return Ok(None);
-            }
-            let to = last.min(from + max as u64 - 1);
-            let mut events = Vec::new();
-            for seq in from..=to {
-                let message = stream
-                    .get_raw_message(seq)
-                    .await
-                    .with_context(|| format!("cannot read message {seq} of the trail stream"))?;
-                let event: AuditEvent = serde_json::from_slice(&message.payload)
-                    .with_context(|| format!("message {seq} of the trail stream is not an audit event"))?;
-                events.push(event);
-            }
-            Ok(Some((to, events)))
-        })
-    }
-
-    /// Every lease with its holder, for `status`.
-    pub fn leases(&self) -> Result<Vec<(String, Lease)>> {
-        self.block_on(async {
-            let mut keys = self.kv.keys().await.context("cannot list the bucket's keys")?;
-            let mut names = Vec::new();
-            while let Some(key) = keys.next().await {
-                let key = key.context("cannot list the bucket's keys")?;
-                if key.starts_with("lease.") || key.starts_with(keys::INSTANCE_PREFIX) {
-                    names.push(key);
-                }
-            }
-            let mut out = Vec::new();
-            for key in names {
-                if let Some((lease, _)) = self.read_lease(&key).await? {
-                    out.push((key, lease));
-                }
-            }
-            Ok(out)
-        })
-    }
-
-    async fn publish_events(&self, events: &[AuditEvent]) -> Result<usize> {
-        let mut acks = Vec::with_capacity(events.len());
-        for event in events {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", event.id.as_str());
-            let body = serde_json::to_vec(event)?;
-            let ack = self
-                .js
-                .publish_with_headers(self.trail_subject.clone(), headers, body.into())
-                .await
-                .with_context(|| format!("cannot publish event {} to the trail stream", event.id))?;
-            acks.push((event.id.as_str(), ack));
-        }
-        let mut new = 0;
-        for (id, ack) in acks {
-            let ack = ack.await.with_context(|| format!("the trail stream did not acknowledge event {id}"))?;
-            if !ack.duplicate {
-                new += 1;
-            }
-        }
-        Ok(new)
-    }
-}
-
-impl ProjectTrail for Node {
-    fn cursor(&self, project: &str) -> Result<Option<Cursor>> {
-        let key = keys::cursor(project);
-        let entry = self.block_on(self.kv.entry(&key)).with_context(|| format!("cannot read {key}"))?;
-        let (cursor, revision) = match entry {
-            Some(e) if e.operation == kv::Operation::Put => {
-                let cursor: Cursor = serde_json::from_slice(&e.value)
-                    .with_context(|| format!("the cursor of project {project:?} ({key}) does not decode"))?;
-                (Some(cursor), e.revision)
-            }
-            _ => (None, 0),
-        };
-        if let Ok(mut r) = self.revisions.lock() {
-            r.insert(key, revision);
-        }
-        Ok(cursor)
-    }
-
-    fn commit(&self, project: &str, cursor: &Cursor, events: &[AuditEvent]) -> Result<usize> {
-        if !self.holds(&project_lease(project)) {
-            bail!("instance {} no longer holds the lease of project {project:?}; stopped before publishing", self.id);
-        }
-        let key = keys::cursor(project);
-        let Some(revision) = self.revisions.lock().ok().and_then(|r| r.get(&key).copied()) else {
-            bail!("project {project:?}: commit without reading the cursor first");
-        };
-        let value: bytes::Bytes = serde_json::to_vec(cursor)?.into();
-        self.block_on(async {
-            let new = self.publish_events(events).await?;
-            let moved = if revision == 0 {
-                self.kv.create(&key, value).await.map_err(|e| e.to_string())
-            } else {
-                self.kv.update(&key, value, revision).await.map_err(|e| e.to_string())
-            };
-            match moved {
-                Ok(rev) => {
-                    if let Ok(mut r) = self.revisions.lock() {
-                        r.insert(key, rev);
-                    }
-                    Ok(new)
-                }
-                Err(e) => {
-                    if let Ok(mut r) = self.revisions.lock() {
-                        r.remove(&key);
-                    }
-                    bail!(
-                        "the cursor of project {project:?} moved under instance {} ({e}): another instance took it over; the events were published with their ids, so none is duplicated",
-                        self.id
-                    )
-                }
-            }
-        })
     }
 }
