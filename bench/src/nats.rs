@@ -177,7 +177,7 @@ impl Bench {
         let b_id = loop {
             let sb = status(&config_b)?;
             let id = sb["cluster"]["instance"].as_str().unwrap_or_default().to_string();
-            if !id.is_empty() && holders(&sb).iter().any(|h| *h == id) {
+            if !id.is_empty() && holders(&sb).contains(&id) {
                 break id;
             }
             if Instant::now() > until {
