@@ -36,6 +36,9 @@ pub enum Command {
     Demo,
     /// Daemon: reconcile on the schedule, deliver continuously, serve the control socket
     Run,
+    /// Move this (stopped) single instance's trail, cursors and delivery progress into a new
+    /// cluster (the config's [cluster]); see docs/cluster.md
+    ClusterImport,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -154,6 +157,14 @@ pub fn run(cli: Cli, stdout: &mut dyn std::io::Write) -> Output {
             crate::logging::init(None);
             check_config(&cli)
         }
+        Command::ClusterImport => {
+            let config = match load_config(&cli) {
+                Ok(c) => c,
+                Err(out) => return out,
+            };
+            crate::logging::init(config.log_level.as_deref());
+            cluster_import(&config)
+        }
         Command::Run => {
             let config = match load_config(&cli) {
                 Ok(c) => c,
@@ -203,6 +214,34 @@ pub fn run(cli: Cli, stdout: &mut dyn std::io::Write) -> Output {
     }
 }
 
+/// `cluster-import`: needs the store to itself (the single instance stopped) and a `[cluster]`.
+fn cluster_import(config: &Config) -> Output {
+    if config.cluster.is_none() {
+        return Output::unusable(format!(
+            "{} has no [cluster] section: add it (see docs/cluster.md), then import",
+            config.source.display()
+        ));
+    }
+    let store = match Store::open(&config.db_dir()) {
+        Ok(s) => s,
+        Err(e) => return Output::unusable(format!("{e:#} (stop the daemon before importing)")),
+    };
+    match crate::cluster::import(config, &store) {
+        Ok(done) => {
+            let mut out = Output::default();
+            out.out_line(format!(
+                "imported {} event(s) into the cluster's trail and {} project cursor(s)",
+                done.events, done.cursors
+            ));
+            for (name, mark) in done.watermarks {
+                out.out_line(format!("destination {name}: the first {mark} event(s) count as delivered"));
+            }
+            out
+        }
+        Err(e) => Output::unusable(format!("{e:#}")),
+    }
+}
+
 /// The request a command stands for (None for the commands started here).
 fn request_of(command: &Command) -> Option<Request> {
     Some(match command {
@@ -244,7 +283,7 @@ fn request_of(command: &Command) -> Option<Request> {
             json: a.json,
         }),
         Command::Verify(a) => Request::Verify { json: a.json },
-        Command::CheckConfig | Command::Demo | Command::Run => return None,
+        Command::CheckConfig | Command::Demo | Command::Run | Command::ClusterImport => return None,
     })
 }
 

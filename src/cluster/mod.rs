@@ -23,6 +23,7 @@
 //! Lease expiry compares wall clocks of different hosts: keep them in sync (NTP) to well under
 //! `lease_ttl`. Correctness of the trail does not rest on it (the cursor update is checked).
 
+mod import;
 mod keys;
 mod lease;
 mod trail;
@@ -37,6 +38,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
+pub use import::{Imported, import};
 pub use keys::{destination_lease, project_lease};
 use lease::Held;
 pub use lease::Lease;

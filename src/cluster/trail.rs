@@ -52,7 +52,7 @@ impl Node {
         })
     }
 
-    async fn publish_events(&self, events: &[AuditEvent]) -> Result<usize> {
+    pub(super) async fn publish_events(&self, events: &[AuditEvent]) -> Result<usize> {
         let mut acks = Vec::with_capacity(events.len());
         for event in events {
             let mut headers = async_nats::HeaderMap::new();

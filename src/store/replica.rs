@@ -19,6 +19,11 @@ impl Store {
         }
     }
 
+    /// The sequence number the next stored event gets (= how many events the trail has).
+    pub fn next_sequence(&self) -> Result<u64, StoreError> {
+        self.next_seq()
+    }
+
     /// Appends events read from the stream, ending at stream sequence `position`.
     pub fn apply_replica(
         &self,

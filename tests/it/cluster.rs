@@ -375,3 +375,79 @@ fn a_nats_restart_under_a_running_cluster_loses_and_repeats_nothing() {
         assert_eq!(theirs, all, "instance {} shows the whole trail", i.name);
     }
 }
+
+#[test]
+fn a_single_instance_moves_into_a_cluster_without_losing_or_repeating_events() {
+    let nats = NatsServer::start();
+    let receiver = Receiver::start(Vec::new());
+    let ws = Workspace::new();
+    let mut projects = String::new();
+    for p in 0..2 {
+        ws.init_repo(&format!("spp{p}"));
+        for n in 0..3 {
+            add_policy(&ws, p, n);
+        }
+        projects.push_str(&format!(
+            "[[projects]]\npath = \"acme/spp{p}\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+            ws.path(&format!("spp{p}")).display()
+        ));
+    }
+    projects
+        .push_str(&format!("[[destinations]]\nname = \"siem\"\nurl = \"http://127.0.0.1:{}/audit\"\n", receiver.port));
+
+    // The single instance, as it ran until now.
+    let single = ws.write("a.toml", &format!("state_dir = \"state-a\"\n{projects}"));
+    let out = ws.run(&single, &["reconcile"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(receiver.requests().len(), 6);
+
+    // Stopped, it is imported into a new cluster.
+    let shared =
+        format!("schedule = \"* * * * * *\"\n[cluster]\nnats_url = \"{}\"\nlease_ttl = \"3s\"\n{projects}", nats.url());
+    let clustered = ws.write("a.toml", &format!("state_dir = \"state-a\"\n{shared}"));
+    let out = ws.run(&clustered, &["cluster-import"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("imported 6 event(s) into the cluster's trail and 2 project cursor(s)"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("destination siem: the first 6 event(s) count as delivered"), "{}", stdout(&out));
+    let out = ws.run(&clustered, &["cluster-import"]);
+    assert_eq!(out.status.code(), Some(2), "a second import is refused");
+    assert!(stderr(&out).contains("already has 6 events"), "{}", stderr(&out));
+    let imported: Vec<String> =
+        read_stream(&nats.url(), None, "policy-audit-trail").iter().map(|m| m.msg_id.clone()).collect();
+
+    // The old host (its state directory) and a new one form the cluster; changes go on.
+    let instances: Vec<Instance> = ["a", "b"].into_iter().map(|name| Instance::start(&ws, name, &shared)).collect();
+    for p in 0..2 {
+        add_policy(&ws, p, 3);
+    }
+    wait_for("the new changes in the trail stream", Duration::from_secs(60), || {
+        read_stream(&nats.url(), None, "policy-audit-trail").len() >= 8
+    });
+    for i in &instances {
+        wait_for(&format!("instance {}'s replica", i.name), Duration::from_secs(30), || i.event_ids(&ws).len() >= 8);
+    }
+    wait_for("the destination to receive the new changes", Duration::from_secs(30), || receiver.requests().len() >= 8);
+    std::thread::sleep(Duration::from_secs(2));
+
+    let stream: Vec<String> =
+        read_stream(&nats.url(), None, "policy-audit-trail").iter().map(|m| m.msg_id.clone()).collect();
+    assert_eq!(stream.len(), 8, "the history once, then the two new changes: {stream:?}");
+    assert_eq!(stream[..6], imported[..], "the history first, in its stored order");
+    let sent: Vec<String> =
+        receiver.requests().iter().map(|r| r.json()["id"].as_str().unwrap_or_default().to_string()).collect();
+    let unique: BTreeSet<&String> = sent.iter().collect();
+    assert_eq!((sent.len(), unique.len()), (8, 8), "nothing sent twice: {sent:?}");
+    for i in &instances {
+        let mut theirs = i.event_ids(&ws);
+        theirs.sort();
+        let mut all = stream.clone();
+        all.sort();
+        assert_eq!(theirs, all, "instance {} shows the whole trail", i.name);
+        let out = i.run(&ws, &["verify"]);
+        assert!(out.status.success(), "verify on {}: {}{}", i.name, stdout(&out), stderr(&out));
+    }
+}
