@@ -4,13 +4,15 @@
 # openssl CLI (the TLS tests make their own certificate authority with it), and what
 # building and checking the Debian package needs (scripts/package.sh, tests/it/package.rs):
 # cargo-deb, dpkg-dev (dpkg-shlibdeps), binutils (strip), lintian, man-db (man), systemd
-# (systemd-analyze) and util-linux (unshare). Quiet when everything is there.
+# (systemd-analyze) and util-linux (unshare); nats-server (the NATS destination and cluster tests
+# run a real JetStream server on loopback). Quiet when everything is there.
 set -euo pipefail
 
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have git || need+=(git)
 have openssl || need+=(openssl)
+have nats-server || need+=(nats-server)
 have dpkg-shlibdeps || need+=(dpkg-dev)
 have strip || need+=(binutils)
 have lintian || need+=(lintian)

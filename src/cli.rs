@@ -31,7 +31,7 @@ pub enum Command {
     Events(EventsArgs),
     /// Show per project and per destination state
     Status(StatusArgs),
-    /// List pending or dead deliveries; `deliveries retry` re-queues dead ones
+    /// List pending or dead deliveries; `deliveries retry` re-queues dead ones, `deliveries replay` queues history
     Deliveries(DeliveriesArgs),
     /// Recompute the tamper-evident chain over the stored events (exit 1 on a break)
     Verify(VerifyArgs),
@@ -41,6 +41,9 @@ pub enum Command {
     Demo,
     /// Daemon: reconcile on the schedule, deliver continuously, serve the control socket
     Run,
+    /// Move this (stopped) single instance's trail, cursors and delivery progress into a new
+    /// cluster (the config's [cluster]); see docs/cluster.md
+    ClusterImport,
     /// Print the completion script for a shell (bash, zsh or fish)
     Completions(CompletionsArgs),
     /// Print the man page (roff), generated from these definitions; the package installs it
@@ -138,6 +141,13 @@ pub struct DeliveriesArgs {
 pub enum DeliveriesAction {
     /// Put dead deliveries back in the queue (attempts reset) and deliver what is due
     Retry,
+    /// Queue stored events for --destination that it has not had (one added later), in trail
+    /// order, and deliver what is due
+    Replay {
+        /// Only events created at or after this time (RFC 3339 or YYYY-MM-DD)
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -179,6 +189,14 @@ pub fn run(cli: Cli, stdout: &mut dyn std::io::Write) -> Output {
         Command::CheckConfig => {
             crate::logging::init(None);
             check_config(&cli)
+        }
+        Command::ClusterImport => {
+            let config = match load_config(&cli) {
+                Ok(c) => c,
+                Err(out) => return out,
+            };
+            crate::logging::init(config.log_level.as_deref());
+            cluster_import(&config)
         }
         Command::Run => {
             let config = match load_config(&cli) {
@@ -229,6 +247,34 @@ pub fn run(cli: Cli, stdout: &mut dyn std::io::Write) -> Output {
     }
 }
 
+/// `cluster-import`: needs the store to itself (the single instance stopped) and a `[cluster]`.
+fn cluster_import(config: &Config) -> Output {
+    if config.cluster.is_none() {
+        return Output::unusable(format!(
+            "{} has no [cluster] section: add it (see docs/cluster.md), then import",
+            config.source.display()
+        ));
+    }
+    let store = match Store::open(&config.db_dir()) {
+        Ok(s) => s,
+        Err(e) => return Output::unusable(format!("{e:#} (stop the daemon before importing)")),
+    };
+    match crate::cluster::import(config, &store) {
+        Ok(done) => {
+            let mut out = Output::default();
+            out.out_line(format!(
+                "imported {} event(s) into the cluster's trail and {} project cursor(s)",
+                done.events, done.cursors
+            ));
+            for (name, mark) in done.watermarks {
+                out.out_line(format!("destination {name}: the first {mark} event(s) count as delivered"));
+            }
+            out
+        }
+        Err(e) => Output::unusable(format!("{e:#}")),
+    }
+}
+
 /// The request a command stands for (None for the commands started here).
 fn request_of(command: &Command) -> Option<Request> {
     Some(match command {
@@ -259,6 +305,9 @@ fn request_of(command: &Command) -> Option<Request> {
         Command::Deliveries(DeliveriesArgs { action: Some(DeliveriesAction::Retry), destination, .. }) => {
             Request::RetryDeliveries { destination: destination.clone() }
         }
+        Command::Deliveries(DeliveriesArgs {
+            action: Some(DeliveriesAction::Replay { since }), destination, ..
+        }) => Request::ReplayDeliveries { destination: destination.clone().unwrap_or_default(), since: since.clone() },
         Command::Deliveries(a) => Request::Deliveries(app::DeliveriesRequest {
             destination: a.destination.clone(),
             state: a.state.map(|s| match s {
@@ -268,7 +317,12 @@ fn request_of(command: &Command) -> Option<Request> {
             json: a.json,
         }),
         Command::Verify(a) => Request::Verify { json: a.json, expect_head: a.expect_head.clone() },
-        Command::CheckConfig | Command::Demo | Command::Run | Command::Completions(_) | Command::Man => return None,
+        Command::CheckConfig
+        | Command::Demo
+        | Command::Run
+        | Command::Completions(_)
+        | Command::Man
+        | Command::ClusterImport => return None,
     })
 }
 

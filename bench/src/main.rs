@@ -1,8 +1,9 @@
-//! `cargo run --release -p policy-audit-bench -- [all|backfill|fleet|delivery|store] [--quick]`: builds
+//! `cargo run --release -p policy-audit-bench -- [all|backfill|fleet|delivery|store|export|nats|failover] [--quick]`: builds
 //! its own repositories and prints one table, each figure measured in the same run next to a
 //! baseline (git itself, or wrk). Figures, never assertions: see docs/performance.md.
 
 mod measure;
+mod nats;
 mod repos;
 
 use anyhow::{Context, Result, bail};
@@ -105,6 +106,12 @@ fn start(what: &str, quick: bool) -> Result<()> {
     }
     if all || what == "export" {
         bench.export()?;
+    }
+    if all || what == "nats" {
+        bench.nats()?;
+    }
+    if all || what == "failover" {
+        bench.failover()?;
     }
     bench.print();
     Ok(())

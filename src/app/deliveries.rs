@@ -7,6 +7,10 @@ use crate::event::rfc3339_millis;
 use crate::store::{Delivery, Store};
 use crate::stream::{Clock, DestinationReport, SystemClock, deliver_due};
 
+/// Each destination's outbox is served by the instance holding its lease; re-queueing on a
+/// replica would send from the wrong place.
+const CLUSTER_DELIVERIES: &str = "in cluster mode `deliveries retry` and `deliveries replay` are run by the daemon that holds the destination's lease: start `policy-audit run` (the command is then passed to it)";
+
 /// Lists pending and dead deliveries.
 pub fn run(config: &Config, store: &Store, args: &DeliveriesRequest) -> Output {
     let known = |name: &String| -> anyhow::Result<bool> {
@@ -29,6 +33,9 @@ pub fn run(config: &Config, store: &Store, args: &DeliveriesRequest) -> Output {
 
 /// Re-queues dead deliveries (of one destination, or all) and delivers what is due.
 pub fn retry(config: &Config, store: &Store, destination: Option<&str>) -> Output {
+    if config.cluster.is_some() {
+        return Output::unusable(CLUSTER_DELIVERIES);
+    }
     if let Some(name) = destination
         && !config.destinations.iter().any(|d| d.name == name)
     {
@@ -43,6 +50,45 @@ pub fn retry(config: &Config, store: &Store, destination: Option<&str>) -> Outpu
     }
     deliver_now(config, store, &mut out);
     out
+}
+
+/// Queues the stored history (from `since`) that `destination` has not had, in trail order, and
+/// delivers what is due.
+pub fn replay(config: &Config, store: &Store, destination: &str, since: Option<&str>) -> Output {
+    if config.cluster.is_some() {
+        return Output::unusable(CLUSTER_DELIVERIES);
+    }
+    let mut out = Output::default();
+    match queue_history(config, store, destination, since) {
+        Ok(n) => out.out_line(format!(
+            "queued {n} stored event{} for destination {destination}",
+            if n == 1 { "" } else { "s" }
+        )),
+        Err(e) => return Output::unusable(e),
+    }
+    deliver_now(config, store, &mut out);
+    out
+}
+
+/// Queues the history `destination` has not had (see [`Store::enqueue_history`]); the error is
+/// the message for the user.
+pub fn queue_history(config: &Config, store: &Store, destination: &str, since: Option<&str>) -> Result<usize, String> {
+    if destination.is_empty() {
+        return Err("deliveries replay needs --destination NAME".into());
+    }
+    let Some(dest) = config.destinations.iter().find(|d| d.name == destination) else {
+        return Err(format!(
+            "destination {destination:?} is not in {}: add it there first, then replay",
+            config.source.display()
+        ));
+    };
+    let since = since.map(|s| super::events::time_bound(s, false)).transpose().map_err(|e| format!("--since: {e}"))?;
+    let wants = |e: &crate::event::AuditEvent| {
+        let mut paths: Vec<&str> = vec![e.entity_path.as_str()];
+        paths.extend(e.details.linked_namespaces.iter().map(String::as_str));
+        dest.wants(e.event_type, &paths)
+    };
+    store.enqueue_history(destination, since.as_deref(), &wants, SystemClock.now_ms()).map_err(|e| format!("{e:#}"))
 }
 
 fn list(store: &Store, args: &DeliveriesRequest) -> Output {

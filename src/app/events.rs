@@ -87,7 +87,7 @@ fn query_of(args: &EventsRequest) -> Result<EventQuery, String> {
 }
 
 /// RFC 3339 or a date; a date as an upper bound means the end of that day (UTC).
-fn time_bound(text: &str, end_of_day: bool) -> Result<String, String> {
+pub(super) fn time_bound(text: &str, end_of_day: bool) -> Result<String, String> {
     if let Ok(ts) = text.parse::<jiff::Timestamp>() {
         return Ok(rfc3339_millis(ts));
     }

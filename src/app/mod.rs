@@ -50,6 +50,11 @@ pub enum Request {
         #[serde(default)]
         expect_head: Option<String>,
     },
+    /// Queue stored events (created at or after `since`) a destination has not had.
+    ReplayDeliveries {
+        destination: String,
+        since: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -153,6 +158,9 @@ pub fn execute(
         Request::Deliveries(r) => deliveries::run(config, store, r),
         Request::RetryDeliveries { destination } => deliveries::retry(config, store, destination.as_deref()),
         Request::Verify { json, expect_head } => verify::run(store, *json, expect_head.as_deref()),
+        Request::ReplayDeliveries { destination, since } => {
+            deliveries::replay(config, store, destination, since.as_deref())
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! damaged.
 
 use super::{EXIT_FAILED, EXIT_UNUSABLE, Output, ReconcileRequest};
+use crate::cluster::ProjectTrail;
 use crate::config::{Config, Project};
 use crate::reconcile::{Options, Summary, reconcile_all};
 use crate::store::{Store, StoreError};
@@ -33,6 +34,18 @@ impl Report {
 /// Reconciles the selected projects and delivers what is due. `stop` is the daemon's shutdown
 /// flag (None in-process).
 pub fn reconcile(config: &Config, store: &Store, req: &ReconcileRequest, stop: Option<Arc<AtomicBool>>) -> Report {
+    reconcile_into(config, store, req, stop, None)
+}
+
+/// Like [`reconcile`], committing cursors and events to `trail` when given (cluster mode: the
+/// daemon passes its node, and a config holding only the projects it leases).
+pub fn reconcile_into(
+    config: &Config,
+    store: &Store,
+    req: &ReconcileRequest,
+    stop: Option<Arc<AtomicBool>>,
+    trail: Option<Arc<dyn ProjectTrail>>,
+) -> Report {
     let mut report = Report {
         projects: Vec::new(),
         deliveries: Vec::new(),
@@ -54,8 +67,13 @@ pub fn reconcile(config: &Config, store: &Store, req: &ReconcileRequest, stop: O
         }
         chosen
     };
-    let options =
-        Options { backfill: req.backfill, rebaseline: req.rebaseline, progress: !req.json && stop.is_none(), stop };
+    let options = Options {
+        backfill: req.backfill,
+        rebaseline: req.rebaseline,
+        progress: !req.json && stop.is_none(),
+        stop,
+        trail,
+    };
     report.projects = reconcile_all(config, store, &projects, &options, jiff::Timestamp::now);
     if !req.no_deliver && !report.damaged() {
         report.deliveries = super::deliveries::deliver_now(config, store, &mut report.delivery_output);
@@ -114,6 +132,13 @@ pub fn render(config: &Config, req: &ReconcileRequest, report: Report) -> Output
 
 /// Reconciles and prints.
 pub fn run(config: &Config, store: &Store, req: &ReconcileRequest, stop: Option<Arc<AtomicBool>>) -> Output {
+    if config.cluster.is_some() {
+        // Here without a daemon: this store is a replica, and the projects belong to the
+        // instances holding their leases.
+        return Output::unusable(
+            "in cluster mode projects are reconciled by the daemons holding their leases: start `policy-audit run` (the command is then passed to it)",
+        );
+    }
     let report = reconcile(config, store, req, stop);
     render(config, req, report)
 }

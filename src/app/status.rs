@@ -17,9 +17,15 @@ pub fn run(config: &Config, store: &Store, json: bool) -> Output {
 }
 
 fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> {
+    // In cluster mode the cursors live in the cluster's bucket, not in this replica.
+    let node = config.cluster.as_ref().map(|_| crate::cluster::Node::observe(config));
     let mut projects = Vec::new();
     for p in &config.projects {
-        let cursor = store.cursor(&p.path)?;
+        let cursor = match &node {
+            Some(Ok(node)) => crate::cluster::ProjectTrail::cursor(node, &p.path)?,
+            Some(Err(_)) => None,
+            None => store.cursor(&p.path)?,
+        };
         let status = store.project_status(&p.path)?;
         projects.push(json!({
             "path": p.path,
@@ -49,7 +55,7 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
     }
     let chain = store.chain_head()?;
     let certificates = expiring_certificates(config, jiff::Timestamp::now().as_second());
-    Ok(json!({
+    let mut report = json!({
         "events": store.event_count(),
         "chain_head": chain.head,
         "chain_events": chain.events,
@@ -58,7 +64,11 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
         "destinations": destinations,
         "removed_destinations": removed,
         "certificates_expiring": certificates,
-    }))
+    });
+    if let Some(node) = node {
+        report["cluster"] = cluster_view(config, node);
+    }
+    Ok(report)
 }
 
 /// Days before expiry from which `status` points a configured certificate out.
@@ -95,6 +105,40 @@ fn destination(store: &Store, name: &str) -> anyhow::Result<serde_json::Value> {
         "oldest_pending_enqueued_at": oldest.and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok()).map(crate::event::rfc3339_millis),
         "last_error": last_error,
     }))
+}
+
+/// Cluster mode: who holds which project and destination. An unreachable NATS is reported in
+/// place, so `status` still shows the local replica.
+fn cluster_view(config: &Config, node: anyhow::Result<crate::cluster::Node>) -> serde_json::Value {
+    let view = (|| -> anyhow::Result<serde_json::Value> {
+        let node = node?;
+        let now = crate::cluster::now_ms();
+        let mut leases = Vec::new();
+        let mut instances = Vec::new();
+        for (key, lease) in node.leases()? {
+            if key.starts_with("instance.") {
+                if lease.is_live(now) {
+                    instances.push(lease.holder);
+                }
+                continue;
+            }
+            let live = lease.is_live(now);
+            leases.push(json!({
+                "lease": key,
+                "expires_in_ms": live.then_some(lease.expires_at - now),
+                "holder": live.then_some(lease.holder),
+            }));
+        }
+        Ok(json!({"instance": node.id, "instances": instances, "leases": leases}))
+    })();
+    let name = config.cluster.as_ref().map(|c| c.name.clone());
+    match view {
+        Ok(mut v) => {
+            v["name"] = json!(name);
+            v
+        }
+        Err(e) => json!({"name": name, "error": format!("{e:#}")}),
+    }
 }
 
 fn text(report: &serde_json::Value) -> String {
@@ -149,6 +193,18 @@ fn text(report: &serde_json::Value) -> String {
                 "certificate {path} ({owner} `{key}`, {subject}) expires on {} (in {days} days): renew it\n",
                 str_of(&c["not_after"])
             ));
+        }
+    }
+    if let Some(c) = report["cluster"].as_object() {
+        s.push_str(&format!("cluster {}: this instance is {}\n", str_of(&c["name"]), str_of(&c["instance"])));
+        if let Some(e) = c.get("error") {
+            s.push_str(&format!("  cannot read the leases: {}\n", str_of(e)));
+        }
+        let live: Vec<String> = c["instances"].as_array().into_iter().flatten().map(str_of).collect();
+        s.push_str(&format!("  live instances: {}\n", if live.is_empty() { "-".into() } else { live.join(", ") }));
+        for l in c["leases"].as_array().into_iter().flatten() {
+            let holder = l["holder"].as_str().map_or_else(|| "free".to_string(), |h| format!("held by {h}"));
+            s.push_str(&format!("  {}: {holder}\n", str_of(&l["lease"])));
         }
     }
     s

@@ -6,6 +6,7 @@
 
 mod flag;
 mod gitlab;
+mod nats;
 mod raw;
 mod same_repo;
 mod secret;
@@ -13,6 +14,7 @@ mod tls;
 
 pub use flag::FeatureFlag;
 pub use gitlab::GitLab;
+pub use nats::{Cluster, DEFAULT_CLUSTER_NAME, DEFAULT_LEASE_TTL, DestinationKind, NatsAuth, NatsTarget};
 pub use raw::InitialSync;
 pub use secret::Secret;
 
@@ -65,6 +67,8 @@ pub struct Config {
     pub destinations: Vec<Destination>,
     /// The GitLab API for attribution (SPEC §10), when configured.
     pub gitlab: Option<GitLab>,
+    /// `[cluster]`: None = the single-instance mode.
+    pub cluster: Option<Cluster>,
     /// Things that are accepted but worth saying (e.g. merged duplicate projects).
     pub warnings: Vec<String>,
 }
@@ -102,7 +106,9 @@ impl Project {
 #[derive(Debug, Clone)]
 pub struct Destination {
     pub name: String,
+    /// An http(s) URL, or for `kind = "nats"` the NATS servers.
     pub url: String,
+    pub kind: DestinationKind,
     pub verification_token: Option<Secret>,
     pub signing_secret: Option<Secret>,
     pub event_types: Vec<EventType>,
@@ -303,6 +309,7 @@ impl Checker<'_> {
         let projects = self.projects(raw.projects, &base);
         let destinations = self.destinations(raw.destinations, &base);
         let gitlab = self.gitlab(raw.gitlab, &base);
+        let cluster = self.cluster(raw.cluster, &base);
         if let Some(level) = &raw.log_level
             && tracing_subscriber::EnvFilter::try_new(level.get_ref()).is_err()
         {
@@ -345,6 +352,7 @@ impl Checker<'_> {
             projects: projects.0,
             destinations,
             gitlab,
+            cluster,
             warnings: projects.1,
         })
     }
@@ -528,8 +536,9 @@ impl Checker<'_> {
             }
             let who = format!("destination {name:?}");
             let url = raw.url.get_ref().trim().to_string();
+            let kind = self.destination_kind(&who, &raw, base);
             let host = http_host(&url);
-            if host.is_none() {
+            if host.is_none() && kind == DestinationKind::Http {
                 self.error_at(
                     &raw.url,
                     format!("{who}: `url` = {:?} must be an http:// or https:// URL", crate::text::redact_url(&url)),
@@ -589,6 +598,7 @@ impl Checker<'_> {
             out.push(Destination {
                 name,
                 url,
+                kind,
                 verification_token,
                 signing_secret,
                 event_types,

@@ -25,6 +25,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub destinations: Vec<RawDestination>,
     pub gitlab: Option<RawGitLab>,
+    pub cluster: Option<RawCluster>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,4 +124,23 @@ pub struct RawDestination {
     pub ca_file: Option<Spanned<String>>,
     pub client_cert_file: Option<Spanned<String>>,
     pub client_key_file: Option<Spanned<String>>,
+    // kind = "nats" (see `nats`)
+    pub kind: Option<Spanned<String>>,
+    pub subject: Option<Spanned<String>>,
+    pub stream: Option<Spanned<String>>,
+    pub token_env: Option<Spanned<String>>,
+    pub token_file: Option<Spanned<String>>,
+    pub credentials_file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub nats_url: Spanned<String>,
+    pub name: Option<Spanned<String>>,
+    pub lease_ttl: Option<Spanned<String>>,
+    pub token_env: Option<Spanned<String>>,
+    pub token_file: Option<Spanned<String>>,
+    pub credentials_file: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<String>>,
 }

@@ -10,6 +10,7 @@
 //!   deliveries, and what was not stored is repeated by the next run.
 
 use crate::app::{self, EXIT_FAILED, EXIT_OK, Output, ReconcileRequest, Request};
+use crate::cluster::Node;
 use crate::config::Config;
 use crate::control;
 use crate::store::Store;
@@ -23,6 +24,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
+mod cluster;
+
 /// How long the delivery loop sleeps when nothing is due.
 const IDLE_DELIVERY_CHECK: Duration = Duration::from_secs(30);
 
@@ -34,6 +37,12 @@ struct Daemon {
     /// Flips to true once, on SIGTERM/SIGINT; waiting tasks select on it.
     shutdown: watch::Receiver<bool>,
     wake_delivery: Notify,
+    /// Cluster mode: this instance's leases, cursors and the trail it replicates.
+    node: Option<Arc<Node>>,
+    /// Lease keys of the projects being reconciled right now (not released mid-run).
+    busy: std::sync::Mutex<Vec<String>>,
+    /// Destinations this instance served in its last delivery round (cluster mode).
+    served: std::sync::Mutex<Vec<String>>,
 }
 
 type Forced = (ReconcileRequest, oneshot::Sender<Output>);
@@ -84,6 +93,15 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
         .with_context(|| format!("cannot listen on {}", socket_path.display()))?;
     std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
 
+    let node = match config.cluster {
+        Some(_) => {
+            let cfg = config.clone();
+            let node = tokio::task::spawn_blocking(move || Node::start(&cfg)).await??;
+            tracing::info!(instance = %node.id, cluster = %node.settings.name, "joined the cluster");
+            Some(Arc::new(node))
+        }
+        None => None,
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let daemon = Arc::new(Daemon {
         config_path: config_path.to_path_buf(),
@@ -92,6 +110,9 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
         stop: Arc::new(AtomicBool::new(false)),
         shutdown: shutdown_rx,
         wake_delivery: Notify::new(),
+        node,
+        busy: std::sync::Mutex::new(Vec::new()),
+        served: std::sync::Mutex::new(Vec::new()),
     });
     let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
     let (forced_tx, forced_rx) = mpsc::channel::<Forced>(64);
@@ -99,6 +120,9 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
     let worker = tokio::spawn(worker(daemon.clone(), tick_rx, forced_rx));
     let deliveries = tokio::spawn(delivery_loop(daemon.clone()));
     let server = tokio::spawn(control_server(daemon.clone(), listener, forced_tx));
+    let cluster_tasks = daemon.node.is_some().then(|| {
+        (tokio::spawn(cluster::lease_loop(daemon.clone())), tokio::spawn(cluster::replica_loop(daemon.clone())))
+    });
     let _ = tick_tx.try_send(()); // catch up at start
 
     let cfg = daemon.config();
@@ -143,6 +167,14 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
         tracing::warn!(
             "work did not finish within 20 s; exiting anyway (nothing half-written: stores are transactional)"
         );
+    }
+    if let Some((leases, replica)) = cluster_tasks {
+        leases.abort();
+        replica.abort();
+    }
+    if let Some(node) = daemon.node.clone() {
+        // Handing the leases back lets the others go on at once instead of after the TTL.
+        let _ = tokio::task::spawn_blocking(move || node.release_all()).await;
     }
     daemon.store.flush()?;
     let _ = std::fs::remove_file(control::pid_path(&daemon.config()));
@@ -230,7 +262,10 @@ async fn worker(daemon: Arc<Daemon>, mut ticks: mpsc::Receiver<()>, mut forced: 
         let output = tokio::task::spawn_blocking(move || {
             let config = d.config();
             let started = std::time::Instant::now();
-            let report = app::reconcile::reconcile(&config, &d.store, &args, Some(d.stop.clone()));
+            let report = match &d.node {
+                None => app::reconcile::reconcile(&config, &d.store, &args, Some(d.stop.clone())),
+                Some(node) => cluster::reconcile_leased(&d, node, &config, args.clone()),
+            };
             log_reconcile(&report, started.elapsed(), scheduled);
             let out = app::reconcile::render(&config, &args, report);
             // Logged after every reconcile so that removing the newest events, or rewriting the
@@ -298,7 +333,10 @@ async fn delivery_loop(daemon: Arc<Daemon>) {
         seed = seed.wrapping_add(1);
         let reports = tokio::task::spawn_blocking(move || {
             let config = d.config();
-            deliver_due_until(&config, &d.store, &SystemClock, seed, &d.stop)
+            match &d.node {
+                None => deliver_due_until(&config, &d.store, &SystemClock, seed, &d.stop),
+                Some(node) => cluster::deliver_leased(&d, node, &config, seed),
+            }
         })
         .await;
         let wait = match reports {
@@ -322,6 +360,8 @@ async fn delivery_loop(daemon: Arc<Daemon>) {
                     .map(|due| Duration::from_millis(due.saturating_sub(now).max(0) as u64))
                     .unwrap_or(IDLE_DELIVERY_CHECK)
                     .min(IDLE_DELIVERY_CHECK)
+                    // A destination lease may come to us at any lease round.
+                    .min(daemon.node.as_ref().map_or(IDLE_DELIVERY_CHECK, |n| n.settings.lease_ttl / 3))
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %format!("{e:#}"), "delivery round failed");
@@ -394,6 +434,16 @@ async fn answer(
                     ..Output::default()
                 })
             }
+        }
+        // In cluster mode a destination's outbox is served by its lease holder: it alone
+        // re-queues and replays.
+        request @ (Request::ReplayDeliveries { .. } | Request::RetryDeliveries { .. }) if daemon.node.is_some() => {
+            let d = daemon.clone();
+            let output = tokio::task::spawn_blocking(move || cluster::requeue(&d, &request))
+                .await
+                .unwrap_or_else(|e| Output::unusable(format!("the command panicked: {e}")));
+            daemon.wake_delivery.notify_one();
+            output
         }
         request => {
             // Listings are written to the socket as the command produces them.

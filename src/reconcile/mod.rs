@@ -49,6 +49,8 @@ pub struct Options {
     pub progress: bool,
     /// Set on shutdown: stop before the next project, and before storing (never half-way).
     pub stop: Option<Arc<AtomicBool>>,
+    /// Where cursors and events are committed instead of the local store (cluster mode).
+    pub trail: Option<Arc<dyn crate::cluster::ProjectTrail>>,
 }
 
 impl Options {
@@ -207,7 +209,10 @@ fn attempt(
         ..Summary::default()
     };
     let started = Instant::now();
-    let cursor = store.cursor(&project.path)?;
+    let cursor = match &options.trail {
+        Some(trail) => trail.cursor(&project.path)?,
+        None => store.cursor(&project.path)?,
+    };
     summary.from = cursor.as_ref().map(|c| c.commit.clone());
     let backfill = options.backfill || (cursor.is_none() && project.initial_sync == InitialSync::Backfill);
     // A local repository can be asked directly: when its branch is where we left it, there is
@@ -259,7 +264,7 @@ fn attempt(
         }
         let mut events = events.to_vec();
         attributor.apply(&mut events);
-        Ok(store.commit_reconcile(&project.path, at, &events, &destinations_for, now.as_millisecond())?)
+        commit(store, options, &project.path, at, &events, &destinations_for, now)
     };
     let (state, mut events) =
         walk_new_history(config, project, &mirror, &mut summary, options, cursor.as_ref(), tip, now, &sink)?;
@@ -271,12 +276,27 @@ fn attempt(
         anyhow::bail!("stopped by shutdown before storing; nothing was written, the next run repeats this");
     }
     attributor.apply(&mut events);
-    summary.stored +=
-        store.commit_reconcile(&project.path, &new_cursor, &events, &destinations_for, now.as_millisecond())?;
+    summary.stored += commit(store, options, &project.path, &new_cursor, &events, &destinations_for, now)?;
     mark_synced(&dir, project);
     summary.timings.store_ms += ms(stored_at.elapsed());
     summary.duration_ms = ms(started.elapsed());
     Ok(summary)
+}
+
+/// Stores events with the cursor they lead to: in the local store, or the cluster's trail.
+fn commit(
+    store: &Store,
+    options: &Options,
+    project: &str,
+    cursor: &Cursor,
+    events: &[AuditEvent],
+    destinations_for: &dyn Fn(&AuditEvent) -> Vec<String>,
+    now: jiff::Timestamp,
+) -> Result<usize> {
+    match &options.trail {
+        Some(trail) => trail.commit(project, cursor, events),
+        None => Ok(store.commit_reconcile(project, cursor, events, destinations_for, now.as_millisecond())?),
+    }
 }
 
 /// The destinations whose filters accept an event.

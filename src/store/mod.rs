@@ -13,6 +13,8 @@ pub mod chain;
 mod error;
 mod query;
 mod records;
+mod replay;
+mod replica;
 
 pub use error::StoreError;
 use records::{decode, decode_u64};
@@ -96,6 +98,8 @@ pub struct Store {
     event_ids: sled::Tree,
     outbox: sled::Tree,
     dead: sled::Tree,
+    /// (destination, 0, seq) -> (): deliveries that went out, so a replay does not repeat them.
+    sent: sled::Tree,
     meta: sled::Tree,
     status: sled::Tree,
     /// created_at (RFC 3339, fixed width) ++ seq -> (): events in time order (see `query`).
@@ -108,6 +112,17 @@ const NEXT_SEQ: &[u8] = b"next_seq";
 /// sled's page cache (its default is 1 GiB): the daemon should stay small (≤ 64 MiB resident).
 const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 const CHAIN_HEAD: &[u8] = b"chain_head";
+/// In cluster mode: the last sequence of the cluster's stream applied to this replica.
+const REPLICA_POSITION: &[u8] = b"replica_position";
+
+/// What a batch of events is stored with.
+#[derive(Clone, Copy)]
+enum Written<'a> {
+    /// A project's new cursor (the single-instance reconcile).
+    Cursor(&'a str, &'a [u8]),
+    /// The cluster stream's sequence the batch ends at (a replica).
+    ReplicaPosition(u64),
+}
 
 impl Store {
     /// Opens (or creates) the database in `dir`. Fails with a clear message when another
@@ -131,6 +146,7 @@ impl Store {
             event_ids: tree("event_ids")?,
             outbox: tree("outbox")?,
             dead: tree("dead")?,
+            sent: tree("sent")?,
             meta: tree("meta")?,
             status: tree("status")?,
             by_time: tree("by_time")?,
@@ -191,6 +207,20 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let encode = |e: serde_json::Error| StoreError::Transaction { dir: self.dir.clone(), message: e.to_string() };
         let cursor_bytes = serde_json::to_vec(cursor).map_err(encode)?;
+        self.store_events(Written::Cursor(project, &cursor_bytes), events, destinations_for, now_ms)
+    }
+
+    /// The one transaction that appends events (skipping known ids) with their outbox entries,
+    /// chain links and time index, and records what they came with: a project's cursor, or
+    /// the replica's position in the cluster's stream. Flushed before returning.
+    fn store_events(
+        &self,
+        written: Written<'_>,
+        events: &[AuditEvent],
+        destinations_for: &dyn Fn(&AuditEvent) -> Vec<String>,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let encode = |e: serde_json::Error| StoreError::Transaction { dir: self.dir.clone(), message: e.to_string() };
         let encoded: Vec<(Vec<u8>, Vec<String>)> = events
             .iter()
             .map(|e| Ok((serde_json::to_vec(e)?, destinations_for(e))))
@@ -248,7 +278,14 @@ impl Store {
             }
             meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
             meta.insert(CHAIN_HEAD, &head)?;
-            cursors.insert(project.as_bytes(), cursor_bytes.as_slice())?;
+            match written {
+                Written::Cursor(project, cursor_bytes) => {
+                    cursors.insert(project.as_bytes(), cursor_bytes)?;
+                }
+                Written::ReplicaPosition(position) => {
+                    meta.insert(REPLICA_POSITION, &position.to_be_bytes())?;
+                }
+            }
             Ok(stored)
         });
         let stored = result.map_err(|e: TransactionError<StoreError>| match e {
@@ -337,7 +374,12 @@ impl Store {
     }
 
     pub fn delivered(&self, delivery: &Delivery) -> Result<()> {
-        self.outbox.remove(delivery_key(&delivery.destination, delivery.seq))?;
+        // Recorded as sent before it leaves the outbox, without a transaction (this is the hot
+        // path of delivery): a crash in between leaves it pending, so it is sent again (at least
+        // once), never lost.
+        let key = delivery_key(&delivery.destination, delivery.seq);
+        self.sent.insert(key.as_slice(), &[])?;
+        self.outbox.remove(key)?;
         Ok(())
     }
 

@@ -1,13 +1,15 @@
-//! Delivery of the outbox to HTTP destinations, at least once.
+//! Delivery of the outbox to HTTP and NATS JetStream destinations, at least once.
 //!
 //! Invariants:
-//! - an outbox entry leaves the outbox only when its destination answered 2xx, or into the dead
+//! - an outbox entry leaves the outbox only when its destination answered 2xx (HTTP) or
+//!   acknowledged the publish (JetStream), or into the dead
 //!   letters with its reason: nothing stored is dropped on the way out;
 //! - per destination, events go out in the order they were stored: a delivery waiting for its
 //!   retry holds back the ones after it (a dead one does not);
 //! - destinations are served concurrently, so one that is down never delays another.
 
 pub mod http;
+pub mod nats;
 pub mod retry;
 
 use crate::config::{Config, Destination};
@@ -93,7 +95,7 @@ fn deliver_destination(
     // Built at the first due delivery, so an idle round reads no certificates. A certificate or
     // key that can no longer be loaded fails the attempt like a destination that is down: the
     // delivery is retried with the reason, not dropped.
-    let mut sender: Option<Result<http::Sender, String>> = None;
+    let mut sender: Option<Result<Sender, String>> = None;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let max_age_ms = i64::try_from(dest.max_age.as_millis()).unwrap_or(i64::MAX);
     let mut from = 0;
@@ -111,13 +113,14 @@ fn deliver_destination(
             bury(store, &mut delivery, "the event is missing from the store".into(), &mut report)?;
             continue;
         };
-        let sender = sender.get_or_insert_with(|| {
-            http::Sender::new(dest).map_err(|e| format!("cannot set up TLS for destination {:?}: {e}", dest.name))
-        });
+        let sender = sender.get_or_insert_with(|| Sender::new(dest));
         let outcome = match sender {
             Ok(sender) => sender.send(&delivery.event_id, delivery.event_type.name(), &body, now),
             Err(reason) => retry::Outcome::Transport { reason: reason.clone() },
         };
+        if let retry::Outcome::Acknowledged { duplicate: true } = outcome {
+            tracing::debug!(destination = %dest.name, event = %delivery.event_id, "the stream already had this event");
+        }
         delivery.attempts += 1;
         delivery.last_status = outcome.status();
         match decide(&outcome) {
@@ -158,6 +161,31 @@ fn deliver_destination(
     }
     report.pending = store.pending_count(&dest.name);
     Ok(report)
+}
+
+/// The sending half of one destination, by kind.
+enum Sender {
+    Http(http::Sender),
+    Nats(Box<nats::Sender>),
+}
+
+impl Sender {
+    /// Fails when an https destination's TLS settings cannot be loaded (said with the reason).
+    fn new(dest: &Destination) -> Result<Sender, String> {
+        match nats::Sender::new(dest) {
+            Some(nats) => Ok(Sender::Nats(Box::new(nats))),
+            None => http::Sender::new(dest)
+                .map(Sender::Http)
+                .map_err(|e| format!("cannot set up TLS for destination {:?}: {e}", dest.name)),
+        }
+    }
+
+    fn send(&mut self, event_id: &str, event_type: &str, body: &[u8], now_ms: i64) -> retry::Outcome {
+        match self {
+            Sender::Http(http) => http.send(event_id, event_type, body, now_ms),
+            Sender::Nats(nats) => nats.send(event_id, event_type, body),
+        }
+    }
 }
 
 fn bury(store: &Store, delivery: &mut Delivery, reason: String, report: &mut DestinationReport) -> Result<()> {

@@ -5,18 +5,23 @@
 use rand::Rng;
 use std::time::Duration;
 
-/// What one HTTP attempt came to.
+/// What one attempt (an HTTP request or a JetStream publish) came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// JetStream stored the event (`duplicate`: it already had this id).
+    Acknowledged {
+        duplicate: bool,
+    },
     Status {
         code: u16,
         retry_after: Option<Duration>,
     },
-    /// No HTTP answer: connection refused or reset, timeout, DNS, TLS.
+    /// No answer: connection refused or reset, timeout, DNS, TLS, no publish acknowledgement.
     Transport {
         reason: String,
     },
-    /// The request could not be built (bad URL): retrying cannot help.
+    /// The request could not be built (bad URL), or the broker refused our credentials:
+    /// retrying cannot help.
     Unsendable {
         reason: String,
     },
@@ -39,11 +44,12 @@ impl Outcome {
     }
 }
 
-/// 2xx succeeds; 408, 429, 5xx and transport failures are retried; redirects are not followed
+/// 2xx and a JetStream acknowledgement succeed; 408, 429, 5xx and transport failures are retried; redirects are not followed
 /// (a token must not travel to another host) and, like other 4xx, are dead.
 pub fn decide(outcome: &Outcome) -> Decision {
     match outcome {
         Outcome::Status { code, .. } if (200..300).contains(code) => Decision::Success,
+        Outcome::Acknowledged { .. } => Decision::Success,
         Outcome::Status { code, retry_after } if *code == 408 || *code == 429 || *code >= 500 => {
             Decision::Retry { reason: format!("HTTP {code}"), not_before: *retry_after }
         }

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cli;
+mod cluster;
 mod common;
 mod corpus;
 mod crash;
@@ -14,6 +15,8 @@ mod fuzz_regressions;
 mod git_http;
 mod gitlab_api;
 mod hostile;
+mod nats;
+mod nats_server;
 mod output;
 mod package;
 mod policy_corpus;
