@@ -74,7 +74,7 @@ pub fn reconcile_into(
         stop,
         trail,
     };
-    report.projects = reconcile_all(config, store, &projects, &options, jiff::Timestamp::now);
+    report.projects = reconcile_all(config, store, &projects, &options, &crate::clock::SystemClock);
     if !req.no_deliver && !report.damaged() {
         report.deliveries = super::deliveries::deliver_now(config, store, &mut report.delivery_output);
     }

@@ -57,7 +57,7 @@ fn walkthrough() -> Result<String> {
 
     writeln!(out, "\n2. Reconciling it (first sync with initial_sync = \"backfill\": the whole history is replayed)")?;
     let projects: Vec<_> = config.projects.iter().collect();
-    for (_, result) in reconcile_all(&config, &store, &projects, &Options::default(), jiff::Timestamp::now) {
+    for (_, result) in reconcile_all(&config, &store, &projects, &Options::default(), &crate::clock::SystemClock) {
         writeln!(out, "   {}", crate::app::reconcile::describe(&result?))?;
     }
 
@@ -97,7 +97,7 @@ fn walkthrough() -> Result<String> {
     }
 
     writeln!(out, "\n6. Reconciling again: nothing new, nothing stored twice")?;
-    for (_, result) in reconcile_all(&config, &store, &projects, &Options::default(), jiff::Timestamp::now) {
+    for (_, result) in reconcile_all(&config, &store, &projects, &Options::default(), &crate::clock::SystemClock) {
         writeln!(out, "   {}", crate::app::reconcile::describe(&result?))?;
     }
     writeln!(out, "\nThe temporary folder is removed now. Point a config.toml at your own policy projects and run")?;

@@ -2,6 +2,7 @@
 //! project's status recorded; a damaged store stops the run before anything more is written.
 
 use super::{Options, Summary, reconcile_project};
+use crate::clock::Clock;
 use crate::config::{Config, Project};
 use crate::gitlab::attribution::Attributor;
 use crate::store::{Store, StoreError};
@@ -20,14 +21,14 @@ pub fn reconcile_all(
     store: &Store,
     projects: &[&Project],
     options: &Options,
-    now: impl Fn() -> jiff::Timestamp + Sync,
+    clock: &dyn Clock,
 ) -> Vec<(String, Result<Summary>)> {
     let _run = store.lock_reconcile();
     // Projects are independent: run up to `parallelism` at once (fetches mostly wait on I/O),
     // and report in config order.
     let next = std::sync::atomic::AtomicUsize::new(0);
     let damaged = AtomicBool::new(false);
-    let attributor = Attributor::new(config, store, now());
+    let attributor = Attributor::new(config, store, clock.now());
     let slots: Vec<std::sync::Mutex<Option<Outcome>>> = projects.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let workers = config.parallelism.clamp(1, projects.len().max(1));
     std::thread::scope(|scope| {
@@ -39,7 +40,7 @@ pub fn reconcile_all(
                     if options.stopped() || damaged.load(Ordering::SeqCst) {
                         break;
                     }
-                    let done = reconcile_one(config, store, p, options, &attributor, &now);
+                    let done = reconcile_one(config, store, p, options, &attributor, clock);
                     if done.1.as_ref().is_err_and(StoreError::is_damaged) {
                         // Nothing more is written to a damaged store.
                         damaged.store(true, Ordering::SeqCst);
@@ -65,11 +66,11 @@ fn reconcile_one(
     p: &Project,
     options: &Options,
     attributor: &Attributor,
-    now: &(impl Fn() -> jiff::Timestamp + Sync),
+    clock: &dyn Clock,
 ) -> (String, Result<Summary>) {
     {
         {
-            let result = reconcile_project(config, store, p, options, attributor, now())
+            let result = reconcile_project(config, store, p, options, attributor, clock.now())
                 .with_context(|| format!("project {}", p.path));
             if result.as_ref().is_err_and(StoreError::is_damaged) {
                 return (p.path.clone(), result); // nothing is written to a damaged store
@@ -81,7 +82,7 @@ fn reconcile_one(
                     return (p.path.clone(), result.and(Err(e)));
                 }
             };
-            let at = crate::event::rfc3339_millis(now());
+            let at = crate::event::rfc3339_millis(clock.now());
             status.last_run_at = Some(at.clone());
             match &result {
                 Ok(_) => {

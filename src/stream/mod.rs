@@ -23,17 +23,7 @@ use std::time::Duration;
 
 /// The time source for delivery decisions; tests pass their own so no test sleeps through a
 /// backoff.
-pub trait Clock: Send + Sync {
-    fn now_ms(&self) -> i64;
-}
-
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> i64 {
-        jiff::Timestamp::now().as_millisecond()
-    }
-}
+pub use crate::clock::{Clock, SystemClock};
 
 /// What one delivery round did for one destination.
 #[derive(Debug, Clone, Default, Serialize)]

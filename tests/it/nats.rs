@@ -53,8 +53,8 @@ fn ids(messages: &[crate::nats_server::Message]) -> Vec<String> {
 struct TestClock(AtomicI64);
 
 impl Clock for TestClock {
-    fn now_ms(&self) -> i64 {
-        self.0.load(Ordering::SeqCst)
+    fn now(&self) -> jiff::Timestamp {
+        jiff::Timestamp::from_millisecond(self.0.load(Ordering::SeqCst)).expect("a valid test time")
     }
 }
 

@@ -25,8 +25,8 @@ impl TestClock {
 }
 
 impl Clock for TestClock {
-    fn now_ms(&self) -> i64 {
-        self.0.load(Ordering::SeqCst)
+    fn now(&self) -> jiff::Timestamp {
+        jiff::Timestamp::from_millisecond(self.0.load(Ordering::SeqCst)).expect("a valid test time")
     }
 }
 

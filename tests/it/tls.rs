@@ -83,8 +83,8 @@ fn stored_ids(ws: &Workspace, config: &Path) -> Vec<String> {
 struct LaterClock(i64);
 
 impl Clock for LaterClock {
-    fn now_ms(&self) -> i64 {
-        self.0
+    fn now(&self) -> jiff::Timestamp {
+        jiff::Timestamp::from_millisecond(self.0).expect("a valid test time")
     }
 }
 
