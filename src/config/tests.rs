@@ -1,4 +1,5 @@
 use super::*;
+use crate::event::EventType;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::parse(Path::new("/etc/pa/config.toml"), text)
