@@ -3,7 +3,7 @@
 //! client sends, so a header that passes here is one the client can send.
 
 use super::raw::RawDestination;
-use super::{Checker, Secret, http_host};
+use super::{Checker, Secret};
 use crate::event::EventType;
 use crate::tls::TlsSettings;
 use std::collections::BTreeMap;
@@ -74,8 +74,7 @@ impl Checker<'_> {
             }
             let who = format!("destination {name:?}");
             let url = raw.url.get_ref().trim().to_string();
-            let host = http_host(&url);
-            if host.is_none() {
+            if crate::urls::web(&url).is_none() {
                 self.error_at(
                     &raw.url,
                     format!("{who}: `url` = {:?} must be an http:// or https:// URL", crate::text::redact_url(&url)),

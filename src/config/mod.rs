@@ -256,8 +256,8 @@ impl Checker<'_> {
 
     /// A secret goes over plain http only to a loopback address, or when the user says so.
     fn check_plain_http(&mut self, url: &Spanned<String>, who: &str, what: &str, has_secret: bool, allowed: bool) {
-        let plain = url.get_ref().trim().starts_with("http://");
-        let loopback = http_host(url.get_ref().trim()).as_deref().is_some_and(is_loopback_host);
+        let plain = crate::urls::is_plain_http(url.get_ref());
+        let loopback = crate::urls::is_loopback(url.get_ref());
         if has_secret && plain && !loopback && !allowed {
             self.error_at(
                 url,
@@ -289,23 +289,6 @@ impl Checker<'_> {
             (None, None) => None,
         }
     }
-}
-
-/// The host of an http(s) URL, or None when it is not one.
-pub fn http_host(url: &str) -> Option<String> {
-    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let host_port = authority.rsplit('@').next()?;
-    let host = if let Some(v6) = host_port.strip_prefix('[') {
-        v6.split(']').next()?.to_string()
-    } else {
-        host_port.split(':').next()?.to_string()
-    };
-    (!host.is_empty()).then_some(host)
-}
-
-pub fn is_loopback_host(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]

@@ -138,17 +138,29 @@ impl Checker<'_> {
             self.error_at(raw, "project `url` must not be empty");
             return None;
         }
-        if let Some((scheme, _)) = url.split_once("://") {
-            if !matches!(scheme, "https" | "http" | "file") {
-                self.error_at(
-                    raw,
-                    format!(
-                        "project `url` scheme {scheme:?} is not supported (use https, http, file:// or a local path)"
-                    ),
-                );
+        let unsupported = |scheme: &str| {
+            format!("project `url` scheme {scheme:?} is not supported (use https, http, file:// or a local path)")
+        };
+        match crate::urls::parse(url) {
+            Some(Ok(parsed)) => {
+                if !matches!(parsed.scheme(), "https" | "http" | "file") {
+                    self.error_at(raw, unsupported(parsed.scheme()));
+                    return None;
+                }
+                // As configured, with the scheme in the lowercase spelling git expects.
+                let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+                return Some(format!("{}://{rest}", parsed.scheme()));
+            }
+            Some(Err(e)) => {
+                let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme).to_ascii_lowercase();
+                if matches!(scheme.as_str(), "https" | "http" | "file") {
+                    self.error_at(raw, format!("project `url` = {url:?} is not a valid URL: {e}"));
+                } else {
+                    self.error_at(raw, unsupported(&scheme));
+                }
                 return None;
             }
-            return Some(url.to_string());
+            None => {}
         }
         if url.contains('@') && url.contains(':') {
             self.error_at(raw, "ssh urls are not supported: use https with `token_env`, or a local path");

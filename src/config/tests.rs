@@ -173,3 +173,41 @@ fn tls_files_are_resolved_relative_to_the_config_and_not_read_without_secrets() 
     let c = Config::parse_with(Path::new("/etc/pa/config.toml"), &text, false).unwrap();
     assert_eq!(c.projects[0].tls.ca_file.as_deref(), Some(Path::new("/etc/pa/tls/ca.pem")));
 }
+
+#[test]
+fn a_secret_over_plain_http_is_refused_in_every_spelling_of_a_remote_host() {
+    unsafe { std::env::set_var("POLICY_AUDIT_TEST_SPELLING_TOKEN", "t") };
+    let dest = |url: &str| {
+        format!(
+            "[[destinations]]\nname = \"s\"\nurl = \"{url}\"\nverification_token_env = \"POLICY_AUDIT_TEST_SPELLING_TOKEN\"\n"
+        )
+    };
+    for remote in [
+        "HTTP://siem.example.com/x",
+        "Http://siem.example.com/x",
+        "http://127.0.0.1.evil.com/x",
+        "http://127.0.0.1@evil.com/x",
+        "http://localhost./x",
+        "http://127.1/x",
+    ] {
+        assert!(errors(&dest(remote)).contains("would be sent over plain http"), "{remote} must be refused");
+    }
+    for local in ["http://[::1]:8080/x", "http://evil@127.0.0.1:8080/x", "HTTP://LOCALHOST:8080/x"] {
+        assert!(parse(&dest(local)).is_ok(), "{local} is this machine");
+    }
+    let gitlab = "[gitlab]\nurl = \"HTTP://gitlab.example.com\"\ntoken_env = \"POLICY_AUDIT_TEST_SPELLING_TOKEN\"\n";
+    assert!(errors(gitlab).contains("would be sent over plain http"));
+}
+
+#[test]
+fn a_project_url_is_read_by_the_url_parser() {
+    let p = |url: &str| format!("[[projects]]\npath = \"a/b\"\nurl = \"{url}\"\n");
+    let config = parse(&p("HTTPS://gitlab.example.com/a/b.git")).expect("an uppercase scheme is a scheme");
+    assert_eq!(config.projects[0].url, "https://gitlab.example.com/a/b.git");
+    assert!(
+        errors(&p("SSH://git@gitlab.example.com/a/b.git")).contains("project `url` scheme \"ssh\" is not supported")
+    );
+    assert!(errors(&p("https://gitlab example.com/a/b.git")).contains("is not a valid URL"));
+    assert!(errors(&p("https://oauth2:hunter2@exa mple.com/a/b.git")).contains("is not a valid URL"));
+    assert!(!errors(&p("https://oauth2:hunter2@exa mple.com/a/b.git")).contains("hunter2"));
+}
