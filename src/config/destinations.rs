@@ -168,14 +168,22 @@ impl Checker<'_> {
         }
         let mut out = Vec::new();
         for (name, value) in raw.get_ref() {
-            let valid_name =
-                !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-            if !valid_name {
+            // The types the HTTP client (ureq, over `http`) builds its request from: what passes
+            // here is what it can send, and a value cannot smuggle a second header.
+            let header_name = http::HeaderName::from_bytes(name.as_bytes());
+            if header_name.is_err() {
                 self.error_at(raw, format!("{who}: header name {name:?} is not a valid HTTP header name"));
-            } else if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            } else if header_name.is_ok_and(|n| RESERVED_HEADERS.contains(&n.as_str())) {
                 self.error_at(raw, format!("{who}: header {name:?} is set by policy-audit and cannot be configured"));
             } else if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
                 self.error_at(raw, format!("{who}: header {name:?} has a line break in its value"));
+            } else if http::HeaderValue::from_str(value).is_err() {
+                self.error_at(
+                    raw,
+                    format!(
+                        "{who}: header {name:?} has a value that is not a valid HTTP header value (it has a control character)"
+                    ),
+                );
             } else {
                 out.push((name.clone(), value.clone()));
             }

@@ -211,3 +211,20 @@ fn a_project_url_is_read_by_the_url_parser() {
     assert!(errors(&p("https://oauth2:hunter2@exa mple.com/a/b.git")).contains("is not a valid URL"));
     assert!(!errors(&p("https://oauth2:hunter2@exa mple.com/a/b.git")).contains("hunter2"));
 }
+
+#[test]
+fn header_names_and_values_are_what_the_http_client_can_send() {
+    let d = "[[destinations]]\nname = \"s\"\nurl = \"https://siem.example.com/x\"\n";
+    let header = |name: &str, value: &str| errors(&format!("{d}headers = {{ \"{name}\" = \"{value}\" }}\n"));
+    for bad_name in ["Bad Header", "", "X-Ä", "X:Y"] {
+        assert!(header(bad_name, "v").contains("is not a valid HTTP header name"), "{bad_name:?}");
+    }
+    assert!(header("content-TYPE", "x").contains("is set by policy-audit"));
+    assert!(header("X-A", "a\\r\\nX-Injected: 1").contains("has a line break in its value"));
+    for bad_value in ["bell\\u0007", "del\\u007f", "esc\\u001b[2J"] {
+        assert!(header("X-A", bad_value).contains("is not a valid HTTP header value"), "{bad_value:?}");
+    }
+    let ok = parse(&format!("{d}headers = {{ \"X-Tenant\" = \"acme corp\\tblue\", \"X-Team\" = \"caf\u{e9}\" }}\n"))
+        .expect("valid headers");
+    assert_eq!(ok.destinations[0].headers.len(), 2);
+}
