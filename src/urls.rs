@@ -21,6 +21,19 @@ pub fn parse(text: &str) -> Option<Result<Url, url::ParseError>> {
     text.trim().contains("://").then(|| Url::parse(text.trim()))
 }
 
+/// `text` without the `user:password@` of its authority, when `text` is a URL (`Some`, in the
+/// parser's normal spelling when there was userinfo to remove, unchanged otherwise); None for
+/// text the parser does not read as a URL.
+pub fn without_userinfo(text: &str) -> Option<String> {
+    let mut url = parse(text)?.ok()?;
+    if url.username().is_empty() && url.password().is_none() {
+        return Some(text.to_string());
+    }
+    url.set_password(None).ok()?;
+    url.set_username("").ok()?;
+    Some(url.into())
+}
+
 /// `text` as an http or https URL with a host; None when it is not one.
 pub fn web(text: &str) -> Option<Url> {
     let url = parse(text)?.ok()?;
@@ -122,6 +135,24 @@ mod tests {
         for not_web in ["ftp://h/x", "file:///srv/spp", "https://", "siem.example.com", "https://exa mple.com/", ""] {
             assert!(web(not_web).is_none(), "{not_web:?} is not a web URL");
         }
+    }
+
+    #[test]
+    fn userinfo_is_what_the_parser_calls_userinfo() {
+        let cases = [
+            ("https://oauth2:glpat-x@gitlab.example.com/a/b.git", "https://gitlab.example.com/a/b.git"),
+            ("https://user:p@ss@gitlab.example.com/a", "https://gitlab.example.com/a"),
+            ("https://tok@h/x", "https://h/x"),
+            ("https://:pw@h/x", "https://h/x"),
+            ("https://h/a@b", "https://h/a@b"),
+            ("https://h/x?u=a:b@c", "https://h/x?u=a:b@c"),
+            ("HTTPS://GitLab.Example.com/a", "HTTPS://GitLab.Example.com/a"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(without_userinfo(input).as_deref(), Some(want), "{input}");
+        }
+        assert_eq!(without_userinfo("/srv/repos/spp"), None);
+        assert_eq!(without_userinfo("https://u:p@exa mple.com/"), None);
     }
 
     #[test]
