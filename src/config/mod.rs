@@ -3,6 +3,12 @@
 //! Two stages, as the user wrote it ([`raw`]) and what the program runs on ([`Config`]). Every
 //! error names `file:line:column` and the key. Loading never touches the state directory, so
 //! `check-config` is safe to run next to a live daemon.
+//!
+//! One file per section: the top-level keys and the shared checks (durations, secrets, plain
+//! http) here; `[[projects]]` in `projects` (same repository: `same_repo`), `[[destinations]]`
+//! and their headers in `destinations`, `schedule`/`timezone` in `schedule`, `[gitlab]`,
+//! feature flags, TLS files and secrets in their own files. Every URL decision goes through
+//! [`crate::urls`].
 
 mod destinations;
 mod flag;
