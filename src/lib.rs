@@ -24,3 +24,4 @@ pub mod store;
 pub mod stream;
 pub mod text;
 pub mod tls;
+pub mod urls;

@@ -68,9 +68,13 @@ fn is_colour_code(rest: &str) -> bool {
     body[end..].starts_with('m')
 }
 
-/// The URL with any `user:password@` removed, for messages and logs. Text that is not a URL
-/// with an authority (a local path) is returned unchanged.
+/// The URL with any `user:password@` removed, for messages and logs. A URL is read by the one
+/// URL parser ([`crate::urls`]); text it does not read as a URL (a local path, a mistyped URL)
+/// still loses anything before an `@` in what looks like its authority: a password never shows.
 pub fn redact_url(url: &str) -> String {
+    if let Some(redacted) = crate::urls::without_userinfo(url) {
+        return redacted;
+    }
     let Some(scheme_end) = url.find("://") else {
         // No scheme (a mistyped URL): `user:password@host/path` still carries a password.
         let authority_end = url.find('/').unwrap_or(url.len());
@@ -87,27 +91,24 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// `text` (an error chain, a log line) with the userinfo of every URL in it removed.
+/// `text` (an error chain, a log line) with the userinfo of every URL in it removed. A URL in
+/// prose runs from its scheme to the next space, quote or angle bracket; each is then redacted
+/// by [`redact_url`].
 pub fn redact_urls(text: &str) -> Cow<'_, str> {
     if !text.contains("://") || !text.contains('@') {
         return Cow::Borrowed(text);
     }
+    let ends_url = |c: char| matches!(c, '"' | '\'' | '`' | '<' | '>') || c.is_whitespace();
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find("://") {
-        out.push_str(&rest[..i + 3]);
-        rest = &rest[i + 3..];
-        // The authority ends at a path, query or fragment, or where the URL ends in the text.
-        let end = rest
-            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '`' | '<' | '>') || c.is_whitespace())
-            .unwrap_or(rest.len());
-        match rest[..end].rfind('@') {
-            Some(at) => rest = &rest[at + 1..],
-            None => {
-                out.push_str(&rest[..end]);
-                rest = &rest[end..];
-            }
-        }
+        let scheme_start = rest[..i]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |p| p + rest[p..].chars().next().map_or(1, char::len_utf8));
+        out.push_str(&rest[..scheme_start]);
+        let end = rest[i + 3..].find(ends_url).map_or(rest.len(), |e| i + 3 + e);
+        out.push_str(&redact_url(&rest[scheme_start..end]));
+        rest = &rest[end..];
     }
     out.push_str(rest);
     Cow::Owned(out)
@@ -136,7 +137,8 @@ mod tests {
             redact_url("https://oauth2:glpat-x@gitlab.example.com/a/b.git"),
             "https://gitlab.example.com/a/b.git"
         );
-        assert_eq!(redact_url("ftp://u:p@h"), "ftp://h");
+        assert_eq!(redact_url("ftp://u:p@h"), "ftp://h/");
+        assert_eq!(redact_url("https://u:p@exa mple/x"), "https://exa mple/x");
         assert_eq!(redact_url("/srv/repos/spp"), "/srv/repos/spp");
         assert_eq!(redact_url("https://h/a@b"), "https://h/a@b");
         assert_eq!(redact_url("user:pw@h/x"), "h/x");
@@ -145,9 +147,14 @@ mod tests {
     #[test]
     fn credentials_are_removed_from_text() {
         assert_eq!(
-            redact_urls("url = \"ftp://u:s3cret@h:21/x\" and https://a:b@c d@e"),
-            "url = \"ftp://h:21/x\" and https://c d@e"
+            redact_urls("url = \"ftp://u:s3cret@h:2121/x\" and https://a:b@c d@e"),
+            "url = \"ftp://h:2121/x\" and https://c/ d@e"
         );
         assert_eq!(redact_urls("no urls here"), "no urls here");
+        assert_eq!(
+            redact_urls("fetch of https://oauth2:glpat-x@gitlab.example.com/a.git failed: 401 (user a@b)"),
+            "fetch of https://gitlab.example.com/a.git failed: 401 (user a@b)"
+        );
+        assert_eq!(redact_urls("(https://u:p@h/x)"), "(https://h/x)");
     }
 }

@@ -28,9 +28,9 @@ impl Checker<'_> {
     pub(super) fn gitlab(&mut self, raw: Option<RawGitLab>, base: &Path) -> Option<GitLab> {
         let raw = raw?;
         let url = raw.url.get_ref().trim().trim_end_matches('/').to_string();
-        match url::Url::parse(&url) {
-            Ok(u) if matches!(u.scheme(), "https" | "http") && u.host_str().is_some() => {}
-            _ => {
+        match crate::urls::web(&url) {
+            Some(_) => {}
+            None => {
                 self.error_at(
                     &raw.url,
                     "`gitlab.url` must be an https:// (or loopback http://) URL of the GitLab instance",

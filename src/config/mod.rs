@@ -3,47 +3,44 @@
 //! Two stages, as the user wrote it ([`raw`]) and what the program runs on ([`Config`]). Every
 //! error names `file:line:column` and the key. Loading never touches the state directory, so
 //! `check-config` is safe to run next to a live daemon.
+//!
+//! One file per section: the top-level keys and the shared checks (durations, secrets, plain
+//! http) here; `[[projects]]` in `projects` (same repository: `same_repo`), `[[destinations]]`
+//! and their headers in `destinations`, `schedule`/`timezone` in `schedule`, `[gitlab]`,
+//! feature flags, TLS files and secrets in their own files. Every URL decision goes through
+//! [`crate::urls`].
 
+mod destinations;
 mod flag;
 mod gitlab;
 mod nats;
+mod projects;
 mod raw;
 mod same_repo;
+mod schedule;
 mod secret;
 mod tls;
 
+pub use destinations::{Destination, MAX_CUSTOM_HEADERS, path_has_prefix};
 pub use flag::FeatureFlag;
 pub use gitlab::GitLab;
 pub use nats::{Cluster, DEFAULT_CLUSTER_NAME, DEFAULT_LEASE_TTL, DestinationKind, NatsAuth, NatsTarget};
+pub use projects::Project;
 pub use raw::InitialSync;
+pub use schedule::{DEFAULT_SCHEDULE, normalize_cron};
 pub use secret::Secret;
 
-use crate::event::EventType;
-use crate::policy::{Limits, PolicySchema, PolicyType};
-use crate::tls::TlsSettings;
-use raw::{RawConfig, RawDestination, RawLimits, RawProject};
+use crate::policy::PolicySchema;
+use raw::RawConfig;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
 
-pub const DEFAULT_SCHEDULE: &str = "0 */5 * * * *";
 pub const DEFAULT_POLICY_FILE: &str = ".gitlab/security-policies/policy.yml";
 pub const DEFAULT_MAX_POLICY_FILE_BYTES: u64 = 1024 * 1024;
-pub const MAX_CUSTOM_HEADERS: usize = 20;
 pub const DEFAULT_PARALLELISM: usize = 4;
-/// Headers policy-audit sets itself; config may not override them.
-const RESERVED_HEADERS: &[&str] = &[
-    "content-type",
-    "content-length",
-    "host",
-    "x-gitlab-event-streaming-token",
-    "x-gitlab-audit-event-type",
-    "webhook-id",
-    "webhook-timestamp",
-    "webhook-signature",
-];
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -71,73 +68,6 @@ pub struct Config {
     pub cluster: Option<Cluster>,
     /// Things that are accepted but worth saying (e.g. merged duplicate projects).
     pub warnings: Vec<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Project {
-    /// SPP full path: the project's identity and `entity_path`.
-    pub path: String,
-    pub id: Option<i64>,
-    /// As configured, with a relative local path made absolute.
-    pub url: String,
-    pub branch: String,
-    pub policy_file: String,
-    pub linked: Vec<String>,
-    pub token: Option<Secret>,
-    pub initial_sync: InitialSync,
-    pub limits: Limits,
-    /// `ca_file` and client certificate for an https fetch.
-    pub tls: TlsSettings,
-}
-
-impl Project {
-    /// The project as events name it.
-    pub fn spp(&self) -> crate::event::Spp<'_> {
-        crate::event::Spp {
-            path: &self.path,
-            id: self.id,
-            branch: &self.branch,
-            policy_file: &self.policy_file,
-            linked: &self.linked,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Destination {
-    pub name: String,
-    /// An http(s) URL, or for `kind = "nats"` the NATS servers.
-    pub url: String,
-    pub kind: DestinationKind,
-    pub verification_token: Option<Secret>,
-    pub signing_secret: Option<Secret>,
-    pub event_types: Vec<EventType>,
-    pub namespaces: Vec<String>,
-    pub headers: Vec<(String, String)>,
-    pub timeout: Duration,
-    pub max_attempts: u32,
-    pub max_age: Duration,
-    /// Backoff ceiling after the first failure; doubles per attempt up to `backoff_max`.
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
-    /// `ca_file` and client certificate (mTLS) for this destination.
-    pub tls: TlsSettings,
-}
-
-impl Destination {
-    /// Whether an event of this type, about these paths, goes to this destination.
-    pub fn wants(&self, event_type: EventType, paths: &[&str]) -> bool {
-        let type_ok = self.event_types.is_empty() || self.event_types.contains(&event_type);
-        let ns_ok = self.namespaces.is_empty()
-            || self.namespaces.iter().any(|prefix| paths.iter().any(|p| path_has_prefix(p, prefix)));
-        type_ok && ns_ok
-    }
-}
-
-/// `acme` is a prefix of `acme` and `acme/web`, not of `acme-corp`.
-pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
-    let prefix = prefix.trim_end_matches('/');
-    path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Every problem found in a config file, one line each.
@@ -252,29 +182,8 @@ impl Checker<'_> {
     }
 
     fn validate(&mut self, raw: RawConfig) -> Option<Config> {
-        let schedule = match &raw.schedule {
-            None => DEFAULT_SCHEDULE.to_string(),
-            Some(s) => match normalize_cron(s.get_ref()) {
-                Ok(cron) => cron,
-                Err(e) => {
-                    self.error_at(s, format!("`schedule` = {:?} is not a valid cron expression: {e}", s.get_ref()));
-                    String::new()
-                }
-            },
-        };
-        let timezone = match &raw.timezone {
-            None => chrono_tz::UTC,
-            Some(tz) => tz.get_ref().parse().unwrap_or_else(|_| {
-                self.error_at(
-                    tz,
-                    format!(
-                        "`timezone` = {:?} is not an IANA time zone name (e.g. \"UTC\", \"Europe/Berlin\")",
-                        tz.get_ref()
-                    ),
-                );
-                chrono_tz::UTC
-            }),
-        };
+        let schedule = self.schedule(&raw.schedule);
+        let timezone = self.timezone(&raw.timezone);
         let base = self.base_dir();
         let state_dir = match &raw.state_dir {
             Some(dir) if dir.get_ref().trim().is_empty() => {
@@ -357,139 +266,10 @@ impl Checker<'_> {
         })
     }
 
-    fn projects(&mut self, raws: Vec<RawProject>, base: &Path) -> (Vec<Project>, Vec<String>) {
-        let mut projects: Vec<(Project, Spanned<String>)> = Vec::new();
-        let mut warnings = Vec::new();
-        for raw in raws {
-            let Some(project) = self.project(&raw, base) else {
-                continue;
-            };
-            let key = repo_key(&project.url, &project.branch);
-            if let Some((existing, first)) = projects.iter_mut().find(|(p, _)| repo_key(&p.url, &p.branch) == key) {
-                if existing.path != project.path {
-                    let first_at = self.locate(first.span().start);
-                    self.error_at(
-                        &raw.path,
-                        format!(
-                            "project {:?} has the same url and branch as project {:?} ({first_at}); one repository must have one path",
-                            project.path, existing.path
-                        ),
-                    );
-                    continue;
-                }
-                let at = self.locate(raw.path.span().start);
-                warnings.push(format!(
-                    "{at}: project {:?} is configured twice with the same url and branch; merged into one (one poll, linked namespaces combined)",
-                    project.path
-                ));
-                for ns in project.linked {
-                    if !existing.linked.contains(&ns) {
-                        existing.linked.push(ns);
-                    }
-                }
-                continue;
-            }
-            if let Some((_, first)) = projects.iter().find(|(p, _)| p.path == project.path) {
-                let first_at = self.locate(first.span().start);
-                self.error_at(
-                    &raw.path,
-                    format!(
-                        "duplicate project path {:?} (first at {first_at}) with a different url or branch",
-                        project.path
-                    ),
-                );
-                continue;
-            }
-            projects.push((project, raw.path.clone()));
-        }
-        (projects.into_iter().map(|(p, _)| p).collect(), warnings)
-    }
-
-    fn project(&mut self, raw: &RawProject, base: &Path) -> Option<Project> {
-        let path = raw.path.get_ref().trim().to_string();
-        if path.is_empty() || path.starts_with('/') || path.ends_with('/') || path.contains("//") {
-            self.error_at(
-                &raw.path,
-                format!("project `path` = {path:?} must be a full path like \"acme/security-policies\""),
-            );
-            return None;
-        }
-        let url = self.repo_url(&raw.url, base)?;
-        let branch = raw.branch.as_ref().map(|b| b.get_ref().trim().to_string()).unwrap_or_else(|| "main".into());
-        if let Some(b) = &raw.branch
-            && (branch.is_empty() || branch.starts_with("refs/") || branch.contains(' ') || branch.contains(".."))
-        {
-            self.error_at(b, format!("project {path:?}: `branch` = {branch:?} must be a branch name like \"main\""));
-        }
-        let policy_file = raw
-            .policy_file
-            .as_ref()
-            .map(|f| f.get_ref().trim_matches('/').to_string())
-            .unwrap_or_else(|| DEFAULT_POLICY_FILE.into());
-        if let Some(f) = &raw.policy_file
-            && (policy_file.is_empty() || policy_file.split('/').any(|c| c.is_empty() || c == "." || c == ".."))
-        {
-            self.error_at(
-                f,
-                format!("project {path:?}: `policy_file` = {:?} must be a path inside the repository", f.get_ref()),
-            );
-        }
-        let token = self.secret(&path, "token", &raw.token_env, &raw.token_file, base);
-        let has_token = raw.token_env.is_some() || raw.token_file.is_some();
-        self.check_plain_http(&raw.url, &format!("project {path:?}"), "token", has_token, raw.allow_insecure_http);
-        let limits = raw.limits.as_ref().map(limits_of).unwrap_or_default();
-        let tls =
-            self.tls(&format!("project {path:?}"), [&raw.ca_file, &raw.client_cert_file, &raw.client_key_file], base);
-        let mut linked: Vec<String> = Vec::new();
-        for ns in &raw.linked {
-            let ns = ns.trim_matches('/').to_string();
-            if !ns.is_empty() && !linked.contains(&ns) {
-                linked.push(ns);
-            }
-        }
-        Some(Project {
-            path,
-            id: raw.id,
-            url,
-            branch,
-            policy_file,
-            linked,
-            token,
-            initial_sync: raw.initial_sync.unwrap_or_default(),
-            limits,
-            tls,
-        })
-    }
-
-    fn repo_url(&mut self, raw: &Spanned<String>, base: &Path) -> Option<String> {
-        let url = raw.get_ref().trim();
-        if url.is_empty() {
-            self.error_at(raw, "project `url` must not be empty");
-            return None;
-        }
-        if let Some((scheme, _)) = url.split_once("://") {
-            if !matches!(scheme, "https" | "http" | "file") {
-                self.error_at(
-                    raw,
-                    format!(
-                        "project `url` scheme {scheme:?} is not supported (use https, http, file:// or a local path)"
-                    ),
-                );
-                return None;
-            }
-            return Some(url.to_string());
-        }
-        if url.contains('@') && url.contains(':') {
-            self.error_at(raw, "ssh urls are not supported: use https with `token_env`, or a local path");
-            return None;
-        }
-        Some(base.join(url).to_string_lossy().into_owned())
-    }
-
     /// A secret goes over plain http only to a loopback address, or when the user says so.
     fn check_plain_http(&mut self, url: &Spanned<String>, who: &str, what: &str, has_secret: bool, allowed: bool) {
-        let plain = url.get_ref().trim().starts_with("http://");
-        let loopback = http_host(url.get_ref().trim()).as_deref().is_some_and(is_loopback_host);
+        let plain = crate::urls::is_plain_http(url.get_ref());
+        let loopback = crate::urls::is_loopback(url.get_ref());
         if has_secret && plain && !loopback && !allowed {
             self.error_at(
                 url,
@@ -521,189 +301,6 @@ impl Checker<'_> {
             (None, None) => None,
         }
     }
-
-    fn destinations(&mut self, raws: Vec<RawDestination>, base: &Path) -> Vec<Destination> {
-        let mut out: Vec<Destination> = Vec::new();
-        for raw in raws {
-            let name = raw.name.get_ref().trim().to_string();
-            if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) {
-                self.error_at(&raw.name, format!("destination `name` = {name:?} must be a non-empty name without '/'"));
-                continue;
-            }
-            if out.iter().any(|d| d.name == name) {
-                self.error_at(&raw.name, format!("duplicate destination name {name:?}"));
-                continue;
-            }
-            let who = format!("destination {name:?}");
-            let url = raw.url.get_ref().trim().to_string();
-            let kind = self.destination_kind(&who, &raw, base);
-            let host = http_host(&url);
-            if host.is_none() && kind == DestinationKind::Http {
-                self.error_at(
-                    &raw.url,
-                    format!("{who}: `url` = {:?} must be an http:// or https:// URL", crate::text::redact_url(&url)),
-                );
-            }
-            let verification_token = self.secret(
-                &who,
-                "verification_token",
-                &raw.verification_token_env,
-                &raw.verification_token_file,
-                base,
-            );
-            let signing_secret =
-                self.secret(&who, "signing_secret", &raw.signing_secret_env, &raw.signing_secret_file, base);
-            if let Some(b64) = signing_secret.as_ref().and_then(|s| s.expose().strip_prefix("whsec_"))
-                && base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).is_err()
-                && let Some(at) = raw.signing_secret_env.as_ref().or(raw.signing_secret_file.as_ref())
-            {
-                self.error_at(
-                    at,
-                    format!("{who}: the signing secret starts with `whsec_` but the rest is not valid base64"),
-                );
-            }
-            let has_secret = raw.verification_token_env.is_some()
-                || raw.verification_token_file.is_some()
-                || raw.signing_secret_env.is_some()
-                || raw.signing_secret_file.is_some();
-            self.check_plain_http(&raw.url, &who, "token or signing secret", has_secret, raw.allow_insecure_http);
-            let mut event_types = Vec::new();
-            for t in &raw.event_types {
-                match EventType::from_name(t.get_ref()) {
-                    Some(t) => event_types.push(t),
-                    None => self.error_at(
-                        t,
-                        format!(
-                            "{who}: unknown event type {:?} (expected one of: {})",
-                            t.get_ref(),
-                            EventType::ALL.map(EventType::name).join(", ")
-                        ),
-                    ),
-                }
-            }
-            let headers = self.headers(&who, raw.headers.as_ref());
-            let timeout = self.duration(&raw.timeout, "timeout", Duration::from_secs(10));
-            let max_age = self.duration(&raw.max_age, "max_age", Duration::from_secs(24 * 3600));
-            let backoff_initial = self.duration(&raw.backoff_initial, "backoff_initial", Duration::from_secs(1));
-            let backoff_max = self.duration(&raw.backoff_max, "backoff_max", Duration::from_secs(300));
-            let max_attempts = match &raw.max_attempts {
-                Some(n) if *n.get_ref() == 0 => {
-                    self.error_at(n, format!("{who}: `max_attempts` must be at least 1"));
-                    1
-                }
-                Some(n) => *n.get_ref(),
-                None => 12,
-            };
-            let tls = self.tls(&who, [&raw.ca_file, &raw.client_cert_file, &raw.client_key_file], base);
-            out.push(Destination {
-                name,
-                url,
-                kind,
-                verification_token,
-                signing_secret,
-                event_types,
-                namespaces: raw
-                    .namespaces
-                    .iter()
-                    .map(|n| n.trim_matches('/').to_string())
-                    .filter(|n| !n.is_empty())
-                    .collect(),
-                headers,
-                timeout,
-                max_attempts,
-                max_age,
-                backoff_initial,
-                backoff_max,
-                tls,
-            });
-        }
-        out
-    }
-
-    fn headers(&mut self, who: &str, raw: Option<&Spanned<BTreeMap<String, String>>>) -> Vec<(String, String)> {
-        let Some(raw) = raw else { return Vec::new() };
-        if raw.get_ref().len() > MAX_CUSTOM_HEADERS {
-            self.error_at(
-                raw,
-                format!(
-                    "{who}: at most {MAX_CUSTOM_HEADERS} custom headers are allowed, found {}",
-                    raw.get_ref().len()
-                ),
-            );
-        }
-        let mut out = Vec::new();
-        for (name, value) in raw.get_ref() {
-            let valid_name =
-                !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-            if !valid_name {
-                self.error_at(raw, format!("{who}: header name {name:?} is not a valid HTTP header name"));
-            } else if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
-                self.error_at(raw, format!("{who}: header {name:?} is set by policy-audit and cannot be configured"));
-            } else if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-                self.error_at(raw, format!("{who}: header {name:?} has a line break in its value"));
-            } else {
-                out.push((name.clone(), value.clone()));
-            }
-        }
-        out
-    }
-}
-
-fn limits_of(raw: &RawLimits) -> Limits {
-    let mut map = BTreeMap::new();
-    let approval = raw.approval_policy.or(raw.scan_result_policy);
-    for (t, v) in [
-        (PolicyType::Approval, approval),
-        (PolicyType::ScanExecution, raw.scan_execution_policy),
-        (PolicyType::PipelineExecution, raw.pipeline_execution_policy),
-        (PolicyType::PipelineExecutionSchedule, raw.pipeline_execution_schedule_policy),
-        (PolicyType::VulnerabilityManagement, raw.vulnerability_management_policy),
-    ] {
-        if let Some(v) = v {
-            map.insert(t, v);
-        }
-    }
-    Limits::new(map)
-}
-
-/// Accepts 5-field cron (minute first) by adding a `0` seconds field; validates with the parser
-/// tokio-cron-scheduler uses, so what passes here also schedules.
-pub fn normalize_cron(expr: &str) -> Result<String, String> {
-    let fields: Vec<&str> = expr.split_whitespace().collect();
-    let six = match fields.len() {
-        5 => format!("0 {}", fields.join(" ")),
-        6 | 7 => fields.join(" "),
-        n => return Err(format!("expected 5, 6 or 7 fields, found {n}")),
-    };
-    croner::parser::CronParser::builder()
-        .seconds(croner::parser::Seconds::Required)
-        .dom_and_dow(true)
-        .build()
-        .parse(&six)
-        .map_err(|e| e.to_string())?;
-    Ok(six)
-}
-
-/// Same repository: normalised URLs or canonical paths (see `same_repo`), same branch.
-fn repo_key(url: &str, branch: &str) -> (String, String) {
-    (same_repo::repo_identity(url), branch.to_string())
-}
-
-/// The host of an http(s) URL, or None when it is not one.
-pub fn http_host(url: &str) -> Option<String> {
-    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let host_port = authority.rsplit('@').next()?;
-    let host = if let Some(v6) = host_port.strip_prefix('[') {
-        v6.split(']').next()?.to_string()
-    } else {
-        host_port.split(':').next()?.to_string()
-    };
-    (!host.is_empty()).then_some(host)
-}
-
-pub fn is_loopback_host(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]

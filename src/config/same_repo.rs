@@ -12,23 +12,22 @@
 use std::path::{Component, Path, PathBuf};
 
 /// The identity of a repository URL as [`Config`](super::Config) stored it (local paths are
-/// already absolute).
+/// already absolute), read with the one URL parser, [`crate::urls`].
 pub fn repo_identity(url: &str) -> String {
-    if url.starts_with("http://") || url.starts_with("https://") {
-        if let Ok(parsed) = url::Url::parse(url) {
-            let host = parsed.host_str().unwrap_or_default().to_ascii_lowercase();
-            let port = parsed.port().map(|p| format!(":{p}")).unwrap_or_default();
-            let path = parsed.path().trim_end_matches('/');
-            let path = path.strip_suffix(".git").unwrap_or(path).trim_end_matches('/');
-            return format!("web://{host}{port}{}", path.to_lowercase());
-        }
-        return url.to_string();
+    if let Some(parsed) = crate::urls::web(url) {
+        let host = parsed.host_str().unwrap_or_default().to_ascii_lowercase();
+        let port = parsed.port().map(|p| format!(":{p}")).unwrap_or_default();
+        let path = parsed.path().trim_end_matches('/');
+        let path = path.strip_suffix(".git").unwrap_or(path).trim_end_matches('/');
+        return format!("web://{host}{port}{}", path.to_lowercase());
     }
-    let local = match url.strip_prefix("file://") {
-        Some(rest) => match url::Url::parse(url).ok().and_then(|u| u.to_file_path().ok()) {
-            Some(path) => path,
-            None => PathBuf::from(rest),
+    let local = match crate::urls::parse(url) {
+        Some(Ok(parsed)) if parsed.scheme() == "file" => match parsed.to_file_path() {
+            Ok(path) => path,
+            Err(()) => PathBuf::from(url.split_once("://").map_or(url, |(_, rest)| rest)),
         },
+        // Any other URL (validation has refused it): its text is its identity.
+        Some(_) => return url.to_string(),
         None => PathBuf::from(url),
     };
     let canonical = std::fs::canonicalize(&local).unwrap_or_else(|_| lexical(&local));

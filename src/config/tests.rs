@@ -1,4 +1,5 @@
 use super::*;
+use crate::event::EventType;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::parse(Path::new("/etc/pa/config.toml"), text)
@@ -171,4 +172,59 @@ fn tls_files_are_resolved_relative_to_the_config_and_not_read_without_secrets() 
     let text = format!("{PROJECT}ca_file = \"tls/ca.pem\"\n");
     let c = Config::parse_with(Path::new("/etc/pa/config.toml"), &text, false).unwrap();
     assert_eq!(c.projects[0].tls.ca_file.as_deref(), Some(Path::new("/etc/pa/tls/ca.pem")));
+}
+
+#[test]
+fn a_secret_over_plain_http_is_refused_in_every_spelling_of_a_remote_host() {
+    unsafe { std::env::set_var("POLICY_AUDIT_TEST_SPELLING_TOKEN", "t") };
+    let dest = |url: &str| {
+        format!(
+            "[[destinations]]\nname = \"s\"\nurl = \"{url}\"\nverification_token_env = \"POLICY_AUDIT_TEST_SPELLING_TOKEN\"\n"
+        )
+    };
+    for remote in [
+        "HTTP://siem.example.com/x",
+        "Http://siem.example.com/x",
+        "http://127.0.0.1.evil.com/x",
+        "http://127.0.0.1@evil.com/x",
+        "http://localhost./x",
+        "http://127.1/x",
+    ] {
+        assert!(errors(&dest(remote)).contains("would be sent over plain http"), "{remote} must be refused");
+    }
+    for local in ["http://[::1]:8080/x", "http://evil@127.0.0.1:8080/x", "HTTP://LOCALHOST:8080/x"] {
+        assert!(parse(&dest(local)).is_ok(), "{local} is this machine");
+    }
+    let gitlab = "[gitlab]\nurl = \"HTTP://gitlab.example.com\"\ntoken_env = \"POLICY_AUDIT_TEST_SPELLING_TOKEN\"\n";
+    assert!(errors(gitlab).contains("would be sent over plain http"));
+}
+
+#[test]
+fn a_project_url_is_read_by_the_url_parser() {
+    let p = |url: &str| format!("[[projects]]\npath = \"a/b\"\nurl = \"{url}\"\n");
+    let config = parse(&p("HTTPS://gitlab.example.com/a/b.git")).expect("an uppercase scheme is a scheme");
+    assert_eq!(config.projects[0].url, "https://gitlab.example.com/a/b.git");
+    assert!(
+        errors(&p("SSH://git@gitlab.example.com/a/b.git")).contains("project `url` scheme \"ssh\" is not supported")
+    );
+    assert!(errors(&p("https://gitlab example.com/a/b.git")).contains("is not a valid URL"));
+    assert!(errors(&p("https://oauth2:hunter2@exa mple.com/a/b.git")).contains("is not a valid URL"));
+    assert!(!errors(&p("https://oauth2:hunter2@exa mple.com/a/b.git")).contains("hunter2"));
+}
+
+#[test]
+fn header_names_and_values_are_what_the_http_client_can_send() {
+    let d = "[[destinations]]\nname = \"s\"\nurl = \"https://siem.example.com/x\"\n";
+    let header = |name: &str, value: &str| errors(&format!("{d}headers = {{ \"{name}\" = \"{value}\" }}\n"));
+    for bad_name in ["Bad Header", "", "X-Ä", "X:Y"] {
+        assert!(header(bad_name, "v").contains("is not a valid HTTP header name"), "{bad_name:?}");
+    }
+    assert!(header("content-TYPE", "x").contains("is set by policy-audit"));
+    assert!(header("X-A", "a\\r\\nX-Injected: 1").contains("has a line break in its value"));
+    for bad_value in ["bell\\u0007", "del\\u007f", "esc\\u001b[2J"] {
+        assert!(header("X-A", bad_value).contains("is not a valid HTTP header value"), "{bad_value:?}");
+    }
+    let ok = parse(&format!("{d}headers = {{ \"X-Tenant\" = \"acme corp\\tblue\", \"X-Team\" = \"caf\u{e9}\" }}\n"))
+        .expect("valid headers");
+    assert_eq!(ok.destinations[0].headers.len(), 2);
 }

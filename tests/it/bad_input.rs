@@ -625,213 +625,242 @@ fn cfg(name: &'static str, text: &str, at: &'static str, fragment: &'static str)
 const PROJECT: &str = "[[projects]]\npath = \"acme/spp\"\nurl = \"/srv/git/spp\"\n";
 const DESTINATION: &str = "[[destinations]]\nname = \"siem\"\nurl = \"https://siem.example.com/audit\"\n";
 
-fn config_cases() -> Vec<ConfigCase> {
-    let many_headers: String = (1..=21).map(|i| format!("\"X-H{i}\" = \"v\"")).collect::<Vec<_>>().join(", ");
-    vec![
-        cfg("unknown key", "state_dir = \"state\"\ncolour = \"red\"\n", "2:1", "unknown field `colour`"),
-        cfg("unknown key in a project", &format!("{PROJECT}brnach = \"main\"\n"), "4:1", "unknown field `brnach`"),
-        cfg(
-            "wrong type (string for an integer)",
-            "max_policy_file_bytes = \"1MiB\"\n",
-            "1:25",
-            "invalid type: string \"1MiB\", expected u64",
-        ),
-        cfg(
-            "max_policy_file_bytes = 0",
-            "max_policy_file_bytes = 0\n",
-            "1:25",
-            "`max_policy_file_bytes` must be at least 1",
-        ),
-        cfg(
-            "bad cron (hour 25)",
-            "schedule = \"0 0 25 * * *\"\n",
-            "1:12",
-            "`schedule` = \"0 0 25 * * *\" is not a valid cron expression",
-        ),
-        cfg("4-field cron", "schedule = \"*/5 * * *\"\n", "1:12", "expected 5, 6 or 7 fields, found 4"),
-        cfg(
-            "bad timezone",
-            "timezone = \"Mars/Olympus_Mons\"\n",
-            "1:12",
-            "`timezone` = \"Mars/Olympus_Mons\" is not an IANA time zone name",
-        ),
-        cfg(
-            "missing secret env",
-            &format!("{PROJECT}token_env = \"POLICY_AUDIT_BAD_INPUT_UNSET\"\n"),
-            "4:13",
-            "acme/spp: `token_env`: environment variable POLICY_AUDIT_BAD_INPUT_UNSET is not set",
-        ),
-        cfg(
-            "missing secret file",
-            &format!("{PROJECT}token_file = \"no-such-token.txt\"\n"),
-            "4:14",
-            "acme/spp: `token_file`: cannot read",
-        ),
-        cfg(
-            "both token_env and token_file",
-            &format!("{PROJECT}token_env = \"HOME\"\ntoken_file = \"token.txt\"\n"),
-            "4:13",
-            "set either `token_env` or `token_file`, not both",
-        ),
-        cfg(
-            "duplicate project path with a different url",
-            &format!("{PROJECT}{}", PROJECT.replace("/srv/git/spp", "/srv/git/other")),
-            "5:8",
-            "duplicate project path \"acme/spp\" (first at config.toml:2:8) with a different url or branch",
-        ),
-        cfg(
-            "same url and branch under two paths",
-            &format!("{PROJECT}{}", PROJECT.replace("acme/spp", "acme/spp-copy")),
-            "5:8",
-            "project \"acme/spp-copy\" has the same url and branch as project \"acme/spp\" (config.toml:2:8)",
-        ),
-        cfg(
-            "ssh url",
-            "[[projects]]\npath = \"acme/spp\"\nurl = \"git@gitlab.example.com:acme/spp.git\"\n",
-            "3:7",
-            "ssh urls are not supported",
-        ),
-        cfg(
-            "ftp url",
-            "[[projects]]\npath = \"acme/spp\"\nurl = \"ftp://example.com/spp.git\"\n",
-            "3:7",
-            "project `url` scheme \"ftp\" is not supported",
-        ),
-        cfg(
-            "token over plain http to a non-loopback host",
-            "[[projects]]\npath = \"acme/spp\"\nurl = \"http://gitlab.example.com/acme/spp.git\"\ntoken_file = \"token.txt\"\n",
-            "3:7",
-            "the token would be sent over plain http to a non-loopback host",
-        ),
-        cfg(
-            "relative destination url",
-            "[[destinations]]\nname = \"siem\"\nurl = \"/gitlab-audit\"\n",
-            "3:7",
-            "destination \"siem\": `url` = \"/gitlab-audit\" must be an http:// or https:// URL",
-        ),
-        cfg(
-            "duplicate destination name",
-            &format!("{DESTINATION}{DESTINATION}"),
-            "5:8",
-            "duplicate destination name \"siem\"",
-        ),
-        cfg(
-            "bad header name",
-            &format!("{DESTINATION}headers = {{ \"X Source\" = \"policy-audit\" }}\n"),
-            "4:11",
-            "header name \"X Source\" is not a valid HTTP header name",
-        ),
-        cfg(
-            "more than 20 headers",
-            &format!("{DESTINATION}headers = {{ {many_headers} }}\n"),
-            "4:11",
-            "at most 20 custom headers are allowed, found 21",
-        ),
-        cfg(
-            "reserved header",
-            &format!("{DESTINATION}headers = {{ \"Content-Type\" = \"text/plain\" }}\n"),
-            "4:11",
-            "header \"Content-Type\" is set by policy-audit and cannot be configured",
-        ),
-        cfg(
-            "line break in a header value",
-            &format!("{DESTINATION}headers = {{ \"X-Source\" = \"a\\r\\nX-Evil: 1\" }}\n"),
-            "4:11",
-            "header \"X-Source\" has a line break in its value",
-        ),
-        cfg(
-            "unknown event type filter",
-            &format!("{DESTINATION}event_types = [\"security_policy_created\"]\n"),
-            "4:16",
-            "unknown event type \"security_policy_created\"",
-        ),
-        cfg(
-            "zero max_attempts",
-            &format!("{DESTINATION}max_attempts = 0\n"),
-            "4:16",
-            "`max_attempts` must be at least 1",
-        ),
-        cfg(
-            "bad duration",
-            &format!("{DESTINATION}timeout = \"ten seconds\"\n"),
-            "4:11",
-            "`timeout` = \"ten seconds\" is not a duration",
-        ),
-        cfg(
-            "malformed whsec_ signing secret",
-            &format!("{DESTINATION}signing_secret_file = \"whsec.txt\"\n"),
-            "4:23",
-            "the signing secret starts with `whsec_` but the rest is not valid base64",
-        ),
-        cfg(
-            "unknown initial_sync value",
-            &format!("{PROJECT}initial_sync = \"sometimes\"\n"),
-            "4:16",
-            "unknown variant `sometimes`",
-        ),
-        cfg(
-            "bad feature flag value",
-            "[feature_flags]\nsecurity_policy_audit_events = \"yes\"\n",
-            "2:32",
-            "`feature_flags.security_policy_audit_events`",
-        ),
-        cfg(
-            "policy_file outside the repository",
-            &format!("{PROJECT}policy_file = \"../policy.yml\"\n"),
-            "4:15",
-            "`policy_file` = \"../policy.yml\" must be a path inside the repository",
-        ),
-        cfg(
-            "invalid TOML syntax (unterminated string)",
-            "state_dir = \"state\nschedule = \"0 * * * * *\"\n",
-            "1:19",
-            "invalid basic string",
-        ),
-        cfg("duplicate TOML key", "state_dir = \"a\"\nstate_dir = \"b\"\n", "2:1", "duplicate key"),
-        ConfigCase {
-            name: "config file does not exist",
-            text: String::new(),
-            at: None,
-            fragment: "cannot read config file",
-        },
-    ]
+macro_rules! config_cases {
+    ($($test:ident: $case:expr;)*) => {
+        $(
+            #[test]
+            fn $test() {
+                check_config_case(&$case);
+            }
+        )*
+    };
 }
 
-#[test]
-fn bad_config_files_exit_2_with_location_and_key() {
-    let mut failures = Vec::new();
-    let cases = config_cases();
-    for case in &cases {
-        let ws = Workspace::new();
-        ws.write("token.txt", "glpat-not-a-real-token\n");
-        ws.write("whsec.txt", "whsec_!!!not*base64!!!\n");
-        let config: PathBuf = match case.at {
-            Some(_) => ws.write("config.toml", &case.text),
-            None => ws.path("config.toml"),
-        };
-        let started = Instant::now();
-        let out = ws.run(&config, &["check-config"]);
-        let took = started.elapsed();
-        let err = stderr(&out).replace(&config.display().to_string(), "config.toml");
-        let want = match case.at {
-            Some(at) => format!("error: config.toml:{at}: "),
-            None => "error: config.toml: ".to_string(),
-        };
-        let ok = out.status.code() == Some(2)
-            && out.stdout.is_empty()
-            && err.lines().any(|l| l.starts_with(&want) && l.contains(case.fragment))
-            && !ws.path("state").exists();
-        let first = err.lines().next().unwrap_or_default().to_string();
-        eprintln!("| {} | `{}` | {} ms |", case.name, first, took.as_millis());
-        if !ok {
-            failures.push(format!(
-                "{}: exit {:?}, want a line starting {want:?} containing {:?}; stderr:\n{err}",
-                case.name,
-                out.status.code(),
-                case.fragment
-            ));
-        }
-    }
-    assert!(cases.len() >= 21);
-    assert!(failures.is_empty(), "{} of {} config cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+fn many_headers() -> String {
+    (1..=21).map(|i| format!("\"X-H{i}\" = \"v\"")).collect::<Vec<_>>().join(", ")
+}
+
+// One test per case, named after it, so a failure names its case.
+config_cases! {
+    config_unknown_key: cfg("unknown key", "state_dir = \"state\"\ncolour = \"red\"\n", "2:1", "unknown field `colour`");
+    config_unknown_key_in_a_project: cfg("unknown key in a project", &format!("{PROJECT}brnach = \"main\"\n"), "4:1", "unknown field `brnach`");
+    config_wrong_type_string_for_an_integer: cfg(
+        "wrong type (string for an integer)",
+        "max_policy_file_bytes = \"1MiB\"\n",
+        "1:25",
+        "invalid type: string \"1MiB\", expected u64",
+    );
+    config_max_policy_file_bytes_0: cfg(
+        "max_policy_file_bytes = 0",
+        "max_policy_file_bytes = 0\n",
+        "1:25",
+        "`max_policy_file_bytes` must be at least 1",
+    );
+    config_bad_cron_hour_25: cfg(
+        "bad cron (hour 25)",
+        "schedule = \"0 0 25 * * *\"\n",
+        "1:12",
+        "`schedule` = \"0 0 25 * * *\" is not a valid cron expression",
+    );
+    config_4_field_cron: cfg("4-field cron", "schedule = \"*/5 * * *\"\n", "1:12", "expected 5, 6 or 7 fields, found 4");
+    config_bad_timezone: cfg(
+        "bad timezone",
+        "timezone = \"Mars/Olympus_Mons\"\n",
+        "1:12",
+        "`timezone` = \"Mars/Olympus_Mons\" is not an IANA time zone name",
+    );
+    config_missing_secret_env: cfg(
+        "missing secret env",
+        &format!("{PROJECT}token_env = \"POLICY_AUDIT_BAD_INPUT_UNSET\"\n"),
+        "4:13",
+        "acme/spp: `token_env`: environment variable POLICY_AUDIT_BAD_INPUT_UNSET is not set",
+    );
+    config_missing_secret_file: cfg(
+        "missing secret file",
+        &format!("{PROJECT}token_file = \"no-such-token.txt\"\n"),
+        "4:14",
+        "acme/spp: `token_file`: cannot read",
+    );
+    config_both_token_env_and_token_file: cfg(
+        "both token_env and token_file",
+        &format!("{PROJECT}token_env = \"HOME\"\ntoken_file = \"token.txt\"\n"),
+        "4:13",
+        "set either `token_env` or `token_file`, not both",
+    );
+    config_duplicate_project_path_with_a_different_url: cfg(
+        "duplicate project path with a different url",
+        &format!("{PROJECT}{}", PROJECT.replace("/srv/git/spp", "/srv/git/other")),
+        "5:8",
+        "duplicate project path \"acme/spp\" (first at config.toml:2:8) with a different url or branch",
+    );
+    config_same_url_and_branch_under_two_paths: cfg(
+        "same url and branch under two paths",
+        &format!("{PROJECT}{}", PROJECT.replace("acme/spp", "acme/spp-copy")),
+        "5:8",
+        "project \"acme/spp-copy\" has the same url and branch as project \"acme/spp\" (config.toml:2:8)",
+    );
+    config_ssh_url: cfg(
+        "ssh url",
+        "[[projects]]\npath = \"acme/spp\"\nurl = \"git@gitlab.example.com:acme/spp.git\"\n",
+        "3:7",
+        "ssh urls are not supported",
+    );
+    config_ftp_url: cfg(
+        "ftp url",
+        "[[projects]]\npath = \"acme/spp\"\nurl = \"ftp://example.com/spp.git\"\n",
+        "3:7",
+        "project `url` scheme \"ftp\" is not supported",
+    );
+    config_token_over_plain_http_to_a_non_loopback_host: cfg(
+        "token over plain http to a non-loopback host",
+        "[[projects]]\npath = \"acme/spp\"\nurl = \"http://gitlab.example.com/acme/spp.git\"\ntoken_file = \"token.txt\"\n",
+        "3:7",
+        "the token would be sent over plain http to a non-loopback host",
+    );
+    config_token_over_plain_http_with_an_uppercase_scheme: cfg(
+        "token over plain http with an uppercase scheme",
+        "[[projects]]\npath = \"acme/spp\"\nurl = \"HTTP://gitlab.example.com/acme/spp.git\"\ntoken_file = \"token.txt\"\n",
+        "3:7",
+        "the token would be sent over plain http to a non-loopback host",
+    );
+    config_token_over_plain_http_to_a_host_that_starts_like_loopback: cfg(
+        "token over plain http to a host that starts like loopback",
+        "[[projects]]\npath = \"acme/spp\"\nurl = \"http://127.0.0.1.evil.example/acme/spp.git\"\ntoken_file = \"token.txt\"\n",
+        "3:7",
+        "the token would be sent over plain http to a non-loopback host",
+    );
+    config_project_url_that_is_not_a_url: cfg(
+        "project url that is not a URL",
+        "[[projects]]\npath = \"acme/spp\"\nurl = \"https://gitlab example.com/acme/spp.git\"\n",
+        "3:7",
+        "project `url` = \"https://gitlab example.com/acme/spp.git\" is not a valid URL",
+    );
+    config_relative_destination_url: cfg(
+        "relative destination url",
+        "[[destinations]]\nname = \"siem\"\nurl = \"/gitlab-audit\"\n",
+        "3:7",
+        "destination \"siem\": `url` = \"/gitlab-audit\" must be an http:// or https:// URL",
+    );
+    config_duplicate_destination_name: cfg(
+        "duplicate destination name",
+        &format!("{DESTINATION}{DESTINATION}"),
+        "5:8",
+        "duplicate destination name \"siem\"",
+    );
+    config_bad_header_name: cfg(
+        "bad header name",
+        &format!("{DESTINATION}headers = {{ \"X Source\" = \"policy-audit\" }}\n"),
+        "4:11",
+        "header name \"X Source\" is not a valid HTTP header name",
+    );
+    config_more_than_20_headers: cfg(
+        "more than 20 headers",
+        &format!("{DESTINATION}headers = {{ {} }}\n", many_headers()),
+        "4:11",
+        "at most 20 custom headers are allowed, found 21",
+    );
+    config_reserved_header: cfg(
+        "reserved header",
+        &format!("{DESTINATION}headers = {{ \"Content-Type\" = \"text/plain\" }}\n"),
+        "4:11",
+        "header \"Content-Type\" is set by policy-audit and cannot be configured",
+    );
+    config_line_break_in_a_header_value: cfg(
+        "line break in a header value",
+        &format!("{DESTINATION}headers = {{ \"X-Source\" = \"a\\r\\nX-Evil: 1\" }}\n"),
+        "4:11",
+        "header \"X-Source\" has a line break in its value",
+    );
+    config_control_character_in_a_header_value: cfg(
+        "control character in a header value",
+        &format!("{DESTINATION}headers = {{ \"X-Source\" = \"a\\u001b[2Jb\" }}\n"),
+        "4:11",
+        "header \"X-Source\" has a value that is not a valid HTTP header value",
+    );
+    config_unknown_event_type_filter: cfg(
+        "unknown event type filter",
+        &format!("{DESTINATION}event_types = [\"security_policy_created\"]\n"),
+        "4:16",
+        "unknown event type \"security_policy_created\"",
+    );
+    config_zero_max_attempts: cfg(
+        "zero max_attempts",
+        &format!("{DESTINATION}max_attempts = 0\n"),
+        "4:16",
+        "`max_attempts` must be at least 1",
+    );
+    config_bad_duration: cfg(
+        "bad duration",
+        &format!("{DESTINATION}timeout = \"ten seconds\"\n"),
+        "4:11",
+        "`timeout` = \"ten seconds\" is not a duration",
+    );
+    config_malformed_whsec_signing_secret: cfg(
+        "malformed whsec_ signing secret",
+        &format!("{DESTINATION}signing_secret_file = \"whsec.txt\"\n"),
+        "4:23",
+        "the signing secret starts with `whsec_` but the rest is not valid base64",
+    );
+    config_unknown_initial_sync_value: cfg(
+        "unknown initial_sync value",
+        &format!("{PROJECT}initial_sync = \"sometimes\"\n"),
+        "4:16",
+        "unknown variant `sometimes`",
+    );
+    config_bad_feature_flag_value: cfg(
+        "bad feature flag value",
+        "[feature_flags]\nsecurity_policy_audit_events = \"yes\"\n",
+        "2:32",
+        "`feature_flags.security_policy_audit_events`",
+    );
+    config_policy_file_outside_the_repository: cfg(
+        "policy_file outside the repository",
+        &format!("{PROJECT}policy_file = \"../policy.yml\"\n"),
+        "4:15",
+        "`policy_file` = \"../policy.yml\" must be a path inside the repository",
+    );
+    config_invalid_toml_syntax_unterminated_string: cfg(
+        "invalid TOML syntax (unterminated string)",
+        "state_dir = \"state\nschedule = \"0 * * * * *\"\n",
+        "1:19",
+        "invalid basic string",
+    );
+    config_duplicate_toml_key: cfg("duplicate TOML key", "state_dir = \"a\"\nstate_dir = \"b\"\n", "2:1", "duplicate key");
+    config_file_does_not_exist: ConfigCase {
+        name: "config file does not exist",
+        text: String::new(),
+        at: None,
+        fragment: "cannot read config file",
+    };
+}
+
+/// `check-config` on the case's file exits 2, prints nothing on stdout, names `file:line:col`
+/// and the problem on stderr, and creates no state directory.
+fn check_config_case(case: &ConfigCase) {
+    let ws = Workspace::new();
+    ws.write("token.txt", "glpat-not-a-real-token\n");
+    ws.write("whsec.txt", "whsec_!!!not*base64!!!\n");
+    let config: PathBuf = match case.at {
+        Some(_) => ws.write("config.toml", &case.text),
+        None => ws.path("config.toml"),
+    };
+    let started = Instant::now();
+    let out = ws.run(&config, &["check-config"]);
+    let took = started.elapsed();
+    let err = stderr(&out).replace(&config.display().to_string(), "config.toml");
+    let want = match case.at {
+        Some(at) => format!("error: config.toml:{at}: "),
+        None => "error: config.toml: ".to_string(),
+    };
+    let first = err.lines().next().unwrap_or_default().to_string();
+    eprintln!("| {} | `{}` | {} ms |", case.name, first, took.as_millis());
+    assert_eq!(out.status.code(), Some(2), "{}: exit code; stderr:\n{err}", case.name);
+    assert!(out.stdout.is_empty(), "{}: stdout must be empty", case.name);
+    assert!(
+        err.lines().any(|l| l.starts_with(&want) && l.contains(case.fragment)),
+        "{}: want a line starting {want:?} containing {:?}; stderr:\n{err}",
+        case.name,
+        case.fragment
+    );
+    assert!(!ws.path("state").exists(), "{}: check-config created the state directory", case.name);
 }

@@ -30,32 +30,6 @@ fn backfilled(ws: &Workspace) -> (PathBuf, PathBuf) {
     (repo, config)
 }
 
-fn check_config_error(text: &str) -> String {
-    let ws = Workspace::new();
-    let config = ws.write("config.toml", text);
-    let out = ws.run(&config, &["check-config"]);
-    assert_eq!(out.status.code(), Some(2), "check-config should exit 2; stderr: {}", stderr(&out));
-    assert!(stdout(&out).is_empty());
-    stderr(&out).replace(&config.display().to_string(), "config.toml")
-}
-
-#[test]
-fn check_config_rejects_bad_configs_with_location_and_key() {
-    let e = check_config_error("schedule = \"0 */5 * * * *\"\nstate_dir = \"s\"\ncolour = \"red\"\n");
-    assert!(e.starts_with("error: config.toml:3:1: unknown field `colour`"), "{e}");
-    let e = check_config_error("schedule = \"61 * * * *\"\n");
-    assert!(e.starts_with("error: config.toml:1:12: `schedule`") && e.contains("not a valid cron"), "{e}");
-    let e = check_config_error(
-        "[[projects]]\npath = \"a/b\"\nurl = \"/tmp/x\"\ntoken_env = \"POLICY_AUDIT_IT_UNSET_TOKEN\"\n",
-    );
-    assert!(
-        e.starts_with(
-            "error: config.toml:4:13: a/b: `token_env`: environment variable POLICY_AUDIT_IT_UNSET_TOKEN is not set"
-        ),
-        "{e}"
-    );
-}
-
 #[test]
 fn check_config_accepts_the_shipped_example() {
     let ws = Workspace::new();
