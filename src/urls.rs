@@ -34,6 +34,21 @@ pub fn without_userinfo(text: &str) -> Option<String> {
     Some(url.into())
 }
 
+/// The local path of a repository on this machine: `text` itself when it is a path, the path of
+/// a `file://` URL; None for any other URL.
+pub fn local_path(text: &str) -> Option<std::path::PathBuf> {
+    match parse(text) {
+        None => Some(std::path::PathBuf::from(text.trim())),
+        Some(Ok(url)) if url.scheme() == "file" => url.to_file_path().ok(),
+        Some(_) => None,
+    }
+}
+
+/// Whether `text` is an https URL (in any spelling of the scheme).
+pub fn is_https(text: &str) -> bool {
+    web(text).is_some_and(|u| u.scheme() == "https")
+}
+
 /// `text` as an http or https URL with a host; None when it is not one.
 pub fn web(text: &str) -> Option<Url> {
     let url = parse(text)?.ok()?;
@@ -74,6 +89,17 @@ fn is_loopback_name(host: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn local_paths_and_file_urls_name_a_directory_and_other_urls_none() {
+        use std::path::PathBuf;
+        assert_eq!(local_path("/srv/git/spp"), Some(PathBuf::from("/srv/git/spp")));
+        assert_eq!(local_path("file:///srv/git/spp"), Some(PathBuf::from("/srv/git/spp")));
+        assert_eq!(local_path("FILE:///srv/git/a%20b"), Some(PathBuf::from("/srv/git/a b")));
+        assert_eq!(local_path("https://gitlab.example.com/a/b.git"), None);
+        assert!(is_https("HTTPS://siem.example.com/x"));
+        assert!(!is_https("http://siem.example.com/x"));
+    }
     use super::*;
 
     #[test]

@@ -17,11 +17,7 @@ pub use fetch::{FetchOutcome, fetch, redact_url};
 /// The tip of `branch` in a repository on this machine (a local path or `file://` URL), read
 /// directly; None for remote URLs or when it cannot be read (the fetch then decides).
 pub fn local_tip(url: &str, branch: &str) -> Option<ObjectId> {
-    let path = match url.split_once("://") {
-        Some(("file", path)) => path,
-        Some(_) => return None,
-        None => url,
-    };
+    let path = crate::urls::local_path(url)?;
     let repo = gix::open_opts(path, gix::open::Options::isolated()).ok()?;
     let mut reference = repo.try_find_reference(format!("refs/heads/{branch}").as_str()).ok()??;
     reference.peel_to_id().ok().map(|id| id.detach())

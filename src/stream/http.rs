@@ -50,7 +50,7 @@ impl Sender {
             headers: destination.headers.clone(),
             token: destination.verification_token.clone(),
             signing_key: destination.signing_secret.as_ref().map(signing_key),
-            may_need_client_cert: destination.url.starts_with("https://") && destination.tls.client_cert_file.is_none(),
+            may_need_client_cert: crate::urls::is_https(&destination.url) && destination.tls.client_cert_file.is_none(),
         })
     }
 
