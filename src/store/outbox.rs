@@ -1,0 +1,115 @@
+//! The delivery outbox and the dead letters: what the delivery engine reads and moves.
+//!
+//! Keys are `(destination, 0, seq)`, so one destination's deliveries are a contiguous range in
+//! trail order. Updates are durable at the next [`Store::flush`]; losing one to a crash means an
+//! event is delivered again (at least once), never that it is lost.
+
+use super::{Delivery, Store};
+use anyhow::Result;
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+/// Outbox operations used by the delivery engine. Updates are durable at the next
+/// [`Store::flush`]; losing one to a crash means an event is delivered again (at least once),
+/// never that it is lost.
+impl Store {
+    /// The stored bytes of event `seq`: the exact body that is streamed.
+    pub fn event_bytes(&self, seq: u64) -> Result<Option<sled::IVec>> {
+        Ok(self.events.get(seq.to_be_bytes())?)
+    }
+
+    /// The first pending delivery of `destination` at or after `from_seq`.
+    pub fn next_pending(&self, destination: &str, from_seq: u64) -> Result<Option<Delivery>> {
+        let prefix = destination_prefix(destination);
+        let start = delivery_key(destination, from_seq);
+        match self.outbox.range(start..).next() {
+            Some(item) => {
+                let (k, v) = item?;
+                if k.starts_with(&prefix) { Ok(Some(self.decode_delivery("outbox", &k, &v)?)) } else { Ok(None) }
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn reschedule(&self, delivery: &Delivery) -> Result<()> {
+        self.outbox.insert(delivery_key(&delivery.destination, delivery.seq), serde_json::to_vec(delivery)?)?;
+        Ok(())
+    }
+
+    pub fn delivered(&self, delivery: &Delivery) -> Result<()> {
+        // Recorded as sent before it leaves the outbox, without a transaction (this is the hot
+        // path of delivery): a crash in between leaves it pending, so it is sent again (at least
+        // once), never lost.
+        let key = delivery_key(&delivery.destination, delivery.seq);
+        self.sent.insert(key.as_slice(), &[])?;
+        self.outbox.remove(key)?;
+        Ok(())
+    }
+
+    /// Moves a delivery from the outbox to the dead letters, atomically.
+    pub fn bury(&self, delivery: &Delivery) -> Result<()> {
+        let key = delivery_key(&delivery.destination, delivery.seq);
+        let value = serde_json::to_vec(delivery)?;
+        (&self.outbox, &self.dead)
+            .transaction(|(outbox, dead)| {
+                outbox.remove(key.as_slice())?;
+                dead.insert(key.as_slice(), value.as_slice())?;
+                Ok::<_, ConflictableTransactionError<String>>(())
+            })
+            .map_err(|e: TransactionError<String>| anyhow::anyhow!("cannot move delivery to dead letters: {e}"))
+    }
+
+    /// Puts dead deliveries (of one destination, or all) back into the outbox, due now, with
+    /// their attempt count reset. Returns how many.
+    pub fn requeue_dead(&self, destination: Option<&str>, now_ms: i64) -> Result<usize> {
+        let dead = self.dead(destination)?;
+        for d in &dead {
+            let key = delivery_key(&d.destination, d.seq);
+            let mut again = d.clone();
+            again.attempts = 0;
+            again.next_attempt_at = now_ms;
+            again.enqueued_at = now_ms;
+            let value = serde_json::to_vec(&again)?;
+            (&self.outbox, &self.dead)
+                .transaction(|(outbox, dead)| {
+                    dead.remove(key.as_slice())?;
+                    outbox.insert(key.as_slice(), value.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<String>>(())
+                })
+                .map_err(|e: TransactionError<String>| anyhow::anyhow!("cannot re-queue delivery: {e}"))?;
+        }
+        self.flush()?;
+        Ok(dead.len())
+    }
+
+    /// Destination names that have pending or dead deliveries.
+    pub fn destinations_with_entries(&self) -> Result<Vec<String>> {
+        let mut names = std::collections::BTreeSet::new();
+        for tree in [&self.outbox, &self.dead] {
+            let mut key: Vec<u8> = Vec::new();
+            loop {
+                let next = tree.range(key.clone()..).next();
+                let Some(item) = next else { break };
+                let (k, _) = item?;
+                let name_end = k.iter().position(|b| *b == 0).unwrap_or(k.len());
+                names.insert(String::from_utf8_lossy(&k[..name_end]).into_owned());
+                // Skip past every key of this destination.
+                key = k[..name_end].to_vec();
+                key.push(1);
+            }
+        }
+        Ok(names.into_iter().collect())
+    }
+}
+
+pub(crate) fn destination_prefix(destination: &str) -> Vec<u8> {
+    let mut k = destination.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+pub(crate) fn delivery_key(destination: &str, seq: u64) -> Vec<u8> {
+    let mut k = destination_prefix(destination);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
