@@ -17,5 +17,6 @@ pub mod logging;
 pub mod policy;
 pub mod reconcile;
 pub mod repo;
+pub mod server;
 pub mod store;
 pub mod stream;

@@ -7,10 +7,12 @@
 mod flag;
 mod raw;
 mod secret;
+mod server;
 
 pub use flag::FeatureFlag;
 pub use raw::InitialSync;
 pub use secret::Secret;
+pub use server::ServerConfig;
 
 use crate::event::EventType;
 use crate::policy::{Limits, PolicyType};
@@ -55,6 +57,8 @@ pub struct Config {
     pub authors: BTreeMap<String, i64>,
     pub projects: Vec<Project>,
     pub destinations: Vec<Destination>,
+    /// `[server]`: the web page, read API and webhook (None = no HTTP server).
+    pub server: Option<ServerConfig>,
     /// Things that are accepted but worth saying (e.g. merged duplicate projects).
     pub warnings: Vec<String>,
 }
@@ -272,6 +276,7 @@ impl Checker<'_> {
         let authors = raw.authors.iter().map(|(email, id)| (email.to_lowercase(), *id.get_ref())).collect();
         let projects = self.projects(raw.projects, &base);
         let destinations = self.destinations(raw.destinations, &base);
+        let server = self.server(raw.server, &base);
         if let Some(level) = &raw.log_level
             && tracing_subscriber::EnvFilter::try_new(level.get_ref()).is_err()
         {
@@ -305,6 +310,7 @@ impl Checker<'_> {
             authors,
             projects: projects.0,
             destinations,
+            server,
             warnings: projects.1,
         })
     }

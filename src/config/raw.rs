@@ -23,6 +23,7 @@ pub struct RawConfig {
     pub projects: Vec<RawProject>,
     #[serde(default)]
     pub destinations: Vec<RawDestination>,
+    pub server: Option<super::server::RawServer>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -6,6 +6,8 @@
 //!   runs are coalesced into one (a capacity-1 channel), forced reconciles queue with their reply;
 //! - one delivery round at a time per store (the store's lock), so the continuous delivery loop,
 //!   forced reconciles and `deliveries retry` never send an event twice or out of order;
+//! - webhook reconciles (`[server]`, `/hooks/gitlab`) go through the same worker: the webhook
+//!   queue holds each project at most once, and one wake-up takes everything queued;
 //! - shutdown never interrupts a store transaction: work stops between projects and between
 //!   deliveries, and what was not stored is repeated by the next run.
 
@@ -34,6 +36,23 @@ struct Daemon {
     /// Flips to true once, on SIGTERM/SIGINT; waiting tasks select on it.
     shutdown: watch::Receiver<bool>,
     wake_delivery: Notify,
+    activity: crate::server::Activity,
+    hooks: crate::server::HookQueue,
+}
+
+impl crate::server::Source for Daemon {
+    fn config(&self) -> Arc<Config> {
+        Daemon::config(self)
+    }
+    fn store(&self) -> &Store {
+        &self.store
+    }
+    fn activity(&self) -> Option<&crate::server::Activity> {
+        Some(&self.activity)
+    }
+    fn hooks(&self) -> Option<&crate::server::HookQueue> {
+        Some(&self.hooks)
+    }
 }
 
 type Forced = (ReconcileRequest, oneshot::Sender<Output>);
@@ -84,6 +103,11 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
         .with_context(|| format!("cannot listen on {}", socket_path.display()))?;
     std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
 
+    let http_listener = match &config.server {
+        Some(server) => Some(crate::server::bind(server).await?),
+        None => None,
+    };
+    let (hooks, hook_rx) = crate::server::HookQueue::new();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let daemon = Arc::new(Daemon {
         config_path: config_path.to_path_buf(),
@@ -92,11 +116,19 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
         stop: Arc::new(AtomicBool::new(false)),
         shutdown: shutdown_rx,
         wake_delivery: Notify::new(),
+        activity: crate::server::Activity::default(),
+        hooks,
     });
     let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
     let (forced_tx, forced_rx) = mpsc::channel::<Forced>(64);
     let mut scheduler = Scheduler::start(&daemon.config(), tick_tx.clone()).await?;
-    let worker = tokio::spawn(worker(daemon.clone(), tick_rx, forced_rx));
+    let worker = tokio::spawn(worker(daemon.clone(), tick_rx, forced_rx, hook_rx));
+    let http = http_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(listen = %addr, "serving the audit events page and API");
+        }
+        tokio::spawn(crate::server::serve(daemon.clone(), listener, daemon.shutdown.clone()))
+    });
     let deliveries = tokio::spawn(delivery_loop(daemon.clone()));
     let server = tokio::spawn(control_server(daemon.clone(), listener, forced_tx));
     let _ = tick_tx.try_send(()); // catch up at start
@@ -137,6 +169,9 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
     let drained = tokio::time::timeout(Duration::from_secs(20), async {
         let _ = worker.await;
         let _ = deliveries.await;
+        if let Some(http) = http {
+            let _ = http.await;
+        }
     })
     .await;
     if drained.is_err() {
@@ -208,15 +243,32 @@ impl Scheduler {
 }
 
 /// Runs reconciles one at a time: scheduled ones (coalesced) and forced ones (with a reply).
-async fn worker(daemon: Arc<Daemon>, mut ticks: mpsc::Receiver<()>, mut forced: mpsc::Receiver<Forced>) {
+async fn worker(
+    daemon: Arc<Daemon>,
+    mut ticks: mpsc::Receiver<()>,
+    mut forced: mpsc::Receiver<Forced>,
+    mut hooked: mpsc::Receiver<()>,
+) {
     let mut shutdown = daemon.shutdown.clone();
     loop {
-        let (args, reply) = tokio::select! {
+        let (args, reply, trigger) = tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => return,
-            Some((args, reply)) = forced.recv() => (args, Some(reply)),
-            Some(()) = ticks.recv() => (ReconcileRequest::default(), None),
+            Some((args, reply)) = forced.recv() => (args, Some(reply), "forced"),
+            Some(()) = ticks.recv() => (ReconcileRequest::default(), None, "schedule"),
+            Some(()) = hooked.recv() => (ReconcileRequest::default(), None, "webhook"),
             else => return,
+        };
+        let args = if trigger == "webhook" {
+            // A burst of pushes becomes one reconcile.
+            tokio::time::sleep(crate::server::hooks::SETTLE).await;
+            let projects = daemon.hooks.take();
+            if projects.is_empty() {
+                continue;
+            }
+            ReconcileRequest { projects, ..args }
+        } else {
+            args
         };
         if daemon.stop.load(Ordering::SeqCst) {
             if let Some(reply) = reply {
@@ -226,12 +278,13 @@ async fn worker(daemon: Arc<Daemon>, mut ticks: mpsc::Receiver<()>, mut forced: 
             return;
         }
         let d = daemon.clone();
-        let scheduled = reply.is_none();
         let output = tokio::task::spawn_blocking(move || {
             let config = d.config();
             let started = std::time::Instant::now();
             let report = app::reconcile::reconcile(&config, &d.store, &args, Some(d.stop.clone()));
-            log_reconcile(&report, started.elapsed(), scheduled);
+            log_reconcile(&report, started.elapsed(), trigger);
+            let outcomes: Vec<(String, bool)> = report.projects.iter().map(|(p, r)| (p.clone(), r.is_ok())).collect();
+            d.activity.record(trigger, started.elapsed(), &outcomes);
             let out = app::reconcile::render(&config, &args, report);
             // Logged after every reconcile so that removing the newest events, or rewriting the
             // chain, is visible from outside the state directory.
@@ -254,8 +307,7 @@ async fn worker(daemon: Arc<Daemon>, mut ticks: mpsc::Receiver<()>, mut forced: 
 }
 
 /// One structured line per project (and per delivery round that did something).
-fn log_reconcile(report: &app::reconcile::Report, took: Duration, scheduled: bool) {
-    let trigger = if scheduled { "schedule" } else { "forced" };
+fn log_reconcile(report: &app::reconcile::Report, took: Duration, trigger: &str) {
     let took_ms = took.as_millis() as u64;
     for (project, result) in &report.projects {
         match result {

@@ -2,6 +2,7 @@
 //! repositories and a real sled directory in per-test temporary folders.
 
 mod bad_input;
+mod browser;
 mod cli;
 mod common;
 mod corpus;
@@ -12,9 +13,12 @@ mod faults;
 mod fixtures;
 mod fuzz_regressions;
 mod git_http;
+mod http;
 mod output;
 mod receiver;
 mod repo_urls;
 mod secrets;
+mod server;
 mod streaming;
 mod trail;
+mod webhook;
