@@ -84,6 +84,10 @@ pub fn read_response(stream: TcpStream) -> Response {
             reader.read_exact(&mut chunk).expect("chunk");
             body.extend_from_slice(&chunk[..n]);
         }
+    } else if let Some(len) = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()) {
+        // Some servers (chromedriver) keep the connection open despite `Connection: close`.
+        body = vec![0; len];
+        reader.read_exact(&mut body).expect("body");
     } else {
         let _ = reader.read_to_end(&mut body);
     }

@@ -16,7 +16,6 @@ pub const XSS_POLICY: &str = "<img src=x onerror=alert(1)>";
 pub struct Served {
     child: Child,
     pub port: u16,
-    pub log: PathBuf,
 }
 
 impl Drop for Served {
@@ -87,7 +86,7 @@ pub fn serve(ws: &Workspace, config: &Path, port: u16) -> Served {
         .spawn()
         .expect("start serve");
     wait_until_up(port, Duration::from_secs(20));
-    Served { child, port, log }
+    Served { child, port }
 }
 
 /// The trail reconciled and served: (workspace, server, stored events oldest first).

@@ -198,7 +198,8 @@ fn a_burst_of_100_hooks_is_one_reconcile_and_delivers_the_new_event() {
     assert!(statuses.iter().all(|s| *s == 202), "every hook is accepted at once: {statuses:?}");
     wait_for("the new event at the receiver", Duration::from_secs(20), || receiver.requests().len() == 2);
     assert_eq!(receiver.requests()[1].json()["details"]["policy_name"], "second");
-    std::thread::sleep(Duration::from_millis(1000));
+    wait_for("the webhook reconcile to end", Duration::from_secs(20), || d.reconciles("webhook") >= 1);
+    std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(d.reconciles("webhook"), 1, "100 hooks, one reconcile");
 }
 
@@ -219,6 +220,8 @@ fn a_hook_during_a_running_reconcile_queues_exactly_one_more() {
     }
     wait_for("the third policy's event", Duration::from_secs(30), || receiver.requests().len() == 3);
     assert_eq!(receiver.requests()[2].json()["details"]["policy_name"], "third");
-    std::thread::sleep(Duration::from_millis(1500));
+    // The reconcile is counted when it ends, after its delivery (2 s at this receiver).
+    wait_for("the second webhook reconcile to end", Duration::from_secs(30), || d.reconciles("webhook") >= 2);
+    std::thread::sleep(Duration::from_millis(3000));
     assert_eq!(d.reconciles("webhook"), 2, "the hooks during the running reconcile made exactly one more");
 }
