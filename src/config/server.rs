@@ -79,3 +79,37 @@ impl Checker<'_> {
         Some(url.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn parse(server: &str) -> Result<Config, Vec<String>> {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("token"), "t0ken\n").expect("token");
+        let path = dir.path().join("config.toml");
+        Config::parse(Path::new(&path), &format!("state_dir = \"s\"\n[server]\n{server}")).map_err(|e| e.errors)
+    }
+
+    #[test]
+    fn a_server_needs_an_address_and_a_token() {
+        let ok =
+            parse("listen = \"127.0.0.1:8080\"\ntoken_file = \"token\"\npublic_url = \"https://audit.example.com/\"\n")
+                .expect("valid");
+        let server = ok.server.expect("[server]");
+        assert_eq!(server.token.as_ref().map(|t| t.expose()), Some("t0ken"));
+        assert_eq!(server.public_url.as_deref(), Some("https://audit.example.com"));
+        assert!(server.https() && server.webhook_secret.is_none());
+
+        let errors = parse("listen = \"127.0.0.1:8080\"\n").expect_err("no token");
+        assert!(errors.iter().any(|e| e.contains("config.toml:3:") && e.contains("token_env")), "{errors:?}");
+        let errors = parse("listen = \"localhost\"\ntoken_file = \"token\"\n").expect_err("no port");
+        assert!(errors.iter().any(|e| e.contains("server.listen")), "{errors:?}");
+        let errors = parse("listen = \"127.0.0.1:1\"\ntoken_file = \"token\"\ngitlab_url = \"javascript:alert(1)\"\n")
+            .expect_err("not http");
+        assert!(errors.iter().any(|e| e.contains("server.gitlab_url")), "{errors:?}");
+        let errors = parse("listen = \"127.0.0.1:1\"\ntoken_file = \"token\"\nport = 1\n").expect_err("unknown key");
+        assert!(errors.iter().any(|e| e.contains("port")), "{errors:?}");
+    }
+}
