@@ -241,9 +241,7 @@ impl Bench {
             wait_port(port)?;
             std::thread::sleep(Duration::from_secs(2)); // the start-up reconcile (baseline)
             while events.try_recv().is_ok() {}
-            let hook = format!(
-                "{{\"object_kind\":\"push\",\"ref\":\"refs/heads/main\",\"project\":{{\"path_with_namespace\":\"acme/spp\"}}}}"
-            );
+            let hook = r#"{"object_kind":"push","ref":"refs/heads/main","project":{"path_with_namespace":"acme/spp"}}"#;
             let mut latencies = Vec::new();
             for i in 1..=merges {
                 policy.push_str(&format!("- {{name: p{i}, enabled: true}}\n"));

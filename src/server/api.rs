@@ -152,8 +152,9 @@ impl Params {
         self.0.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
-    fn number(&self, name: &str) -> Result<Option<usize>, Response> {
-        self.get(name).map(|v| v.trim().parse::<usize>().map_err(|_| invalid(name))).transpose()
+    /// A numeric parameter; the error is its name (GitLab answers `<name> is invalid`).
+    fn number<'a>(&self, name: &'a str) -> Result<Option<usize>, &'a str> {
+        self.get(name).map(|v| v.trim().parse::<usize>().map_err(|_| name)).transpose()
     }
 
     /// This request's URL with `changes` set (and the other parameters kept).
@@ -217,7 +218,7 @@ async fn list(s: Shared, scope: Scope, raw: Option<String>, uri: Uri, headers: H
     };
     let per_page = match params.number("per_page") {
         Ok(n) => n.unwrap_or(DEFAULT_PER_PAGE).clamp(1, MAX_PER_PAGE),
-        Err(r) => return r,
+        Err(name) => return invalid(name),
     };
     let base = base_url(&config, &headers);
     let path = uri.path().to_string();
@@ -244,7 +245,7 @@ async fn list(s: Shared, scope: Scope, raw: Option<String>, uri: Uri, headers: H
     }
     let page_no = match params.number("page") {
         Ok(n) => n.unwrap_or(1).max(1),
-        Err(r) => return r,
+        Err(name) => return invalid(name),
     };
     let skip = (page_no - 1).saturating_mul(per_page);
     let read = blocking(&s, move |src| {

@@ -68,10 +68,10 @@ impl HookQueue {
 
     pub fn submit(&self, project: &str, delivery: Option<&str>) -> Result<Queued, QueueFull> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(id) = delivery {
-            if s.seen.contains(id) {
-                return Ok(Queued::Repeated);
-            }
+        if let Some(id) = delivery
+            && s.seen.contains(id)
+        {
+            return Ok(Queued::Repeated);
         }
         let queued = if s.pending.contains(project) {
             Queued::Coalesced

@@ -83,7 +83,7 @@ pub async fn readyz(State(s): State<Shared>) -> Response {
 }
 
 pub async fn metrics(State(s): State<Shared>) -> Response {
-    match blocking(&s, |src| render(src)).await {
+    match blocking(&s, render).await {
         Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
         Err(r) => r,
     }
