@@ -109,6 +109,8 @@ fn start(what: &str, quick: bool) -> Result<()> {
     }
     if all || what == "serve" {
         bench.serve()?;
+    } else if what == "webhook" {
+        bench.webhook_latency()?;
     }
     bench.print();
     Ok(())

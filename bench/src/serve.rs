@@ -127,7 +127,10 @@ impl Bench {
         let mut text =
             format!("state_dir = \"web-state\"\n[server]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"web-token\"\n");
         for p in 0..PROJECTS {
-            text.push_str(&format!("[[projects]]\npath = \"acme/spp-{p}\"\nid = {}\nurl = \"/nonexistent\"\n", p + 1));
+            text.push_str(&format!(
+                "[[projects]]\npath = \"acme/spp-{p}\"\nid = {}\nurl = \"/nonexistent/{p}\"\n",
+                p + 1
+            ));
         }
         let config = self.work.join("web.toml");
         std::fs::write(&config, text)?;
@@ -186,7 +189,7 @@ impl Bench {
 
     /// Merge → event at a loopback receiver: 50 merges through the webhook, 50 through a
     /// schedule of every second.
-    fn webhook_latency(&mut self) -> Result<()> {
+    pub fn webhook_latency(&mut self) -> Result<()> {
         let merges = if self.quick { 10 } else { 50 };
         let mut results = Vec::new();
         for via_hook in [true, false] {
@@ -194,7 +197,8 @@ impl Bench {
             let repo = dir.join("spp");
             std::fs::create_dir_all(repo.join(".gitlab/security-policies"))?;
             crate::repos::git(&repo, &["init", "-q", "-b", "main"])?;
-            let mut policy = String::from("approval_policy:\n- {name: p0, enabled: true}\n");
+            let policy_at =
+                |i: usize| format!("approval_policy:\n- {{name: p0, enabled: true, description: \"revision {i}\"}}\n");
             let commit = |policy: &str, i: usize| -> Result<()> {
                 std::fs::write(repo.join(".gitlab/security-policies/policy.yml"), policy)?;
                 crate::repos::git(&repo, &["add", "-A"])?;
@@ -212,7 +216,7 @@ impl Bench {
                     ],
                 )
             };
-            commit(&policy, 0)?;
+            commit(&policy_at(0), 0)?;
             let (events, receiver_port) = receiver()?;
             let port = free_port()?;
             std::fs::write(dir.join("token"), TOKEN)?;
@@ -244,8 +248,8 @@ impl Bench {
             let hook = r#"{"object_kind":"push","ref":"refs/heads/main","project":{"path_with_namespace":"acme/spp"}}"#;
             let mut latencies = Vec::new();
             for i in 1..=merges {
-                policy.push_str(&format!("- {{name: p{i}, enabled: true}}\n"));
-                commit(&policy, i)?;
+                // One update event per merge (adding policies would hit the type's limit).
+                commit(&policy_at(i), i)?;
                 let t0 = Instant::now();
                 if via_hook {
                     ureq::post(&format!("http://127.0.0.1:{port}/hooks/gitlab"))
@@ -286,6 +290,7 @@ fn receiver() -> Result<(mpsc::Receiver<()>, u16)> {
                 let mut r = BufReader::new(stream);
                 loop {
                     let mut len = 0usize;
+                    let mut chunked = false;
                     let mut first = true;
                     loop {
                         let mut line = String::new();
@@ -296,12 +301,27 @@ fn receiver() -> Result<(mpsc::Receiver<()>, u16)> {
                             break;
                         }
                         first = false;
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
                             len = v.trim().parse().unwrap_or(0);
                         }
+                        chunked |= lower.starts_with("transfer-encoding:") && lower.contains("chunked");
                     }
-                    let mut body = vec![0; len];
-                    r.read_exact(&mut body)?;
+                    if chunked {
+                        loop {
+                            let mut size = String::new();
+                            r.read_line(&mut size)?;
+                            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                            let mut chunk = vec![0; n + 2];
+                            r.read_exact(&mut chunk)?;
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                    } else {
+                        let mut body = vec![0; len];
+                        r.read_exact(&mut body)?;
+                    }
                     w.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")?;
                     let _ = tx.send(());
                 }
