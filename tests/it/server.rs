@@ -368,3 +368,45 @@ fn pages_escape_repository_text_and_send_strict_headers() {
     assert!(text.starts_with("ID,Author ID,Author Name,Entity ID,Entity Type,Entity Path,Target ID,Target Type,Target Details,Action,IP Address,Created At (UTC)\n"), "{text}");
     assert_eq!(text.lines().count(), stored.len() + 1);
 }
+
+#[test]
+fn demo_serve_prints_a_login_link_that_opens_the_demo_trail_until_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    let ws = Workspace::new();
+    let port = free_port();
+    let child = Command::new(BIN)
+        .args(["demo", "--serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("HOME", ws.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start demo --serve");
+    // Stopped even when an assertion fails first.
+    let mut served = Served { child, port };
+    let child = &mut served.child;
+    let stdout = child.stdout.take().expect("stdout");
+    let link = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.trim().strip_prefix(&format!("http://127.0.0.1:{port}")).map(str::to_string))
+        .expect("a login link on stdout");
+    let token = link.split("token=").nth(1).expect("token in the link").to_string();
+    let login = get(port, &link, &[]);
+    assert_eq!(login.status, 303, "the link signs in");
+    assert!(login.header("set-cookie").is_some_and(|c| c.contains("HttpOnly")));
+    let events = get(port, "/api/v4/projects/1234/audit_events?per_page=100", &[("PRIVATE-TOKEN", &token)]);
+    assert_eq!(events.status, 200);
+    assert!(events.json().as_array().is_some_and(|a| a.len() >= 5), "the demo's trail: {}", events.text());
+    assert_eq!(get(port, "/api/v4/audit_events", &[("PRIVATE-TOKEN", "guess")]).status, 401);
+    let ok = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill").success();
+    assert!(ok);
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            assert_eq!(status.code(), Some(0), "Ctrl-C ends it cleanly");
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "demo --serve did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
