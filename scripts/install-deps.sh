@@ -5,7 +5,9 @@
 # building and checking the Debian package needs (scripts/package.sh, tests/it/package.rs):
 # cargo-deb, dpkg-dev (dpkg-shlibdeps), binutils (strip), lintian, man-db (man), systemd
 # (systemd-analyze) and util-linux (unshare); nats-server (the NATS destination and cluster tests
-# run a real JetStream server on loopback). Quiet when everything is there.
+# run a real JetStream server on loopback); for the web server's tests: chromium + chromium-driver
+# (a real browser over WebDriver), python3-gitlab (a real GitLab API client), prometheus
+# (promtool checks /metrics); for the figures: wrk, nginx. Quiet when everything is there.
 set -euo pipefail
 
 need=()
@@ -19,6 +21,12 @@ have lintian || need+=(lintian)
 have man || need+=(man-db)
 have systemd-analyze || need+=(systemd)
 have unshare || need+=(util-linux)
+have chromium || need+=(chromium)
+have chromedriver || need+=(chromium-driver)
+have promtool || need+=(prometheus)
+/usr/bin/python3 -c 'import gitlab' >/dev/null 2>&1 || need+=(python3-gitlab)
+have wrk || need+=(wrk)
+have nginx || [ -x /usr/sbin/nginx ] || need+=(nginx)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -41,9 +41,11 @@ pub enum Command {
     /// Validate the config (and that secrets resolve) without touching state
     CheckConfig,
     /// Self-contained walkthrough on a sample policy project in a temporary folder
-    Demo,
+    Demo(DemoArgs),
     /// Daemon: reconcile on the schedule, deliver continuously, serve the control socket
     Run,
+    /// The web page and read API (SPEC §8) on the store, without polling (when no daemon runs).
+    Serve,
     /// Move this (stopped) single instance's trail, cursors and delivery progress into a new
     /// cluster (the config's [cluster]); see docs/cluster.md
     ClusterImport,
@@ -159,6 +161,16 @@ pub enum DeliveryState {
     Dead,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Keep the demo's trail open in the web page and API until Ctrl-C; prints a login URL.
+    #[arg(long)]
+    pub serve: bool,
+    /// Where `--serve` listens.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080", requires = "serve")]
+    pub listen: std::net::SocketAddr,
+}
+
 #[derive(Debug, Clone, Default, Args)]
 pub struct VerifyArgs {
     #[arg(long)]
@@ -185,9 +197,21 @@ pub fn run(cli: Cli, stdout: &mut dyn std::io::Write) -> Output {
     match &cli.command {
         Command::Completions(args) => manual::completions(args.shell),
         Command::Man => manual::man_page(),
-        Command::Demo => {
+        Command::Demo(args) if args.serve => {
+            crate::logging::init(None);
+            crate::demo::run_and_serve(args.listen, stdout)
+        }
+        Command::Demo(_) => {
             crate::logging::init(None);
             crate::demo::run()
+        }
+        Command::Serve => {
+            let config = match load_config(&cli) {
+                Ok(c) => c,
+                Err(out) => return out,
+            };
+            crate::logging::init(Some(config.log_level.as_deref().unwrap_or("info")));
+            crate::server::run_standalone(config)
         }
         Command::CheckConfig => {
             crate::logging::init(None);
@@ -321,8 +345,9 @@ fn request_of(command: &Command) -> Option<Request> {
         }),
         Command::Verify(a) => Request::Verify { json: a.json, expect_head: a.expect_head.clone() },
         Command::CheckConfig
-        | Command::Demo
+        | Command::Demo(_)
         | Command::Run
+        | Command::Serve
         | Command::Completions(_)
         | Command::Man
         | Command::ClusterImport => return None,

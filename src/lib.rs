@@ -3,7 +3,8 @@
 //! The pipeline, one module per stage: `repo` (fetch, walk) -> `policy` (parse, diff) ->
 //! `event` (GitLab's schema) -> `store` (sled) -> `stream` (delivery). `reconcile` drives one
 //! project through it; `app` is the application over it (typed requests, `execute`, the
-//! renderers); `cli`, `control`, `daemon` and `demo` are the ways in, and call `app`.
+//! renderers); `cli`, `control`, `daemon`, `server` (the web page, GitLab's API, the webhook)
+//! and `demo` are the ways in, and call `app` or read the store.
 //! See docs/architecture.md.
 
 pub mod app;
@@ -20,6 +21,7 @@ pub mod logging;
 pub mod policy;
 pub mod reconcile;
 pub mod repo;
+pub mod server;
 pub mod store;
 pub mod stream;
 pub mod text;

@@ -1,10 +1,11 @@
-//! `cargo run --release -p policy-audit-bench -- [all|backfill|fleet|delivery|store|export|nats|failover] [--quick]`: builds
+//! `cargo run --release -p policy-audit-bench -- [all|backfill|fleet|delivery|store|export|nats|failover|serve|webhook] [--quick]`: builds
 //! its own repositories and prints one table, each figure measured in the same run next to a
 //! baseline (git itself, or wrk). Figures, never assertions: see docs/performance.md.
 
 mod measure;
 mod nats;
 mod repos;
+mod serve;
 
 use anyhow::{Context, Result, bail};
 use measure::{Sample, du, median, mib, ms, run};
@@ -112,6 +113,11 @@ fn start(what: &str, quick: bool) -> Result<()> {
     }
     if all || what == "failover" {
         bench.failover()?;
+    }
+    if all || what == "serve" {
+        bench.serve()?;
+    } else if what == "webhook" {
+        bench.webhook_latency()?;
     }
     bench.print();
     Ok(())
@@ -463,6 +469,35 @@ impl Nginx {
              http {{ access_log off; client_body_temp_path {0}; server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000; \
              location / {{ client_max_body_size 1m; return 204; }} }} }}\n",
             dir.display()
+        );
+        std::fs::write(dir.join("nginx.conf"), conf)?;
+        let child = Command::new("nginx")
+            .args(["-p", &dir.to_string_lossy(), "-c", &dir.join("nginx.conf").to_string_lossy()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start nginx (apt-get install nginx-light)")?;
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if std::time::Instant::now() > until {
+                bail!("nginx did not start");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(Nginx { child })
+    }
+}
+
+impl Nginx {
+    /// nginx serving the files of `root` (the static baseline of the web server's figures).
+    fn start_static(work: &Path, port: u16, root: &Path) -> Result<Nginx> {
+        let dir = work.join("nginx-static");
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let conf = format!(
+            "worker_processes 1;\npid {0}/nginx.pid;\nerror_log {0}/logs/error.log;\ndaemon off;\nevents {{ worker_connections 64; }}\n\
+             http {{ access_log off; server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000; \
+             location / {{ root {1}; default_type application/json; }} }} }}\n",
+            dir.display(),
+            root.display()
         );
         std::fs::write(dir.join("nginx.conf"), conf)?;
         let child = Command::new("nginx")

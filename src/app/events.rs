@@ -83,11 +83,12 @@ fn query_of(args: &EventsRequest) -> Result<EventQuery, String> {
         since: args.since.as_deref().map(|s| time_bound(s, false)).transpose()?,
         until: args.until.as_deref().map(|s| time_bound(s, true)).transpose()?,
         limit: args.limit,
+        ..EventQuery::default()
     })
 }
 
 /// RFC 3339 or a date; a date as an upper bound means the end of that day (UTC).
-pub(super) fn time_bound(text: &str, end_of_day: bool) -> Result<String, String> {
+pub fn time_bound(text: &str, end_of_day: bool) -> Result<String, String> {
     if let Ok(ts) = text.parse::<jiff::Timestamp>() {
         return Ok(rfc3339_millis(ts));
     }

@@ -19,6 +19,7 @@ mod raw;
 mod same_repo;
 mod schedule;
 mod secret;
+mod server;
 mod tls;
 
 pub use destinations::{Destination, MAX_CUSTOM_HEADERS, path_has_prefix};
@@ -29,6 +30,7 @@ pub use projects::Project;
 pub use raw::InitialSync;
 pub use schedule::{DEFAULT_SCHEDULE, normalize_cron};
 pub use secret::Secret;
+pub use server::ServerConfig;
 
 use crate::policy::PolicySchema;
 use raw::RawConfig;
@@ -66,6 +68,8 @@ pub struct Config {
     pub gitlab: Option<GitLab>,
     /// `[cluster]`: None = the single-instance mode.
     pub cluster: Option<Cluster>,
+    /// `[server]`: the web page, read API and webhook (None = no HTTP server).
+    pub server: Option<ServerConfig>,
     /// Things that are accepted but worth saying (e.g. merged duplicate projects).
     pub warnings: Vec<String>,
 }
@@ -219,6 +223,7 @@ impl Checker<'_> {
         let destinations = self.destinations(raw.destinations, &base);
         let gitlab = self.gitlab(raw.gitlab, &base);
         let cluster = self.cluster(raw.cluster, &base);
+        let server = self.server(raw.server, &base);
         if let Some(level) = &raw.log_level
             && tracing_subscriber::EnvFilter::try_new(level.get_ref()).is_err()
         {
@@ -262,6 +267,7 @@ impl Checker<'_> {
             destinations,
             gitlab,
             cluster,
+            server,
             warnings: projects.1,
         })
     }

@@ -26,6 +26,7 @@ pub struct RawConfig {
     pub destinations: Vec<RawDestination>,
     pub gitlab: Option<RawGitLab>,
     pub cluster: Option<RawCluster>,
+    pub server: Option<super::server::RawServer>,
 }
 
 #[derive(Debug, Deserialize)]

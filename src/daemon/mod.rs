@@ -6,6 +6,8 @@
 //!   runs are coalesced into one (a capacity-1 channel), forced reconciles queue with their reply;
 //! - one delivery round at a time per store (the store's lock), so the continuous delivery loop,
 //!   forced reconciles and `deliveries retry` never send an event twice or out of order;
+//! - webhook reconciles (`[server]`, `/hooks/gitlab`) go through the same worker: the webhook
+//!   queue holds each project at most once, and one wake-up takes everything queued;
 //! - shutdown never interrupts a store transaction: work stops between projects and between
 //!   deliveries, and what was not stored is repeated by the next run.
 
@@ -43,6 +45,23 @@ struct Daemon {
     busy: std::sync::Mutex<Vec<String>>,
     /// Destinations this instance served in its last delivery round (cluster mode).
     served: std::sync::Mutex<Vec<String>>,
+    activity: crate::server::Activity,
+    hooks: crate::server::HookQueue,
+}
+
+impl crate::server::Source for Daemon {
+    fn config(&self) -> Arc<Config> {
+        Daemon::config(self)
+    }
+    fn store(&self) -> &Store {
+        &self.store
+    }
+    fn activity(&self) -> Option<&crate::server::Activity> {
+        Some(&self.activity)
+    }
+    fn hooks(&self) -> Option<&crate::server::HookQueue> {
+        Some(&self.hooks)
+    }
 }
 
 type Forced = (ReconcileRequest, oneshot::Sender<Output>);
@@ -102,6 +121,11 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
         }
         None => None,
     };
+    let http_listener = match &config.server {
+        Some(server) => Some(crate::server::bind(server).await?),
+        None => None,
+    };
+    let (hooks, hook_rx) = crate::server::HookQueue::new();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let daemon = Arc::new(Daemon {
         config_path: config_path.to_path_buf(),
@@ -113,11 +137,19 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
         node,
         busy: std::sync::Mutex::new(Vec::new()),
         served: std::sync::Mutex::new(Vec::new()),
+        activity: crate::server::Activity::default(),
+        hooks,
     });
     let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
     let (forced_tx, forced_rx) = mpsc::channel::<Forced>(64);
     let mut scheduler = Scheduler::start(&daemon.config(), tick_tx.clone()).await?;
-    let worker = tokio::spawn(worker(daemon.clone(), tick_rx, forced_rx));
+    let worker = tokio::spawn(worker(daemon.clone(), tick_rx, forced_rx, hook_rx));
+    let http = http_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(listen = %addr, "serving the audit events page and API");
+        }
+        tokio::spawn(crate::server::serve(daemon.clone(), listener, daemon.shutdown.clone()))
+    });
     let deliveries = tokio::spawn(delivery_loop(daemon.clone()));
     let server = tokio::spawn(control_server(daemon.clone(), listener, forced_tx));
     let cluster_tasks = daemon.node.is_some().then(|| {
@@ -161,6 +193,9 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
     let drained = tokio::time::timeout(Duration::from_secs(20), async {
         let _ = worker.await;
         let _ = deliveries.await;
+        if let Some(http) = http {
+            let _ = http.await;
+        }
     })
     .await;
     if drained.is_err() {
@@ -240,15 +275,32 @@ impl Scheduler {
 }
 
 /// Runs reconciles one at a time: scheduled ones (coalesced) and forced ones (with a reply).
-async fn worker(daemon: Arc<Daemon>, mut ticks: mpsc::Receiver<()>, mut forced: mpsc::Receiver<Forced>) {
+async fn worker(
+    daemon: Arc<Daemon>,
+    mut ticks: mpsc::Receiver<()>,
+    mut forced: mpsc::Receiver<Forced>,
+    mut hooked: mpsc::Receiver<()>,
+) {
     let mut shutdown = daemon.shutdown.clone();
     loop {
-        let (args, reply) = tokio::select! {
+        let (args, reply, trigger) = tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => return,
-            Some((args, reply)) = forced.recv() => (args, Some(reply)),
-            Some(()) = ticks.recv() => (ReconcileRequest::default(), None),
+            Some((args, reply)) = forced.recv() => (args, Some(reply), "forced"),
+            Some(()) = ticks.recv() => (ReconcileRequest::default(), None, "schedule"),
+            Some(()) = hooked.recv() => (ReconcileRequest::default(), None, "webhook"),
             else => return,
+        };
+        let args = if trigger == "webhook" {
+            // A burst of pushes becomes one reconcile.
+            tokio::time::sleep(crate::server::hooks::SETTLE).await;
+            let projects = daemon.hooks.take();
+            if projects.is_empty() {
+                continue;
+            }
+            ReconcileRequest { projects, ..args }
+        } else {
+            args
         };
         if daemon.stop.load(Ordering::SeqCst) {
             if let Some(reply) = reply {
@@ -258,7 +310,6 @@ async fn worker(daemon: Arc<Daemon>, mut ticks: mpsc::Receiver<()>, mut forced: 
             return;
         }
         let d = daemon.clone();
-        let scheduled = reply.is_none();
         let output = tokio::task::spawn_blocking(move || {
             let config = d.config();
             let started = std::time::Instant::now();
@@ -266,7 +317,9 @@ async fn worker(daemon: Arc<Daemon>, mut ticks: mpsc::Receiver<()>, mut forced: 
                 None => app::reconcile::reconcile(&config, &d.store, &args, Some(d.stop.clone())),
                 Some(node) => cluster::reconcile_leased(&d, node, &config, args.clone()),
             };
-            log_reconcile(&report, started.elapsed(), scheduled);
+            log_reconcile(&report, started.elapsed(), trigger);
+            let outcomes: Vec<(String, bool)> = report.projects.iter().map(|(p, r)| (p.clone(), r.is_ok())).collect();
+            d.activity.record(trigger, started.elapsed(), &outcomes);
             let out = app::reconcile::render(&config, &args, report);
             // Logged after every reconcile so that removing the newest events, or rewriting the
             // chain, is visible from outside the state directory.
@@ -289,8 +342,7 @@ async fn worker(daemon: Arc<Daemon>, mut ticks: mpsc::Receiver<()>, mut forced: 
 }
 
 /// One structured line per project (and per delivery round that did something).
-fn log_reconcile(report: &app::reconcile::Report, took: Duration, scheduled: bool) {
-    let trigger = if scheduled { "schedule" } else { "forced" };
+fn log_reconcile(report: &app::reconcile::Report, took: Duration, trigger: &str) {
     let took_ms = took.as_millis() as u64;
     for (project, result) in &report.projects {
         match result {

@@ -21,13 +21,48 @@ const DEMO_SECRET: &str = "whsec_ZGVtby1zaWduaW5nLXNlY3JldC1mb3ItcG9saWN5LWF1ZGl
 const POLICY: &str = ".gitlab/security-policies/policy.yml";
 
 pub fn run() -> Output {
-    match walkthrough() {
-        Ok(text) => Output { stdout: text, ..Output::default() },
+    match walkthrough(false) {
+        Ok((text, _)) => Output { stdout: text, ..Output::default() },
         Err(e) => Output { stderr: format!("error: demo failed: {e:#}\n"), code: EXIT_FAILED, ..Output::default() },
     }
 }
 
-fn walkthrough() -> Result<String> {
+/// `demo --serve`: the walkthrough, then its trail in the web page and API until Ctrl-C.
+pub fn run_and_serve(listen: std::net::SocketAddr, stdout: &mut dyn std::io::Write) -> Output {
+    let served = walkthrough(true).and_then(|(text, kept)| {
+        stdout.write_all(text.as_bytes())?;
+        stdout.flush()?;
+        let Kept { _tmp, mut config, store } = kept;
+        let token = crate::store::chain::hex(&rand::random::<[u8; 16]>());
+        config.server = Some(crate::config::ServerConfig {
+            listen,
+            token: Some(crate::config::Secret::new(token.clone())),
+            webhook_secret: None,
+            public_url: None,
+            gitlab_url: None,
+        });
+        crate::server::serve_until_signal(config, store, |addr| {
+            let _ = writeln!(
+                stdout,
+                "\n7. The trail in the browser (Audit events page and GitLab's audit events API), until Ctrl-C:\n\n   http://{addr}/login?token={token}\n\n   API: curl -H 'PRIVATE-TOKEN: {token}' http://{addr}/api/v4/projects/1234/audit_events"
+            );
+            let _ = stdout.flush();
+        })
+    });
+    match served {
+        Ok(()) => Output::default(),
+        Err(e) => Output { stderr: format!("error: demo failed: {e:#}\n"), code: EXIT_FAILED, ..Output::default() },
+    }
+}
+
+/// What `demo --serve` keeps open after the walkthrough.
+struct Kept {
+    _tmp: tempfile::TempDir,
+    config: Config,
+    store: Store,
+}
+
+fn walkthrough(serve: bool) -> Result<(String, Kept)> {
     let tmp = tempfile::tempdir().context("cannot create a temporary folder")?;
     let repo = tmp.path().join("security-policies");
     let mut out = String::new();
@@ -100,9 +135,14 @@ fn walkthrough() -> Result<String> {
     for (_, result) in reconcile_all(&config, &store, &projects, &Options::default(), &crate::clock::SystemClock) {
         writeln!(out, "   {}", crate::app::reconcile::describe(&result?))?;
     }
-    writeln!(out, "\nThe temporary folder is removed now. Point a config.toml at your own policy projects and run")?;
-    writeln!(out, "`policy-audit check-config`, then `policy-audit reconcile`.")?;
-    Ok(out)
+    if !serve {
+        writeln!(
+            out,
+            "\nThe temporary folder is removed now. Point a config.toml at your own policy projects and run"
+        )?;
+        writeln!(out, "`policy-audit check-config`, then `policy-audit reconcile`.")?;
+    }
+    Ok((out, Kept { _tmp: tmp, config, store }))
 }
 
 struct Author {

@@ -11,6 +11,7 @@
 
 pub mod chain;
 mod error;
+mod index;
 mod outbox;
 mod query;
 mod records;
@@ -20,6 +21,7 @@ mod replay;
 mod replica;
 
 pub use error::StoreError;
+pub use index::{Page, Position};
 use records::{decode, decode_u64};
 
 use crate::event::{AuditEvent, EventType};
@@ -76,6 +78,8 @@ pub struct EventQuery {
     pub policy: Option<String>,
     /// Case-insensitive substring of author name or email.
     pub author: Option<String>,
+    /// Case-insensitive author name or email, whole (answered by the author index).
+    pub author_exact: Option<String>,
     /// RFC 3339 bounds on `created_at`, inclusive.
     pub since: Option<String>,
     pub until: Option<String>,
@@ -109,6 +113,8 @@ pub struct Store {
     by_time: sled::Tree,
     /// Answers of the GitLab API (`gitlab::attribution`): not part of the trail.
     gitlab_cache: sled::Tree,
+    /// kind ++ value ++ 0 ++ created_at ++ seq -> (): the field indexes (see `index`).
+    by_field: sled::Tree,
 }
 
 const NEXT_SEQ: &[u8] = b"next_seq";
@@ -154,6 +160,7 @@ impl Store {
             status: tree("status")?,
             by_time: tree("by_time")?,
             gitlab_cache: tree("gitlab_cache")?,
+            by_field: tree("by_field")?,
             delivery_round: std::sync::Mutex::new(()),
             reconcile_run: std::sync::Mutex::new(()),
             db,
@@ -162,6 +169,7 @@ impl Store {
         store.next_seq()?;
         store.recorded_head()?;
         store.build_time_index()?;
+        store.build_field_index()?;
         Ok(store)
     }
 
@@ -229,9 +237,17 @@ impl Store {
             .map(|e| Ok((serde_json::to_vec(e)?, destinations_for(e))))
             .collect::<Result<_, serde_json::Error>>()
             .map_err(encode)?;
-        let trees =
-            (&self.cursors, &self.events, &self.event_ids, &self.outbox, &self.meta, &self.chain, &self.by_time);
-        let result = trees.transaction(|(cursors, tx_events, ids, outbox, meta, links, by_time)| {
+        let trees = (
+            &self.cursors,
+            &self.events,
+            &self.event_ids,
+            &self.outbox,
+            &self.meta,
+            &self.chain,
+            &self.by_time,
+            &self.by_field,
+        );
+        let result = trees.transaction(|(cursors, tx_events, ids, outbox, meta, links, by_time, by_field)| {
             let abort = ConflictableTransactionError::Abort;
             let mut seq = match meta.get(NEXT_SEQ)? {
                 Some(v) => {
@@ -257,6 +273,9 @@ impl Store {
                 ids.insert(event.id.as_bytes(), &seq.to_be_bytes())?;
                 tx_events.insert(&seq.to_be_bytes(), bytes.as_slice())?;
                 by_time.insert(query::time_key(&event.created_at, seq), &[])?;
+                for key in index::keys_of(event, seq) {
+                    by_field.insert(key, &[])?;
+                }
                 head = chain::link(&head, bytes);
                 links.insert(&seq.to_be_bytes(), &head)?;
                 for dest in dests {

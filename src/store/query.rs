@@ -54,7 +54,7 @@ impl Store {
     }
 
     /// Event `seq`, decoded.
-    fn event_at(&self, seq: u64) -> Result<AuditEvent, StoreError> {
+    pub(super) fn event_at(&self, seq: u64) -> Result<AuditEvent, StoreError> {
         let bytes =
             self.events.get(seq.to_be_bytes()).map_err(|e| self.sled(e))?.ok_or_else(|| StoreError::Damaged {
                 what: format!("event #{seq} is listed in the time index but missing"),
@@ -133,7 +133,7 @@ impl Store {
 }
 
 impl EventQuery {
-    fn matches(&self, e: &AuditEvent) -> bool {
+    pub(super) fn matches(&self, e: &AuditEvent) -> bool {
         let author = self.author.as_ref().map(|a| a.to_lowercase());
         (self.projects.is_empty() || self.projects.iter().any(|p| p == &e.entity_path))
             && (self.event_types.is_empty() || self.event_types.contains(&e.event_type))
@@ -141,6 +141,11 @@ impl EventQuery {
             && author.is_none_or(|a| {
                 e.author_name.to_lowercase().contains(&a) || e.details.author_email.to_lowercase().contains(&a)
             })
+            && self
+                .author_exact
+                .as_ref()
+                .map(|a| a.to_lowercase())
+                .is_none_or(|a| e.author_name.to_lowercase() == a || e.details.author_email.to_lowercase() == a)
             && self.since.as_ref().is_none_or(|s| e.created_at.as_str() >= s.as_str())
             && self.until.as_ref().is_none_or(|u| e.created_at.as_str() <= u.as_str())
     }

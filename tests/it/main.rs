@@ -2,6 +2,7 @@
 //! repositories and a real sled directory in per-test temporary folders.
 
 mod bad_input;
+mod browser;
 mod cli;
 mod cluster;
 mod common;
@@ -15,6 +16,7 @@ mod fuzz_regressions;
 mod git_http;
 mod gitlab_api;
 mod hostile;
+mod http;
 mod nats;
 mod nats_server;
 mod output;
@@ -23,8 +25,10 @@ mod policy_corpus;
 mod receiver;
 mod repo_urls;
 mod secrets;
+mod server;
 mod snapshots;
 mod streaming;
 mod tls;
 mod tls_front;
 mod trail;
+mod webhook;

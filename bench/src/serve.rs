@@ -1,0 +1,332 @@
+//! Figures of the HTTP server (docs/performance.md): the first page of the Audit events page
+//! and of the API on a large store, unfiltered and filtered, p50/p99 and request rate under
+//! `wrk -c 8`, next to nginx serving the same JSON as a static file in the same run; peak RSS of
+//! the server. And merge → event at a loopback receiver, through the webhook vs the schedule.
+
+use super::{Bench, Nginx, free_port};
+use anyhow::{Context, Result, bail};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "bench-read-token";
+const PROJECTS: usize = 10;
+
+/// `wrk -t2 -c8 -d10s --latency`: (p50 ms, p99 ms, requests/s).
+fn wrk(url: &str, token: Option<&str>) -> Result<(f64, f64, f64)> {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t2", "-c8", "-d10s", "--latency"]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("PRIVATE-TOKEN: {t}")]);
+    }
+    let out = cmd.arg(url).output().context("cannot run wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ms = |label: &str| -> Option<f64> {
+        let v = text.lines().find_map(|l| l.trim().strip_prefix(label))?.trim().to_string();
+        let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+        let n: f64 = num.parse().ok()?;
+        Some(match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            _ => return None,
+        })
+    };
+    let rate = text.lines().find_map(|l| l.trim().strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok());
+    match (ms("50%"), ms("99%"), rate) {
+        (Some(a), Some(b), Some(r)) if !text.contains("Non-2xx") => Ok((a, b, r)),
+        _ => bail!("cannot read wrk's output for {url} (or non-2xx answers): {text}"),
+    }
+}
+
+fn vm_hwm_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| v.trim().trim_end_matches("kB").trim().to_string())
+        })
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_port(port: u16) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(120);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > until {
+            bail!("nothing listens on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// `n` events over [`PROJECTS`] projects and three event types, in batches of 1,000.
+fn fill(config_path: &Path, n: usize) -> Result<()> {
+    use policy_audit::config::Config;
+    use policy_audit::event::{EventType, StepContext};
+    use policy_audit::policy::{PolicySet, diff, parse};
+    use policy_audit::store::{Cursor, Store};
+    let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = Store::open(&config.db_dir())?;
+    let set = parse(include_bytes!("../../benches/data/approval_policy.yml"))?;
+    let change = diff(&PolicySet::default(), &set).into_iter().next().context("no change")?;
+    let types = [EventType::Create, EventType::Update, EventType::Delete];
+    let mut batch = Vec::with_capacity(1000);
+    for i in 0..n {
+        let project = &config.projects[i % PROJECTS];
+        let sha = format!("{i:040x}");
+        let ctx = StepContext {
+            project: project.spp(),
+            sha: &sha,
+            previous_sha: None,
+            author_name: "Bench",
+            author_email: "bench@example.com",
+            author_id: None,
+            committed_at: 1_600_000_000 + i as i64 * 60,
+            message: "bench",
+            detected_at: jiff::Timestamp::now(),
+            history_rewritten: false,
+        };
+        let mut e = ctx.change_event(&change);
+        e.event_type = types[(i / PROJECTS) % 3];
+        e.details.event_name = e.event_type.name().to_string();
+        e.id = format!("bench-{i}");
+        batch.push(e);
+        if batch.len() == 1000 || i + 1 == n {
+            let cursor =
+                Cursor { commit: sha.clone(), blob: String::new(), baseline: None, limits: Default::default() };
+            store.commit_reconcile(&project.path, &cursor, &batch, &|_| Vec::new(), 0)?;
+            batch.clear();
+        }
+    }
+    store.flush()?;
+    Ok(())
+}
+
+impl Bench {
+    pub fn serve(&mut self) -> Result<()> {
+        let n: usize = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(if self.quick {
+            50_000
+        } else {
+            250_000
+        });
+        let port = free_port()?;
+        std::fs::write(self.work.join("web-token"), TOKEN)?;
+        let mut text =
+            format!("state_dir = \"web-state\"\n[server]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"web-token\"\n");
+        for p in 0..PROJECTS {
+            text.push_str(&format!(
+                "[[projects]]\npath = \"acme/spp-{p}\"\nid = {}\nurl = \"/nonexistent/{p}\"\n",
+                p + 1
+            ));
+        }
+        let config = self.work.join("web.toml");
+        std::fs::write(&config, text)?;
+        let started = Instant::now();
+        fill(&config, n)?;
+        eprintln!("  stored {n} events in {:.1} s", started.elapsed().as_secs_f64());
+        let server = Killed(
+            Command::new(&self.bin)
+                .arg("--config")
+                .arg(&config)
+                .arg("serve")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("cannot start policy-audit serve")?,
+        );
+        wait_port(port)?;
+        let base = format!("http://127.0.0.1:{port}");
+        let cases = [
+            ("page `/`, unfiltered", "/".to_string()),
+            ("page, filtered by type + project", "/?project=acme%2Fspp-3&type=security_policy_update".to_string()),
+            ("API `/api/v4/audit_events`, unfiltered", "/api/v4/audit_events".to_string()),
+            ("API, one project, keyset", "/api/v4/projects/4/audit_events?pagination=keyset".to_string()),
+            ("API, one project, offset (counts to 10,000)", "/api/v4/projects/4/audit_events".to_string()),
+        ];
+        // The baseline: nginx serving the unfiltered API page as a static file.
+        let body = ureq::get(&format!("{base}/api/v4/audit_events"))
+            .header("PRIVATE-TOKEN", TOKEN)
+            .call()?
+            .into_body()
+            .read_to_vec()?;
+        let root = self.work.join("static");
+        std::fs::create_dir_all(&root)?;
+        std::fs::write(root.join("events.json"), &body)?;
+        let nginx_port = free_port()?;
+        let nginx = Nginx::start_static(&self.work, nginx_port, &root)?;
+        let (np50, np99, nrate) = wrk(&format!("http://127.0.0.1:{nginx_port}/events.json"), None)?;
+        drop(nginx);
+        for (what, path) in cases {
+            let (p50, p99, rate) = wrk(&format!("{base}{path}"), Some(TOKEN))?;
+            self.row(
+                &format!("{what}, {n} events, wrk -c 8"),
+                format!("p50 {p50:.2} ms, p99 {p99:.2} ms, {rate:.0} req/s"),
+                format!(
+                    "nginx static JSON ({} KB): p50 {np50:.2} ms, p99 {np99:.2} ms, {nrate:.0} req/s",
+                    body.len() / 1024
+                ),
+                format!("{:.2} of nginx (target ≥ 0.3); p99 target < 20 ms", rate / nrate),
+                format!("{:.1} MiB", vm_hwm_mib(server.0.id())),
+            );
+        }
+        drop(server);
+        self.webhook_latency()?;
+        Ok(())
+    }
+
+    /// Merge → event at a loopback receiver: 50 merges through the webhook, 50 through a
+    /// schedule of every second.
+    pub fn webhook_latency(&mut self) -> Result<()> {
+        let merges = if self.quick { 10 } else { 50 };
+        let mut results = Vec::new();
+        for via_hook in [true, false] {
+            let dir = self.work.join(if via_hook { "hook" } else { "cron" });
+            let repo = dir.join("spp");
+            std::fs::create_dir_all(repo.join(".gitlab/security-policies"))?;
+            crate::repos::git(&repo, &["init", "-q", "-b", "main"])?;
+            let policy_at =
+                |i: usize| format!("approval_policy:\n- {{name: p0, enabled: true, description: \"revision {i}\"}}\n");
+            let commit = |policy: &str, i: usize| -> Result<()> {
+                std::fs::write(repo.join(".gitlab/security-policies/policy.yml"), policy)?;
+                crate::repos::git(&repo, &["add", "-A"])?;
+                crate::repos::git(
+                    &repo,
+                    &[
+                        "-c",
+                        "user.name=B",
+                        "-c",
+                        "user.email=b@example.com",
+                        "commit",
+                        "-q",
+                        "-m",
+                        &format!("merge {i}"),
+                    ],
+                )
+            };
+            commit(&policy_at(0), 0)?;
+            let (events, receiver_port) = receiver()?;
+            let port = free_port()?;
+            std::fs::write(dir.join("token"), TOKEN)?;
+            std::fs::write(dir.join("secret"), "hook-secret")?;
+            let schedule = if via_hook { "0 0 0 1 1 *" } else { "* * * * * *" };
+            let config = dir.join("config.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "schedule = \"{schedule}\"\nstate_dir = \"state\"\n[[projects]]\npath = \"acme/spp\"\nurl = \"{}\"\n\
+                     [[destinations]]\nname = \"r\"\nurl = \"http://127.0.0.1:{receiver_port}/\"\n\
+                     [server]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"token\"\nwebhook_secret_file = \"secret\"\n",
+                    repo.display()
+                ),
+            )?;
+            let daemon = Killed(
+                Command::new(&self.bin)
+                    .arg("--config")
+                    .arg(&config)
+                    .arg("run")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("cannot start the daemon")?,
+            );
+            wait_port(port)?;
+            std::thread::sleep(Duration::from_secs(2)); // the start-up reconcile (baseline)
+            while events.try_recv().is_ok() {}
+            let hook = r#"{"object_kind":"push","ref":"refs/heads/main","project":{"path_with_namespace":"acme/spp"}}"#;
+            let mut latencies = Vec::new();
+            for i in 1..=merges {
+                // One update event per merge (adding policies would hit the type's limit).
+                commit(&policy_at(i), i)?;
+                let t0 = Instant::now();
+                if via_hook {
+                    ureq::post(&format!("http://127.0.0.1:{port}/hooks/gitlab"))
+                        .header("X-Gitlab-Token", "hook-secret")
+                        .header("X-Gitlab-Event", "Push Hook")
+                        .send(hook.as_bytes())?;
+                }
+                events.recv_timeout(Duration::from_secs(30)).context("no event within 30 s")?;
+                latencies.push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+            drop(daemon);
+            latencies.sort_by(f64::total_cmp);
+            let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+            results.push((pct(0.5), pct(0.99)));
+        }
+        let ((h50, h99), (c50, c99)) = (results[0], results[1]);
+        self.row(
+            &format!("merge → event at a loopback receiver, {merges} merges, webhook"),
+            format!("p50 {h50:.0} ms, p99 {h99:.0} ms"),
+            format!("schedule every second: p50 {c50:.0} ms, p99 {c99:.0} ms (every 5 min by default)"),
+            "p99 target < 1 s".into(),
+            "–".into(),
+        );
+        Ok(())
+    }
+}
+
+/// A loopback HTTP receiver that answers 204 and reports each request's arrival.
+fn receiver() -> Result<(mpsc::Receiver<()>, u16)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let tx = tx.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut w = stream.try_clone()?;
+                let mut r = BufReader::new(stream);
+                loop {
+                    let mut len = 0usize;
+                    let mut chunked = false;
+                    let mut first = true;
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line)? == 0 {
+                            return Ok(());
+                        }
+                        if line.trim().is_empty() && !first {
+                            break;
+                        }
+                        first = false;
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                        chunked |= lower.starts_with("transfer-encoding:") && lower.contains("chunked");
+                    }
+                    if chunked {
+                        loop {
+                            let mut size = String::new();
+                            r.read_line(&mut size)?;
+                            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                            let mut chunk = vec![0; n + 2];
+                            r.read_exact(&mut chunk)?;
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                    } else {
+                        let mut body = vec![0; len];
+                        r.read_exact(&mut body)?;
+                    }
+                    w.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")?;
+                    let _ = tx.send(());
+                }
+            });
+        }
+    });
+    Ok((rx, port))
+}

@@ -1,0 +1,115 @@
+//! `[server]` (SPEC §8): the web page, the GitLab-compatible read API, `/metrics` and the push
+//! webhook. Absent = no HTTP server. The read token is required (no anonymous reads, not even
+//! on loopback); the webhook secret is optional (absent = no `/hooks/gitlab`).
+
+use super::{Checker, Secret};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Spanned<String>,
+    pub token_env: Option<Spanned<String>>,
+    pub token_file: Option<Spanned<String>>,
+    pub webhook_secret_env: Option<Spanned<String>>,
+    pub webhook_secret_file: Option<Spanned<String>>,
+    pub public_url: Option<Spanned<String>>,
+    pub gitlab_url: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// None only when secrets were not resolved (a CLI that just looks for the daemon).
+    pub token: Option<Secret>,
+    pub webhook_secret: Option<Secret>,
+    /// Without a trailing slash.
+    pub public_url: Option<String>,
+    /// Without a trailing slash.
+    pub gitlab_url: Option<String>,
+}
+
+impl ServerConfig {
+    /// Whether the login cookie must be `Secure`.
+    pub fn https(&self) -> bool {
+        self.public_url.as_deref().is_some_and(|u| u.starts_with("https://"))
+    }
+}
+
+impl Checker<'_> {
+    pub(super) fn server(&mut self, raw: Option<RawServer>, base: &Path) -> Option<ServerConfig> {
+        let raw = raw?;
+        let listen = match raw.listen.get_ref().parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.error_at(
+                    &raw.listen,
+                    format!(
+                        "`server.listen` = {:?} is not an address and port like \"127.0.0.1:8080\"",
+                        raw.listen.get_ref()
+                    ),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        };
+        if raw.token_env.is_none() && raw.token_file.is_none() {
+            self.error_at(
+                &raw.listen,
+                "[server]: set `token_env` or `token_file`: every read needs the token (there are no anonymous reads)",
+            );
+        }
+        let token = self.secret("[server]", "token", &raw.token_env, &raw.token_file, base);
+        let webhook_secret =
+            self.secret("[server]", "webhook_secret", &raw.webhook_secret_env, &raw.webhook_secret_file, base);
+        let public_url = self.http_url(raw.public_url.as_ref(), "server.public_url");
+        let gitlab_url = self.http_url(raw.gitlab_url.as_ref(), "server.gitlab_url");
+        Some(ServerConfig { listen, token, webhook_secret, public_url, gitlab_url })
+    }
+
+    fn http_url(&mut self, raw: Option<&Spanned<String>>, key: &str) -> Option<String> {
+        let raw = raw?;
+        let url = raw.get_ref().trim().trim_end_matches('/');
+        if !(url.starts_with("https://") || url.starts_with("http://")) || url.contains(['"', '<', '>', ' ']) {
+            self.error_at(raw, format!("`{key}` = {:?} is not an http(s) URL", raw.get_ref()));
+            return None;
+        }
+        Some(url.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn parse(server: &str) -> Result<Config, Vec<String>> {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("token"), "t0ken\n").expect("token");
+        let path = dir.path().join("config.toml");
+        Config::parse(Path::new(&path), &format!("state_dir = \"s\"\n[server]\n{server}")).map_err(|e| e.errors)
+    }
+
+    #[test]
+    fn a_server_needs_an_address_and_a_token() {
+        let ok =
+            parse("listen = \"127.0.0.1:8080\"\ntoken_file = \"token\"\npublic_url = \"https://audit.example.com/\"\n")
+                .expect("valid");
+        let server = ok.server.expect("[server]");
+        assert_eq!(server.token.as_ref().map(|t| t.expose()), Some("t0ken"));
+        assert_eq!(server.public_url.as_deref(), Some("https://audit.example.com"));
+        assert!(server.https() && server.webhook_secret.is_none());
+
+        let errors = parse("listen = \"127.0.0.1:8080\"\n").expect_err("no token");
+        assert!(errors.iter().any(|e| e.contains("config.toml:3:") && e.contains("token_env")), "{errors:?}");
+        let errors = parse("listen = \"localhost\"\ntoken_file = \"token\"\n").expect_err("no port");
+        assert!(errors.iter().any(|e| e.contains("server.listen")), "{errors:?}");
+        let errors = parse("listen = \"127.0.0.1:1\"\ntoken_file = \"token\"\ngitlab_url = \"javascript:alert(1)\"\n")
+            .expect_err("not http");
+        assert!(errors.iter().any(|e| e.contains("server.gitlab_url")), "{errors:?}");
+        let errors = parse("listen = \"127.0.0.1:1\"\ntoken_file = \"token\"\nport = 1\n").expect_err("unknown key");
+        assert!(errors.iter().any(|e| e.contains("port")), "{errors:?}");
+    }
+}

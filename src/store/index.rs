@@ -1,0 +1,394 @@
+//! Field indexes, so that a filtered page of the trail reads only the events it shows, at any
+//! size of the trail: by project, event type, project + type, policy name and author.
+//!
+//! One tree (`by_field`) holds them all. A key is `kind ++ value ++ 0 ++ created_at ++ seq`
+//! (the same time-and-sequence suffix as `by_time`), so each (kind, value) is a contiguous,
+//! time-ordered range and keyset pagination by (created_at, seq) is a range bound. Entries are
+//! written in the transaction that stores their event; stores made before the indexes existed
+//! get them built once at open, with progress in the log. A filter no index answers (an author
+//! substring, several projects) is checked on each event of the most selective index that applies.
+
+use super::query::time_key;
+use super::{EventQuery, Store, StoreError};
+use crate::event::AuditEvent;
+use std::ops::Bound;
+
+const INDEX_VERSION: &[u8] = b"index_by_field";
+/// `created_at` as stored: `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+const TIME_LEN: usize = 24;
+
+const PROJECT: u8 = b'p';
+const TYPE: u8 = b't';
+const PROJECT_TYPE: u8 = b'x';
+const POLICY: u8 = b'o';
+const AUTHOR: u8 = b'a';
+
+fn prefix(kind: u8, value: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(value.len() + 2 + TIME_LEN + 8);
+    k.push(kind);
+    k.extend_from_slice(value.as_bytes());
+    k.push(0);
+    k
+}
+
+/// The index keys of event `seq`.
+pub(super) fn keys_of(e: &AuditEvent, seq: u64) -> Vec<Vec<u8>> {
+    let suffix = time_key(&e.created_at, seq);
+    let mut values = vec![
+        (PROJECT, e.entity_path.clone()),
+        (TYPE, e.event_type.name().to_string()),
+        (PROJECT_TYPE, format!("{}\0{}", e.entity_path, e.event_type.name())),
+    ];
+    if let Some(policy) = &e.details.policy_name {
+        values.push((POLICY, policy.clone()));
+    }
+    let name = e.author_name.to_lowercase();
+    let email = e.details.author_email.to_lowercase();
+    if email != name {
+        values.push((AUTHOR, email));
+    }
+    values.push((AUTHOR, name));
+    values
+        .into_iter()
+        .map(|(kind, value)| {
+            let mut k = prefix(kind, &value);
+            k.extend_from_slice(&suffix);
+            k
+        })
+        .collect()
+}
+
+/// Where a page starts: strictly older than this (created_at, seq).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub created_at: String,
+    pub seq: u64,
+}
+
+impl Position {
+    /// `2024-03-01T10:00:00.000Z~17`, as it travels in URLs.
+    pub fn encode(&self) -> String {
+        format!("{}~{}", self.created_at, self.seq)
+    }
+
+    pub fn decode(text: &str) -> Option<Position> {
+        let (at, seq) = text.rsplit_once('~')?;
+        (at.len() == TIME_LEN && at.is_ascii()).then_some(())?;
+        Some(Position { created_at: at.to_string(), seq: seq.parse().ok()? })
+    }
+}
+
+/// One page of matching events, newest first.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub events: Vec<(u64, AuditEvent)>,
+    /// Where the next (older) page starts, when there is one.
+    pub next: Option<Position>,
+}
+
+impl Store {
+    /// Builds the field indexes of a store written before they existed; once.
+    pub(super) fn build_field_index(&self) -> Result<(), StoreError> {
+        if self.meta.get(INDEX_VERSION).map_err(|e| self.sled(e))?.is_some() {
+            return Ok(());
+        }
+        let total = self.next_seq()?;
+        if total > 0 {
+            tracing::info!(events = total, "building the field indexes (project, type, policy, author) once");
+        }
+        self.by_field.clear().map_err(|e| self.sled(e))?;
+        for (done, item) in self.events.iter().enumerate() {
+            let (k, v) = item.map_err(|e| self.sled(e))?;
+            let seq = self.decode_seq_key("events", &k)?;
+            let e: AuditEvent = super::records::decode(&self.dir, "events", &v, || format!("event #{seq}"))?;
+            for key in keys_of(&e, seq) {
+                self.by_field.insert(key, &[]).map_err(|e| self.sled(e))?;
+            }
+            if done > 0 && done % 100_000 == 0 {
+                tracing::info!(indexed = done, of = total, "building the field indexes");
+            }
+        }
+        self.meta.insert(INDEX_VERSION, &1u32.to_be_bytes()).map_err(|e| self.sled(e))?;
+        self.db.flush().map_err(|e| self.sled(e))?;
+        Ok(())
+    }
+
+    /// The tree and key prefix that answer the most selective filter of `q`.
+    fn best_index(&self, q: &EventQuery) -> (&sled::Tree, Vec<u8>) {
+        if let Some(policy) = &q.policy {
+            return (&self.by_field, prefix(POLICY, policy));
+        }
+        if let Some(author) = &q.author_exact {
+            return (&self.by_field, prefix(AUTHOR, &author.to_lowercase()));
+        }
+        match (q.projects.as_slice(), q.event_types.as_slice()) {
+            ([p], [t]) => (&self.by_field, prefix(PROJECT_TYPE, &format!("{p}\0{}", t.name()))),
+            ([p], _) => (&self.by_field, prefix(PROJECT, p)),
+            (_, [t]) => (&self.by_field, prefix(TYPE, t.name())),
+            _ => (&self.by_time, Vec::new()),
+        }
+    }
+
+    /// The keys of the chosen index between `q.since`, `q.until` and `before`, newest first.
+    fn index_range(
+        &self,
+        q: &EventQuery,
+        before: Option<&Position>,
+    ) -> impl Iterator<Item = Result<u64, StoreError>> + '_ {
+        let (tree, pre) = self.best_index(q);
+        let mut low = pre.clone();
+        if let Some(since) = &q.since {
+            low.extend_from_slice(since.as_bytes());
+        }
+        let mut high_until = pre.clone();
+        let high = match (&q.until, before) {
+            (_, Some(pos)) if q.until.as_ref().is_none_or(|u| pos.created_at.as_str() <= u.as_str()) => {
+                high_until.extend_from_slice(&time_key(&pos.created_at, pos.seq));
+                Bound::Excluded(high_until)
+            }
+            (Some(until), _) => {
+                high_until.extend_from_slice(until.as_bytes());
+                high_until.extend_from_slice(&[0xff; 9]);
+                Bound::Excluded(high_until)
+            }
+            (None, _) if pre.is_empty() => Bound::Unbounded,
+            (None, _) => {
+                // Just past the prefix: its last byte (the 0 separator) plus one.
+                let last = high_until.len() - 1;
+                high_until[last] = 1;
+                Bound::Excluded(high_until)
+            }
+        };
+        let dir = self.dir.clone();
+        tree.range::<Vec<u8>, _>((Bound::Included(low), high)).rev().map(move |item| {
+            let (key, _) = item.map_err(|source| StoreError::Sled { dir: dir.clone(), source })?;
+            key.len()
+                .checked_sub(8)
+                .filter(|at| *at >= TIME_LEN)
+                .and_then(|at| key[at..].try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::Damaged {
+                    what: "an index key is too short".into(),
+                    location: format!("the indexes in {}", dir.display()),
+                })
+        })
+    }
+
+    /// Up to `limit` matching events older than `before` (all when None), newest first, read
+    /// through the most selective index; skips the first `skip` matches (offset pagination).
+    pub fn page(&self, q: &EventQuery, before: Option<&Position>, skip: usize, limit: usize) -> anyhow::Result<Page> {
+        let mut page = Page::default();
+        let mut skipped = 0;
+        for seq in self.index_range(q, before) {
+            let seq = seq?;
+            let event = self.event_at(seq)?;
+            if !q.matches(&event) {
+                continue;
+            }
+            if skipped < skip {
+                skipped += 1;
+                continue;
+            }
+            if page.events.len() == limit {
+                let (seq, last) = page.events.last().map(|(s, e)| (*s, e.created_at.clone())).unwrap_or_default();
+                page.next = Some(Position { created_at: last, seq });
+                break;
+            }
+            page.events.push((seq, event));
+        }
+        Ok(page)
+    }
+
+    /// How many events match `q`, or None when more than `cap` do.
+    pub fn count(&self, q: &EventQuery, cap: usize) -> anyhow::Result<Option<usize>> {
+        if q.is_everything() {
+            let n = usize::try_from(self.next_seq()?).unwrap_or(usize::MAX);
+            return Ok((n <= cap).then_some(n));
+        }
+        let exact = q.is_answered_by_index();
+        let mut n = 0;
+        for seq in self.index_range(q, None) {
+            let seq = seq?;
+            if !exact && !q.matches(&self.event_at(seq)?) {
+                continue;
+            }
+            n += 1;
+            if n > cap {
+                return Ok(None);
+            }
+        }
+        Ok(Some(n))
+    }
+
+    /// Event by its id, with its sequence number.
+    pub fn event_by_id(&self, id: &str) -> anyhow::Result<Option<(u64, AuditEvent)>> {
+        let Some(seq) = self.event_ids.get(id.as_bytes()).map_err(|e| self.sled(e))? else { return Ok(None) };
+        let seq = super::records::decode_u64(&self.dir, "event_ids", &seq, || format!("the number of event {id:?}"))?;
+        Ok(Some((seq, self.event_at(seq)?)))
+    }
+
+    /// How many events of each type are stored (for `/metrics`), from the type index.
+    pub fn count_by_type(&self) -> Vec<(crate::event::EventType, usize)> {
+        crate::event::EventType::ALL
+            .into_iter()
+            .map(|t| (t, self.by_field.scan_prefix(prefix(TYPE, t.name())).keys().count()))
+            .collect()
+    }
+}
+
+impl EventQuery {
+    /// No filter at all: the count is the trail's length.
+    fn is_everything(&self) -> bool {
+        self.projects.is_empty()
+            && self.event_types.is_empty()
+            && self.policy.is_none()
+            && self.author.is_none()
+            && self.author_exact.is_none()
+            && self.since.is_none()
+            && self.until.is_none()
+    }
+
+    /// Whether the chosen index alone decides every filter (then counting needs no decoding).
+    fn is_answered_by_index(&self) -> bool {
+        let one_project_and_type = self.projects.len() <= 1 && self.event_types.len() <= 1;
+        self.policy.is_none() && self.author_exact.is_none() && self.author.is_none() && one_project_and_type
+    }
+}
+
+impl Store {
+    /// The chain link of event `seq` and of the one before it (genesis for the first), hex.
+    pub fn chain_links(&self, seq: u64) -> anyhow::Result<(Option<String>, String)> {
+        let link = |s: u64| -> anyhow::Result<Option<String>> {
+            Ok(self.chain.get(s.to_be_bytes()).map_err(|e| self.sled(e))?.map(|v| super::chain::hex(&v)))
+        };
+        let previous = match seq.checked_sub(1) {
+            Some(p) => link(p)?.unwrap_or_default(),
+            None => super::chain::hex(&super::chain::GENESIS),
+        };
+        Ok((link(seq)?, previous))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventType;
+    use crate::store::Cursor;
+
+    fn event(n: u32, project: &str, t: EventType, policy: Option<&str>, author: &str) -> AuditEvent {
+        serde_json::from_value(serde_json::json!({
+            "id": format!("ev-{n}"), "event_type": t, "entity_type": "Project", "entity_id": null,
+            "entity_path": project, "target_type": "Security::Policy", "target_details": policy.unwrap_or(project),
+            "author_name": author, "author_id": -4,
+            // Not in storage order: the index orders by time.
+            "created_at": format!("2024-01-{:02}T10:00:00.000Z", 1 + (n * 7) % 28), "ip_address": "",
+            "details": {"event_name": t, "custom_message": "m", "policy_name": policy,
+                "security_policy_project_commit_sha": "abc", "author_name": author,
+                "author_email": format!("{}@example.com", author.to_lowercase()), "target_type": "Security::Policy",
+                "target_details": "x", "entity_path": project, "branch": "main", "policy_file": "p.yml",
+                "detected_at": "2024-02-01T00:00:00.000Z", "linked_namespaces": []}
+        }))
+        .expect("event")
+    }
+
+    fn all_events() -> Vec<AuditEvent> {
+        let types = [EventType::Create, EventType::Update, EventType::Delete];
+        (0..40)
+            .map(|n| {
+                let project = if n % 3 == 0 { "a/spp" } else { "b/spp" };
+                let policy = ["one", "two", "three"][n as usize % 3];
+                let author = ["Alice", "Bob"][n as usize % 2];
+                event(n, project, types[n as usize % 4 % 3], Some(policy), author)
+            })
+            .collect()
+    }
+
+    /// Every page of `q` (newest first) through keyset positions of size 3.
+    fn paged(store: &Store, q: &EventQuery) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut before = None;
+        loop {
+            let page = store.page(q, before.as_ref(), 0, 3).expect("page");
+            out.extend(page.events.iter().map(|(_, e)| e.id.clone()));
+            match page.next {
+                Some(next) => before = Some(next),
+                None => return out,
+            }
+        }
+    }
+
+    fn expected(events: &[AuditEvent], q: &EventQuery) -> Vec<String> {
+        let mut matching: Vec<(String, usize, String)> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| q.matches(e))
+            .map(|(seq, e)| (e.created_at.clone(), seq, e.id.clone()))
+            .collect();
+        matching.sort();
+        matching.into_iter().rev().map(|(_, _, id)| id).collect()
+    }
+
+    fn queries() -> Vec<EventQuery> {
+        vec![
+            EventQuery::default(),
+            EventQuery { projects: vec!["a/spp".into()], ..Default::default() },
+            EventQuery { event_types: vec![EventType::Update], ..Default::default() },
+            EventQuery { projects: vec!["b/spp".into()], event_types: vec![EventType::Create], ..Default::default() },
+            EventQuery { policy: Some("two".into()), projects: vec!["a/spp".into()], ..Default::default() },
+            EventQuery { author_exact: Some("BOB@example.com".into()), ..Default::default() },
+            EventQuery {
+                since: Some("2024-01-05T00:00:00.000Z".into()),
+                until: Some("2024-01-20T23:59:59.999Z".into()),
+                event_types: vec![EventType::Delete],
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn filtered_pages_through_the_indexes_match_a_full_scan_and_old_stores_get_them_built() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let events = all_events();
+        {
+            let store = Store::open(dir.path()).expect("open");
+            let cursor = Cursor { commit: "c".into(), blob: "b".into(), baseline: None, limits: Default::default() };
+            store.commit_reconcile("a/spp", &cursor, &events, &|_| Vec::new(), 0).expect("commit");
+            for q in queries() {
+                assert_eq!(paged(&store, &q), expected(&events, &q), "{q:?}");
+                assert_eq!(store.count(&q, 1000).expect("count"), Some(expected(&events, &q).len()), "{q:?}");
+            }
+            let second = store.event_by_id("ev-2").expect("by id").expect("found");
+            assert_eq!(second.0, 2);
+        }
+        // A store written before the indexes existed: no entries, no version mark.
+        // sled lets go of its files in the background after a drop: retry the opens briefly.
+        fn retry<T>(mut open: impl FnMut() -> anyhow::Result<T>) -> T {
+            for _ in 0..100 {
+                if let Ok(v) = open() {
+                    return v;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            open().expect("open")
+        }
+        {
+            let db = retry(|| Ok(sled::open(dir.path())?));
+            db.open_tree("by_field").expect("tree").clear().expect("clear");
+            db.open_tree("meta").expect("meta").remove(INDEX_VERSION).expect("remove");
+            db.flush().expect("flush");
+        }
+        let store = retry(|| Store::open(dir.path()));
+        for q in queries() {
+            assert_eq!(paged(&store, &q), expected(&events, &q), "after the build: {q:?}");
+        }
+    }
+
+    #[test]
+    fn positions_round_trip_and_reject_garbage() {
+        let p = Position { created_at: "2024-01-01T10:00:00.000Z".into(), seq: 17 };
+        assert_eq!(Position::decode(&p.encode()), Some(p));
+        for bad in ["", "x~1", "2024-01-01T10:00:00.000Z~", "2024-01-01T10:00:00.000Z~-1"] {
+            assert_eq!(Position::decode(bad), None, "{bad:?}");
+        }
+    }
+}
