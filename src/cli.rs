@@ -263,7 +263,7 @@ pub fn run(cli: Cli, stdout: &mut dyn std::io::Write) -> Output {
                 out.err_line(format!("warning: {w}"));
             }
             let result = match Store::open_waiting(&config.db_dir(), std::time::Duration::from_secs(3)) {
-                Ok(store) => app::execute(&config, &store, &request, None, stdout),
+                Ok(store) => app::execute(&config, &store, &request, &crate::stop::Stop::new(), stdout),
                 Err(e) => Output::unusable(format!("{e:#}")),
             };
             out.stdout.push_str(&result.stdout);

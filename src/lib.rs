@@ -22,6 +22,7 @@ pub mod policy;
 pub mod reconcile;
 pub mod repo;
 pub mod server;
+pub mod stop;
 pub mod store;
 pub mod stream;
 pub mod text;

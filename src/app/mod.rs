@@ -20,8 +20,6 @@ use crate::config::Config;
 use crate::store::Store;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 /// The version of [`Request`] and [`Output`] as they cross the control socket. Bump it on any
 /// change a daemon of the previous version would misread.
@@ -148,7 +146,7 @@ pub fn execute(
     config: &Config,
     store: &Store,
     request: &Request,
-    stop: Option<Arc<AtomicBool>>,
+    stop: &crate::stop::Stop,
     out: &mut dyn std::io::Write,
 ) -> Output {
     match request {

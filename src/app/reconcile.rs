@@ -7,11 +7,11 @@ use super::{EXIT_FAILED, EXIT_UNUSABLE, Output, ReconcileRequest};
 use crate::cluster::ProjectTrail;
 use crate::config::{Config, Project};
 use crate::reconcile::{Options, Summary, reconcile_all};
+use crate::stop::Stop;
 use crate::store::{Store, StoreError};
 use crate::stream::DestinationReport;
 use serde_json::json;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 /// What one reconcile request did.
 pub struct Report {
@@ -33,7 +33,7 @@ impl Report {
 
 /// Reconciles the selected projects and delivers what is due. `stop` is the daemon's shutdown
 /// flag (None in-process).
-pub fn reconcile(config: &Config, store: &Store, req: &ReconcileRequest, stop: Option<Arc<AtomicBool>>) -> Report {
+pub fn reconcile(config: &Config, store: &Store, req: &ReconcileRequest, stop: &Stop) -> Report {
     reconcile_into(config, store, req, stop, None)
 }
 
@@ -43,7 +43,7 @@ pub fn reconcile_into(
     config: &Config,
     store: &Store,
     req: &ReconcileRequest,
-    stop: Option<Arc<AtomicBool>>,
+    stop: &Stop,
     trail: Option<Arc<dyn ProjectTrail>>,
 ) -> Report {
     let mut report = Report {
@@ -67,13 +67,8 @@ pub fn reconcile_into(
         }
         chosen
     };
-    let options = Options {
-        backfill: req.backfill,
-        rebaseline: req.rebaseline,
-        progress: !req.json && stop.is_none(),
-        stop,
-        trail,
-    };
+    let options =
+        Options { backfill: req.backfill, rebaseline: req.rebaseline, progress: !req.json, stop: stop.clone(), trail };
     report.projects = reconcile_all(config, store, &projects, &options, &crate::clock::SystemClock);
     if !req.no_deliver && !report.damaged() {
         report.deliveries = super::deliveries::deliver_now(config, store, &mut report.delivery_output);
@@ -131,7 +126,7 @@ pub fn render(config: &Config, req: &ReconcileRequest, report: Report) -> Output
 }
 
 /// Reconciles and prints.
-pub fn run(config: &Config, store: &Store, req: &ReconcileRequest, stop: Option<Arc<AtomicBool>>) -> Output {
+pub fn run(config: &Config, store: &Store, req: &ReconcileRequest, stop: &Stop) -> Output {
     if config.cluster.is_some() {
         // Here without a daemon: this store is a replica, and the projects belong to the
         // instances holding their leases.

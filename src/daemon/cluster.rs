@@ -10,7 +10,6 @@ use crate::reconcile::destinations_for;
 use crate::stream::{Clock, DestinationReport, SystemClock, deliver_due_until};
 use anyhow::Result;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// Events read from the trail stream per replica transaction.
@@ -22,7 +21,6 @@ const REPLICA_POLL: Duration = Duration::from_millis(200);
 pub(super) async fn lease_loop(daemon: Arc<Daemon>) {
     let Some(node) = daemon.node.clone() else { return };
     let every = (node.settings.lease_ttl / 3).max(Duration::from_millis(200));
-    let mut shutdown = daemon.shutdown.clone();
     loop {
         let (d, n) = (daemon.clone(), node.clone());
         let held_before = n.held_destinations(&d.config());
@@ -41,7 +39,7 @@ pub(super) async fn lease_loop(daemon: Arc<Daemon>) {
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = daemon.stop.cancelled() => return,
         }
     }
 }
@@ -49,8 +47,7 @@ pub(super) async fn lease_loop(daemon: Arc<Daemon>) {
 /// Applies the trail stream to the local store, in order, from where it left off.
 pub(super) async fn replica_loop(daemon: Arc<Daemon>) {
     let Some(node) = daemon.node.clone() else { return };
-    let mut shutdown = daemon.shutdown.clone();
-    while !daemon.stop.load(Ordering::SeqCst) {
+    while !daemon.stop.is_cancelled() {
         let (d, n) = (daemon.clone(), node.clone());
         let applied = tokio::task::spawn_blocking(move || -> Result<usize> {
             let from = d.store.replica_position()? + 1;
@@ -79,7 +76,7 @@ pub(super) async fn replica_loop(daemon: Arc<Daemon>) {
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = daemon.stop.cancelled() => return,
         }
     }
 }
@@ -102,7 +99,7 @@ pub(super) fn reconcile_leased(
         *busy = keys;
     }
     let trail: Arc<dyn ProjectTrail> = node.clone();
-    let report = app::reconcile::reconcile_into(&leased, &daemon.store, &args, Some(daemon.stop.clone()), Some(trail));
+    let report = app::reconcile::reconcile_into(&leased, &daemon.store, &args, &daemon.stop, Some(trail));
     if let Ok(mut busy) = daemon.busy.lock() {
         busy.clear();
     }

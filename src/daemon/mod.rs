@@ -15,16 +15,16 @@ use crate::app::{self, EXIT_FAILED, EXIT_OK, Output, ReconcileRequest, Request};
 use crate::cluster::Node;
 use crate::config::Config;
 use crate::control;
+use crate::stop::Stop;
 use crate::store::Store;
 use crate::stream::{Clock, SystemClock, deliver_due_until};
 use anyhow::{Context, Result};
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 mod cluster;
 
@@ -35,9 +35,8 @@ struct Daemon {
     config_path: PathBuf,
     config: RwLock<Arc<Config>>,
     store: Store,
-    stop: Arc<AtomicBool>,
-    /// Flips to true once, on SIGTERM/SIGINT; waiting tasks select on it.
-    shutdown: watch::Receiver<bool>,
+    /// Cancelled once, on SIGTERM/SIGINT: synchronous work polls it, tasks await it.
+    stop: Stop,
     wake_delivery: Notify,
     /// Cluster mode: this instance's leases, cursors and the trail it replicates.
     node: Option<Arc<Node>>,
@@ -126,13 +125,11 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
         None => None,
     };
     let (hooks, hook_rx) = crate::server::HookQueue::new();
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let daemon = Arc::new(Daemon {
         config_path: config_path.to_path_buf(),
         config: RwLock::new(Arc::new(config)),
         store,
-        stop: Arc::new(AtomicBool::new(false)),
-        shutdown: shutdown_rx,
+        stop: Stop::new(),
         wake_delivery: Notify::new(),
         node,
         busy: std::sync::Mutex::new(Vec::new()),
@@ -148,7 +145,7 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(listen = %addr, "serving the audit events page and API");
         }
-        tokio::spawn(crate::server::serve(daemon.clone(), listener, daemon.shutdown.clone()))
+        tokio::spawn(crate::server::serve(daemon.clone(), listener, daemon.stop.clone()))
     });
     let deliveries = tokio::spawn(delivery_loop(daemon.clone()));
     let server = tokio::spawn(control_server(daemon.clone(), listener, forced_tx));
@@ -185,8 +182,7 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
 
     tracing::info!("shutting down: finishing the current work");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    daemon.stop.store(true, Ordering::SeqCst);
-    let _ = shutdown_tx.send(true);
+    daemon.stop.cancel();
     scheduler.stop().await;
     server.abort();
     let _ = std::fs::remove_file(&socket_path);
@@ -281,11 +277,10 @@ async fn worker(
     mut forced: mpsc::Receiver<Forced>,
     mut hooked: mpsc::Receiver<()>,
 ) {
-    let mut shutdown = daemon.shutdown.clone();
     loop {
         let (args, reply, trigger) = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = daemon.stop.cancelled() => return,
             Some((args, reply)) = forced.recv() => (args, Some(reply), "forced"),
             Some(()) = ticks.recv() => (ReconcileRequest::default(), None, "schedule"),
             Some(()) = hooked.recv() => (ReconcileRequest::default(), None, "webhook"),
@@ -302,7 +297,7 @@ async fn worker(
         } else {
             args
         };
-        if daemon.stop.load(Ordering::SeqCst) {
+        if daemon.stop.is_cancelled() {
             if let Some(reply) = reply {
                 let _ = reply
                     .send(Output::unusable("the daemon is shutting down; run the command again after it restarts"));
@@ -314,7 +309,7 @@ async fn worker(
             let config = d.config();
             let started = std::time::Instant::now();
             let report = match &d.node {
-                None => app::reconcile::reconcile(&config, &d.store, &args, Some(d.stop.clone())),
+                None => app::reconcile::reconcile(&config, &d.store, &args, &d.stop),
                 Some(node) => cluster::reconcile_leased(&d, node, &config, args.clone()),
             };
             log_reconcile(&report, started.elapsed(), trigger);
@@ -335,7 +330,7 @@ async fn worker(
         if let Some(reply) = reply {
             let _ = reply.send(output);
         }
-        if daemon.stop.load(Ordering::SeqCst) {
+        if daemon.stop.is_cancelled() {
             return;
         }
     }
@@ -378,9 +373,8 @@ fn log_reconcile(report: &app::reconcile::Report, took: Duration, trigger: &str)
 /// Delivers whenever something is due: sleeps until the earliest retry, or until woken by a
 /// reconcile or a reload.
 async fn delivery_loop(daemon: Arc<Daemon>) {
-    let mut shutdown = daemon.shutdown.clone();
     let mut seed = SystemClock.now_ms() as u64;
-    while !daemon.stop.load(Ordering::SeqCst) {
+    while !daemon.stop.is_cancelled() {
         let d = daemon.clone();
         seed = seed.wrapping_add(1);
         let reports = tokio::task::spawn_blocking(move || {
@@ -427,7 +421,7 @@ async fn delivery_loop(daemon: Arc<Daemon>) {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = daemon.wake_delivery.notified() => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = daemon.stop.cancelled() => return,
         }
     }
 }
@@ -503,7 +497,7 @@ async fn answer(
             let socket = stream.try_clone()?;
             return tokio::task::spawn_blocking(move || -> Result<()> {
                 let mut chunks = control::ChunkWriter::new(std::io::BufWriter::new(socket));
-                let output = app::execute(&d.config(), &d.store, &request, None, &mut chunks);
+                let output = app::execute(&d.config(), &d.store, &request, &d.stop, &mut chunks);
                 chunks.finish(&output)?;
                 Ok(())
             })

@@ -25,6 +25,7 @@ use crate::config::{Config, InitialSync, Project};
 use crate::event::AuditEvent;
 use crate::gitlab::attribution::Attributor;
 use crate::repo::{self, Mirror};
+use crate::stop::Stop;
 use crate::store::{Cursor, Store};
 use anyhow::{Context, Result};
 use gix::ObjectId;
@@ -32,7 +33,6 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use walk::walk_new_history;
 
@@ -48,14 +48,14 @@ pub struct Options {
     /// Show a progress bar for long walks (on a terminal).
     pub progress: bool,
     /// Set on shutdown: stop before the next project, and before storing (never half-way).
-    pub stop: Option<Arc<AtomicBool>>,
+    pub stop: Stop,
     /// Where cursors and events are committed instead of the local store (cluster mode).
     pub trail: Option<Arc<dyn crate::cluster::ProjectTrail>>,
 }
 
 impl Options {
     fn stopped(&self) -> bool {
-        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+        self.stop.is_cancelled()
     }
 }
 
@@ -232,10 +232,14 @@ fn attempt(
         return Err(anyhow::Error::new(TrailLost { project: project.path.clone(), mirror: dir.display().to_string() }));
     }
     let mirror = Mirror::open_or_init(&dir, &project.branch)?;
-    let never = AtomicBool::new(false);
-    let stop = options.stop.as_deref().unwrap_or(&never);
-    let tip = match repo::fetch(&mirror, &project.url, project.token.as_ref(), &project.tls, config.fetch_timeout, stop)
-    {
+    let tip = match repo::fetch(
+        &mirror,
+        &project.url,
+        project.token.as_ref(),
+        &project.tls,
+        config.fetch_timeout,
+        &options.stop,
+    ) {
         Ok(fetched) => fetched.tip,
         // A fetch also fails when the mirror's own objects are gone: re-clone then.
         Err(e) if !mirror.is_sound() => return Err(anyhow::Error::new(MirrorDamaged(format!("{e:#}")))),

@@ -9,12 +9,11 @@ use crate::config::{Config, Project};
 use crate::event::{AuditEvent, StepContext};
 use crate::policy::{InvalidPolicyFile, LimitState, PolicySet};
 use crate::repo::{Commit, Link, Mirror, PolicyBlob, PolicyPath};
+use crate::stop::Stop;
 use crate::store::Cursor;
 use anyhow::Result;
 use gix::ObjectId;
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Works out the steps since the cursor (or the baseline, or the rewrite) and their events.
@@ -82,7 +81,7 @@ pub(super) struct Walker<'a> {
     pub(super) ahead: HashMap<ObjectId, Result<PolicySet, InvalidPolicyFile>>,
     pub(super) progress: bool,
     /// Shutdown: a long walk stops between steps (what was stored is consistent).
-    pub(super) stop: Option<Arc<AtomicBool>>,
+    pub(super) stop: Stop,
 }
 
 impl<'a> Walker<'a> {
@@ -107,7 +106,7 @@ impl<'a> Walker<'a> {
     }
 
     fn check_stop(&self) -> Result<()> {
-        if self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+        if self.stop.is_cancelled() {
             anyhow::bail!("stopped by shutdown; what was stored is consistent, the next run goes on from there");
         }
         Ok(())

@@ -29,7 +29,7 @@ pub fn fetch(
     token: Option<&Secret>,
     tls: &TlsSettings,
     deadline: Duration,
-    stop: &AtomicBool,
+    stop: &crate::stop::Stop,
 ) -> Result<FetchOutcome> {
     let repo = mirror.repo.clone();
     let tls = tls.clone();
@@ -75,11 +75,10 @@ pub fn fetch(
                     .map_err(|e| anyhow!("{}", crate::text::redact_urls(&format!("{:#}", explain_tls(e)))))
                     .with_context(|| format!("fetch of branch {:?} from {} failed", mirror.branch, redact_url(url)));
             }
-            Err(mpsc::RecvTimeoutError::Timeout)
-                if std::time::Instant::now() < until && !stop.load(Ordering::SeqCst) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() < until && !stop.is_cancelled() => {}
             Err(_) => {
                 interrupt.store(true, Ordering::SeqCst);
-                if stop.load(Ordering::SeqCst) {
+                if stop.is_cancelled() {
                     bail!("fetch from {} stopped by shutdown", redact_url(url));
                 }
                 bail!("fetch from {} did not finish within {}", redact_url(url), humantime::format_duration(deadline))

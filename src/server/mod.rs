@@ -31,7 +31,6 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
-use tokio::sync::watch;
 
 pub use hooks::HookQueue;
 pub use metrics::Activity;
@@ -105,9 +104,9 @@ pub fn router(source: Shared) -> Router {
         .with_state(source)
 }
 
-/// Serves `router(source)` on `listener` until `shutdown` turns true, then lets the requests in
+/// Serves `router(source)` on `listener` until `stop` is cancelled, then lets the requests in
 /// flight finish (up to 5 s).
-pub async fn serve(source: Shared, listener: tokio::net::TcpListener, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(source: Shared, listener: tokio::net::TcpListener, stop: crate::stop::Stop) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let app = router(source);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -122,7 +121,7 @@ pub async fn serve(source: Shared, listener: tokio::net::TcpListener, mut shutdo
                     continue;
                 }
             },
-            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+            _ = stop.cancelled() => break,
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let connection = hyper::server::conn::http1::Builder::new()
@@ -292,15 +291,15 @@ pub fn serve_until_signal(
         let mut int = signal(SignalKind::interrupt())?;
         let listener = bind(&server).await?;
         started(listener.local_addr()?);
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop = crate::stop::Stop::new();
         let source: Shared = Arc::new(Standalone { config: Arc::new(config), store });
-        let serving = tokio::spawn(serve(source, listener, stop_rx));
+        let serving = tokio::spawn(serve(source, listener, stop.clone()));
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
         tracing::info!("shutting down the http server");
-        let _ = stop_tx.send(true);
+        stop.cancel();
         let _ = serving.await;
         Ok(())
     })

@@ -13,12 +13,12 @@ pub mod nats;
 pub mod retry;
 
 use crate::config::{Config, Destination};
+use crate::stop::Stop;
 use crate::store::{Delivery, Store};
 use anyhow::Result;
 use rand::SeedableRng;
 use retry::{Decision, backoff, decide};
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// The time source for delivery decisions; tests pass their own so no test sleeps through a
@@ -44,7 +44,7 @@ pub struct DestinationReport {
 /// Delivers every due outbox entry of every configured destination, concurrently across
 /// destinations, in order within each. `seed` feeds the backoff jitter.
 pub fn deliver_due(config: &Config, store: &Store, clock: &dyn Clock, seed: u64) -> Result<Vec<DestinationReport>> {
-    deliver_due_until(config, store, clock, seed, &AtomicBool::new(false))
+    deliver_due_until(config, store, clock, seed, &Stop::new())
 }
 
 /// Like [`deliver_due`], stopping between deliveries once `stop` is set (shutdown).
@@ -53,7 +53,7 @@ pub fn deliver_due_until(
     store: &Store,
     clock: &dyn Clock,
     seed: u64,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) -> Result<Vec<DestinationReport>> {
     let _round = store.lock_delivery();
     let reports = std::thread::scope(|scope| {
@@ -79,7 +79,7 @@ fn deliver_destination(
     store: &Store,
     clock: &dyn Clock,
     seed: u64,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) -> Result<DestinationReport> {
     let mut report = DestinationReport { destination: dest.name.clone(), ..DestinationReport::default() };
     // Built at the first due delivery, so an idle round reads no certificates. A certificate or
@@ -90,7 +90,7 @@ fn deliver_destination(
     let max_age_ms = i64::try_from(dest.max_age.as_millis()).unwrap_or(i64::MAX);
     let mut from = 0;
     while let Some(mut delivery) = store.next_pending(&dest.name, from)? {
-        if stop.load(Ordering::SeqCst) {
+        if stop.is_cancelled() {
             break;
         }
         from = delivery.seq + 1;
