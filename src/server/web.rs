@@ -7,6 +7,12 @@
 //! namespaces, chain link), `/policy` (one policy's whole history), `/status`, `/export.csv`
 //! (GitLab's export columns) and the login form.
 
+mod export;
+mod login;
+
+pub use export::export_csv;
+pub use login::{login, login_form, login_page, logout};
+
 use super::{SESSION_COOKIE, Shared, blocking, secret_matches, session_value};
 use crate::app::events::time_bound;
 use crate::event::{AuditEvent, EventType};
@@ -452,166 +458,4 @@ pub async fn status(State(s): State<Shared>) -> Response {
         }
     };
     html_response(StatusCode::OK, layout("Status", body))
-}
-
-/// GitLab's audit events export columns.
-const CSV_COLUMNS: [&str; 12] = [
-    "ID",
-    "Author ID",
-    "Author Name",
-    "Entity ID",
-    "Entity Type",
-    "Entity Path",
-    "Target ID",
-    "Target Type",
-    "Target Details",
-    "Action",
-    "IP Address",
-    "Created At (UTC)",
-];
-
-fn csv_row(e: &AuditEvent) -> [String; 12] {
-    [
-        e.id.clone(),
-        e.author_id.to_string(),
-        e.author_name.clone(),
-        e.entity_id.map(|i| i.to_string()).unwrap_or_default(),
-        e.entity_type.clone(),
-        e.entity_path.clone(),
-        String::new(),
-        e.target_type.clone(),
-        e.target_details.clone(),
-        e.details.custom_message.clone(),
-        e.ip_address.clone(),
-        e.created_at.get(..19).unwrap_or(&e.created_at).replace('T', " "),
-    ]
-}
-
-/// A response body fed by a channel, so a large export streams in bounded memory.
-struct ChannelBody(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
-        self.0.poll_recv(cx).map(|item| item.map(|r| r.map(http_body::Frame::data)))
-    }
-}
-
-pub async fn export_csv(State(s): State<Shared>, Query(f): Query<Filters>) -> Response {
-    let query = match f.query() {
-        Ok(q) => q,
-        Err(why) => return bad_request(&why),
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let source = s.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut before: Option<Position> = None;
-        let mut header = true;
-        loop {
-            let page = match source.store().page(&query, before.as_ref(), 0, 1000) {
-                Ok(p) => p,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(std::io::Error::other(format!("{e:#}"))));
-                    return;
-                }
-            };
-            let mut w = csv::Writer::from_writer(Vec::new());
-            if std::mem::take(&mut header) {
-                let _ = w.write_record(CSV_COLUMNS);
-            }
-            for (_, e) in &page.events {
-                let _ = w.write_record(csv_row(e));
-            }
-            let chunk = w.into_inner().unwrap_or_default();
-            if tx.blocking_send(Ok(Bytes::from(chunk))).is_err() {
-                return; // the client went away
-            }
-            match page.next {
-                Some(next) => before = Some(next),
-                None => return,
-            }
-        }
-    });
-    (
-        [
-            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
-            (header::CONTENT_DISPOSITION, "attachment; filename=\"audit-events.csv\""),
-        ],
-        Body::new(ChannelBody(rx)),
-    )
-        .into_response()
-}
-
-/// The login form (also the answer to an unauthenticated page request).
-pub fn login_page(status: StatusCode, error: Option<&str>, next: String) -> Response {
-    let body = html! {
-        div.login {
-            h1 { "Sign in" }
-            p.muted { "Audit events of GitLab security policy projects. Sign in with the read token ([server] token_env or token_file)." }
-            @if let Some(e) = error { p.error { (e) } }
-            form method="post" action="/login" {
-                input type="hidden" name="next" value=(next);
-                label { "Token" input type="password" name="token" autocomplete="current-password" autofocus; }
-                button type="submit" { "Sign in" }
-            }
-        }
-    };
-    html_response(status, layout("Sign in", body))
-}
-
-#[derive(Debug, Deserialize)]
-pub struct LoginForm {
-    #[serde(default)]
-    token: String,
-    #[serde(default)]
-    next: String,
-}
-
-fn safe_next(next: &str) -> String {
-    // Only our own paths: never `//host` or a scheme (an open redirect).
-    if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') { next.to_string() } else { "/".into() }
-}
-
-fn signed_in(s: &Shared, next: &str) -> Response {
-    let config = s.config();
-    let Some(server) = config.server.as_ref() else { return not_found() };
-    let Some(token) = server.token.as_ref() else { return not_found() };
-    let secure = if server.https() { "; Secure" } else { "" };
-    let cookie =
-        format!("{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200{secure}", session_value(token));
-    ([(header::SET_COOKIE, cookie)], Redirect::to(&safe_next(next))).into_response()
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct LoginLink {
-    token: Option<String>,
-    #[serde(default)]
-    next: String,
-}
-
-/// The form; with `?token=` (the link `demo --serve` prints) it signs in directly.
-pub async fn login_form(State(s): State<Shared>, Query(link): Query<LoginLink>) -> Response {
-    let token = s.config().server.as_ref().and_then(|c| c.token.clone());
-    match (link.token, token) {
-        (Some(given), Some(token)) if secret_matches(given.as_bytes(), &token) => signed_in(&s, &link.next),
-        (Some(_), _) => login_page(StatusCode::UNAUTHORIZED, Some("That token is not valid."), safe_next(&link.next)),
-        (None, _) => login_page(StatusCode::OK, None, safe_next(&link.next)),
-    }
-}
-
-pub async fn login(State(s): State<Shared>, Form(form): Form<LoginForm>) -> Response {
-    let token = s.config().server.as_ref().and_then(|c| c.token.clone());
-    match token {
-        Some(token) if secret_matches(form.token.trim().as_bytes(), &token) => signed_in(&s, &form.next),
-        _ => login_page(StatusCode::UNAUTHORIZED, Some("That token is not valid."), safe_next(&form.next)),
-    }
-}
-
-pub async fn logout(_headers: HeaderMap) -> Response {
-    let cookie = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
-    ([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response()
 }
