@@ -61,6 +61,23 @@ pub struct Delivery {
     pub last_error: Option<String>,
 }
 
+impl Delivery {
+    /// A new delivery of event `seq` to `destination`, due now.
+    pub fn queued(destination: &str, seq: u64, event: &AuditEvent, now_ms: i64) -> Delivery {
+        Delivery {
+            destination: destination.to_string(),
+            seq,
+            event_id: event.id.clone(),
+            event_type: event.event_type,
+            attempts: 0,
+            enqueued_at: now_ms,
+            next_attempt_at: now_ms,
+            last_status: None,
+            last_error: None,
+        }
+    }
+}
+
 /// Per-project bookkeeping for `status`; not part of the audit trail.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProjectStatus {
@@ -279,17 +296,7 @@ impl Store {
                 head = chain::link(&head, bytes);
                 links.insert(&seq.to_be_bytes(), &head)?;
                 for dest in dests {
-                    let delivery = Delivery {
-                        destination: dest.clone(),
-                        seq,
-                        event_id: event.id.clone(),
-                        event_type: event.event_type,
-                        attempts: 0,
-                        enqueued_at: now_ms,
-                        next_attempt_at: now_ms,
-                        last_status: None,
-                        last_error: None,
-                    };
+                    let delivery = Delivery::queued(dest, seq, event, now_ms);
                     let value = serde_json::to_vec(&delivery).map_err(|e| {
                         abort(StoreError::Transaction { dir: self.dir.clone(), message: e.to_string() })
                     })?;

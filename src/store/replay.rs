@@ -37,17 +37,7 @@ impl Store {
             if known {
                 continue;
             }
-            let delivery = Delivery {
-                destination: destination.to_string(),
-                seq,
-                event_id: event.id.clone(),
-                event_type: event.event_type,
-                attempts: 0,
-                enqueued_at: now_ms,
-                next_attempt_at: now_ms,
-                last_status: None,
-                last_error: None,
-            };
+            let delivery = Delivery::queued(destination, seq, &event, now_ms);
             self.outbox.insert(dkey, serde_json::to_vec(&delivery)?).map_err(|e| self.sled(e))?;
             queued += 1;
         }
