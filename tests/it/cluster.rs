@@ -5,7 +5,7 @@
 //! destination is served once per cluster, and the lease history shows no project held by two
 //! instances at once.
 
-use crate::common::{Workspace, commit, stderr, stdout};
+use crate::common::{Workspace, commit, stderr, stdout, wait_for};
 use crate::nats_server::{NatsServer, block_on, read_stream};
 use crate::receiver::Receiver;
 use futures_util::StreamExt;
@@ -65,17 +65,6 @@ impl Drop for Instance {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if ready() {
-            return started.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out after {limit:?} waiting for {what}");
 }
 
 fn add_policy(ws: &Workspace, project: usize, n: usize) {

@@ -154,3 +154,16 @@ pub fn close_sled(db: sled::Db, dir: &Path) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Polls `ready` until it holds, for at most `limit` (bounded: a test never hangs), and says how
+/// long it took; panics naming `what` when it never held.
+pub fn wait_for(what: &str, limit: std::time::Duration, mut ready: impl FnMut() -> bool) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if ready() {
+            return started.elapsed();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}

@@ -2,7 +2,7 @@
 //! control socket and signals. Every daemon a test starts is stopped by a guard; every wait is
 //! bounded.
 
-use crate::common::{BIN, Workspace, commit, stderr, stdout};
+use crate::common::{BIN, Workspace, commit, stderr, stdout, wait_for};
 use crate::receiver::{Receiver, Reply};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -67,17 +67,6 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
-}
-
-fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if ready() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("timed out after {limit:?} waiting for {what}");
 }
 
 fn spp(ws: &Workspace) -> PathBuf {

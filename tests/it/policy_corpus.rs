@@ -176,17 +176,6 @@ impl Drop for Running {
     }
 }
 
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::time::Instant::now() < until {
-        if ready() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(25));
-    }
-    panic!("timed out waiting for {what}");
-}
-
 #[test]
 fn a_daemon_reload_picks_up_a_new_policy_schema_file() {
     let ws = Workspace::new();
@@ -206,7 +195,9 @@ fn a_daemon_reload_picks_up_a_new_policy_schema_file() {
     let child = crate::common::spawn_daemon(&config, std::fs::File::create(&log).expect("log").into(), &[]);
     let daemon = Running(child);
     let socket = ws.path("state/control.sock");
-    wait_for("the control socket", || std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    crate::common::wait_for("the control socket", std::time::Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
     // The start-up reconcile refuses the file under the current schema.
     let out = ws.run(&config, &["reconcile"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -220,7 +211,9 @@ fn a_daemon_reload_picks_up_a_new_policy_schema_file() {
     let ok =
         std::process::Command::new("kill").args(["-HUP", &daemon.0.id().to_string()]).status().expect("kill").success();
     assert!(ok);
-    wait_for("the reload", || std::fs::read_to_string(&log).unwrap_or_default().contains("config reloaded"));
+    crate::common::wait_for("the reload", std::time::Duration::from_secs(20), || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("config reloaded")
+    });
     ws.write("spp/.gitlab/security-policies/policy.yml", &NEWLY_DETECTED.replace("Legacy states", "Legacy states v2"));
     commit(&repo, "Bob", "bob@example.com", "2024-01-02T10:00:00Z", "rename");
     let out = ws.run(&config, &["reconcile"]);

@@ -2,13 +2,13 @@
 //! project, queued and coalesced; a wrong secret or an oversized body triggers nothing. The
 //! reconciles are counted on the daemon's own `/metrics`.
 
-use crate::common::{Workspace, commit, spawn_daemon};
+use crate::common::{Workspace, commit, spawn_daemon, wait_for};
 use crate::http::{free_port, get, request, wait_until_up};
 use crate::receiver::Receiver;
 use crate::server::TOKEN;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const POLICY: &str = ".gitlab/security-policies/policy.yml";
 const SECRET: &str = "hook-secret-81b2";
@@ -56,17 +56,6 @@ impl Daemon {
         )
         .status
     }
-}
-
-fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if ready() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("timed out after {limit:?} waiting for {what}");
 }
 
 fn push_hook(project: &str, branch: &str) -> Vec<u8> {
