@@ -100,6 +100,8 @@ fn endpoint(settings: &Cluster) -> Endpoint {
         url: settings.nats_url.clone(),
         auth: settings.auth.clone(),
         ca_file: settings.ca_file.clone(),
+        // [cluster] takes no client certificate (yet): token, .creds and ca_file only.
+        client_cert: None,
         timeout: Duration::from_secs(10),
     }
 }

@@ -29,6 +29,9 @@ pub struct Endpoint {
     pub url: String,
     pub auth: NatsAuth,
     pub ca_file: Option<PathBuf>,
+    /// A client certificate and its key (mutual TLS), from the destination's
+    /// `client_cert_file` / `client_key_file`.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
     pub timeout: Duration,
 }
 
@@ -82,6 +85,9 @@ impl Endpoint {
         if let Some(ca) = &self.ca_file {
             options = options.add_root_certificates(ca.clone());
         }
+        if let Some((cert, key)) = &self.client_cert {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
         if self.url.split(',').any(|s| s.trim().starts_with("tls://")) {
             options = options.require_tls(true);
         }
@@ -105,6 +111,7 @@ pub fn endpoint(destination: &Destination, target: &NatsTarget) -> Endpoint {
         url: destination.url.clone(),
         auth: target.auth.clone(),
         ca_file: target.ca_file.clone(),
+        client_cert: destination.tls.client_cert_file.clone().zip(destination.tls.client_key_file.clone()),
         timeout: destination.timeout,
     }
 }

@@ -284,3 +284,63 @@ fn a_tls_server_is_trusted_through_ca_file_and_refused_without_it() {
     let reports = deliver_due(&loaded, &store, &clock, 3).expect("delivery round");
     assert_eq!((reports[0].delivered, reports[0].pending), (2, 0), "{:?}", reports[0]);
 }
+
+/// A client certificate signed by the test CA (made by `test_pki`), its key mode 0600.
+fn client_pki(ws: &Workspace) -> (PathBuf, PathBuf) {
+    let p = |name: &str| ws.path(name).display().to_string();
+    ws.write("client.ext", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n");
+    let steps: [Vec<String>; 2] = [
+        ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=policy-audit"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["-keyout".into(), p("client.key"), "-out".into(), p("client.csr")])
+            .collect(),
+        ["x509", "-req", "-days", "2", "-CAcreateserial"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["-in".into(), p("client.csr"), "-CA".into(), p("ca.pem"), "-CAkey".into(), p("ca.key")])
+            .chain(["-extfile".into(), p("client.ext"), "-out".into(), p("client.pem")])
+            .collect(),
+    ];
+    for args in steps {
+        let out = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run openssl ({e}): install it with scripts/install-deps.sh"));
+        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(ws.path("client.key"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    (ws.path("client.pem"), ws.path("client.key"))
+}
+
+#[test]
+fn a_server_that_requires_a_client_certificate_takes_ours_and_refuses_a_run_without_it() {
+    let ws = Workspace::new();
+    let (ca, cert, key) = test_pki(&ws);
+    let (client_cert, client_key) = client_pki(&ws);
+    let nats = NatsServer::start_mtls(&cert, &key, &ca);
+    let repo = ws.init_repo("spp");
+    add_policies(&ws, &repo, 0, 2);
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+
+    // Trusting the server is not enough: without a certificate of ours, nothing is delivered.
+    let trust = format!("ca_file = \"{}\"", ca.display());
+    let config = write_config(&ws, &repo, &nats_dest("bus", &url, &trust));
+    let out = ws.run(&config, &["reconcile"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("destination bus: 0 delivered, 2 queued for retry"), "{}", stdout(&out));
+
+    // With it: delivered.
+    let mtls = format!(
+        "{trust}\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+        client_cert.display(),
+        client_key.display()
+    );
+    let config = write_config(&ws, &repo, &nats_dest("bus", &url, &mtls));
+    let loaded = Config::load(&config).expect("config");
+    let store = Store::open(&loaded.db_dir()).expect("store");
+    let clock = TestClock(AtomicI64::new(jiff::Timestamp::now().as_millisecond() + 3_600_000));
+    let reports = deliver_due(&loaded, &store, &clock, 3).expect("delivery round");
+    assert_eq!((reports[0].delivered, reports[0].pending), (2, 0), "{:?}", reports[0]);
+}

@@ -36,6 +36,20 @@ impl NatsServer {
         NatsServer::start_with(None, extra)
     }
 
+    /// TLS that also requires a client certificate signed by `ca` (mutual TLS).
+    pub fn start_mtls(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> NatsServer {
+        let extra = vec![
+            "--tlsverify".into(),
+            "--tlscert".into(),
+            cert.display().to_string(),
+            "--tlskey".into(),
+            key.display().to_string(),
+            "--tlscacert".into(),
+            ca.display().to_string(),
+        ];
+        NatsServer::start_with(None, extra)
+    }
+
     fn start_with(token: Option<&str>, extra: Vec<String>) -> NatsServer {
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
         let mut server = NatsServer {
