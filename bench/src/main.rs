@@ -462,42 +462,29 @@ struct Nginx {
 
 impl Nginx {
     fn start(work: &Path, port: u16) -> Result<Nginx> {
-        let dir = work.join("nginx");
-        std::fs::create_dir_all(dir.join("logs"))?;
-        let conf = format!(
-            "worker_processes 1;\npid {0}/nginx.pid;\nerror_log {0}/logs/error.log;\ndaemon off;\nevents {{ worker_connections 64; }}\n\
-             http {{ access_log off; client_body_temp_path {0}; server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000; \
-             location / {{ client_max_body_size 1m; return 204; }} }} }}\n",
-            dir.display()
-        );
-        std::fs::write(dir.join("nginx.conf"), conf)?;
-        let child = Command::new("nginx")
-            .args(["-p", &dir.to_string_lossy(), "-c", &dir.join("nginx.conf").to_string_lossy()])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("cannot start nginx (apt-get install nginx-light)")?;
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if std::time::Instant::now() > until {
-                bail!("nginx did not start");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        Ok(Nginx { child })
+        Nginx::launch(
+            &work.join("nginx"),
+            port,
+            "location / { client_max_body_size 1m; return 204; }",
+            "client_body_temp_path {dir};",
+        )
     }
-}
 
-impl Nginx {
     /// nginx serving the files of `root` (the static baseline of the web server's figures).
     fn start_static(work: &Path, port: u16, root: &Path) -> Result<Nginx> {
-        let dir = work.join("nginx-static");
+        let location = format!("location / {{ root {}; default_type application/json; }}", root.display());
+        Nginx::launch(&work.join("nginx-static"), port, &location, "")
+    }
+
+    /// One worker on `127.0.0.1:port` with its files under `dir`, serving `location`; waits
+    /// (bounded) until it accepts connections. `{dir}` in `http_extra` is replaced by `dir`.
+    fn launch(dir: &Path, port: u16, location: &str, http_extra: &str) -> Result<Nginx> {
         std::fs::create_dir_all(dir.join("logs"))?;
         let conf = format!(
             "worker_processes 1;\npid {0}/nginx.pid;\nerror_log {0}/logs/error.log;\ndaemon off;\nevents {{ worker_connections 64; }}\n\
-             http {{ access_log off; server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000; \
-             location / {{ root {1}; default_type application/json; }} }} }}\n",
+             http {{ access_log off; {1} server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000; {location} }} }}\n",
             dir.display(),
-            root.display()
+            http_extra.replace("{dir}", &dir.display().to_string()),
         );
         std::fs::write(dir.join("nginx.conf"), conf)?;
         let child = Command::new("nginx")

@@ -223,9 +223,25 @@ fn sigterm_during_a_long_backfill_stops_promptly_and_a_later_run_finishes_it() {
     let config = write_config(&ws, "config.toml", "state", &repo, None);
     let log = ws.path("daemon.log");
     let mut child = spawn(&config, &log);
+    // Only ask once the daemon holds the store (its socket answers): a command run before that
+    // would open the store itself and keep the daemon from starting.
+    let socket = ws.path("state/control.sock");
+    crate::common::wait_for("the control socket", Duration::from_secs(30), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
     // Under way: the first chunk of the walk (1,000 events) is stored, through the daemon.
     let stored = || ws.run(&config, &["events", "--format", "jsonl"]).stdout.iter().filter(|b| **b == b'\n').count();
-    crate::common::wait_for("the first stored chunk of the backfill", Duration::from_secs(120), || stored() > 0);
+    // Polled once a second (each poll is a process and a listing), bounded generously: on a
+    // loaded machine the debug build walks slowly.
+    let until = Instant::now() + Duration::from_secs(300);
+    while stored() == 0 {
+        assert!(
+            Instant::now() < until,
+            "the backfill stored nothing within 300 s; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
     let signalled = Instant::now();
     let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill").success();
     assert!(ok, "kill -TERM failed");

@@ -251,13 +251,7 @@ fn test_pki(ws: &Workspace) -> (PathBuf, PathBuf, PathBuf) {
             .chain(["-extfile".into(), p("server.ext"), "-out".into(), p("cert.pem")])
             .collect(),
     ];
-    for args in steps {
-        let out = std::process::Command::new("openssl")
-            .args(&args)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run openssl ({e}): install it with scripts/install-deps.sh"));
-        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
-    }
+    openssl(&steps);
     (ws.path("ca.pem"), ws.path("cert.pem"), ws.path("key.pem"))
 }
 
@@ -285,6 +279,17 @@ fn a_tls_server_is_trusted_through_ca_file_and_refused_without_it() {
     assert_eq!((reports[0].delivered, reports[0].pending), (2, 0), "{:?}", reports[0]);
 }
 
+/// Runs each openssl command line in turn; a missing openssl names the script that installs it.
+fn openssl(steps: &[Vec<String>]) {
+    for args in steps {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run openssl ({e}): install it with scripts/install-deps.sh"));
+        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+    }
+}
+
 /// A client certificate signed by the test CA (made by `test_pki`), its key mode 0600.
 fn client_pki(ws: &Workspace) -> (PathBuf, PathBuf) {
     let p = |name: &str| ws.path(name).display().to_string();
@@ -302,13 +307,7 @@ fn client_pki(ws: &Workspace) -> (PathBuf, PathBuf) {
             .chain(["-extfile".into(), p("client.ext"), "-out".into(), p("client.pem")])
             .collect(),
     ];
-    for args in steps {
-        let out = std::process::Command::new("openssl")
-            .args(&args)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run openssl ({e}): install it with scripts/install-deps.sh"));
-        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
-    }
+    openssl(&steps);
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(ws.path("client.key"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
     (ws.path("client.pem"), ws.path("client.key"))
