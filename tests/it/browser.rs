@@ -94,8 +94,23 @@ impl Browser {
     }
 
     fn text(&self, css: &str) -> String {
-        let id = self.find(css);
-        self.call("GET", &self.s(&format!("/element/{id}/text")), None).as_str().unwrap_or_default().to_string()
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let id = self.find(css);
+            let r = request(self.port, "GET", &self.s(&format!("/element/{id}/text")), &[], b"");
+            let v = r.json();
+            if r.status == 200 {
+                return v["value"].as_str().unwrap_or_default().to_string();
+            }
+            // The page was replaced between finding the element and reading it (a navigation
+            // still under way): find it again, within a bound.
+            assert!(
+                v["value"]["error"] == "stale element reference" && Instant::now() < until,
+                "webdriver text of {css}: {} {v}",
+                r.status
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Whether a JavaScript dialog (alert) is open.
