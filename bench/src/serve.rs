@@ -115,17 +115,71 @@ fn fill(config_path: &Path, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// The URLs measured: (what, path).
+const CASES: [(&str, &str); 5] = [
+    ("page `/`, unfiltered", "/"),
+    ("page, filtered by type + project", "/?project=acme%2Fspp-3&type=security_policy_update"),
+    ("API `/api/v4/audit_events`, unfiltered", "/api/v4/audit_events"),
+    ("API, one project, keyset", "/api/v4/projects/4/audit_events?pagination=keyset"),
+    ("API, one project, offset (counts to 10,000)", "/api/v4/projects/4/audit_events"),
+];
+
+/// How many events the store of `config_path` holds (0 when it does not exist yet).
+fn stored_events(config_path: &Path) -> Result<u64> {
+    let config = policy_audit::config::Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !config.db_dir().exists() {
+        return Ok(0);
+    }
+    Ok(policy_audit::store::Store::open(&config.db_dir())?.next_sequence()?)
+}
+
+fn median_of(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The medians of several wrk runs of one URL, and the server's peak RSS.
+#[derive(Default)]
+struct Figures {
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    rate: Vec<f64>,
+    rss_mib: f64,
+}
+
+impl Figures {
+    fn add(&mut self, (p50, p99, rate): (f64, f64, f64)) {
+        self.p50.push(p50);
+        self.p99.push(p99);
+        self.rate.push(rate);
+    }
+
+    fn medians(&self) -> (f64, f64, f64) {
+        (median_of(self.p50.clone()), median_of(self.p99.clone()), median_of(self.rate.clone()))
+    }
+}
+
 impl Bench {
+    /// `BENCH_EVENTS=N` sets the store size; `BENCH_STORE=DIR` keeps the filled store in DIR
+    /// and reuses it on the next run (filling a million events takes minutes);
+    /// `BENCH_COMPARE=BIN` measures another build of policy-audit (say, the release binary
+    /// before a change) on the same store in the same run, the two servers taking turns.
     pub fn serve(&mut self) -> Result<()> {
-        let n: usize = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(if self.quick {
+        let wanted: usize = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(if self.quick {
             50_000
         } else {
             250_000
         });
         let port = free_port()?;
         std::fs::write(self.work.join("web-token"), TOKEN)?;
-        let mut text =
-            format!("state_dir = \"web-state\"\n[server]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"web-token\"\n");
+        let state_dir = match std::env::var_os("BENCH_STORE") {
+            Some(dir) => std::path::PathBuf::from(dir),
+            None => self.work.join("web-state"),
+        };
+        let mut text = format!(
+            "state_dir = {:?}\n[server]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"web-token\"\n",
+            state_dir.display().to_string()
+        );
         for p in 0..PROJECTS {
             text.push_str(&format!(
                 "[[projects]]\npath = \"acme/spp-{p}\"\nid = {}\nurl = \"/nonexistent/{p}\"\n",
@@ -134,56 +188,88 @@ impl Bench {
         }
         let config = self.work.join("web.toml");
         std::fs::write(&config, text)?;
-        let started = Instant::now();
-        fill(&config, n)?;
-        eprintln!("  stored {n} events in {:.1} s", started.elapsed().as_secs_f64());
-        let server = Killed(
-            Command::new(&self.bin)
-                .arg("--config")
-                .arg(&config)
-                .arg("serve")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("cannot start policy-audit serve")?,
-        );
-        wait_port(port)?;
-        let base = format!("http://127.0.0.1:{port}");
-        let cases = [
-            ("page `/`, unfiltered", "/".to_string()),
-            ("page, filtered by type + project", "/?project=acme%2Fspp-3&type=security_policy_update".to_string()),
-            ("API `/api/v4/audit_events`, unfiltered", "/api/v4/audit_events".to_string()),
-            ("API, one project, keyset", "/api/v4/projects/4/audit_events?pagination=keyset".to_string()),
-            ("API, one project, offset (counts to 10,000)", "/api/v4/projects/4/audit_events".to_string()),
-        ];
-        // The baseline: nginx serving the unfiltered API page as a static file.
-        let body = ureq::get(&format!("{base}/api/v4/audit_events"))
-            .header("PRIVATE-TOKEN", TOKEN)
-            .call()?
-            .into_body()
-            .read_to_vec()?;
-        let root = self.work.join("static");
-        std::fs::create_dir_all(&root)?;
-        std::fs::write(root.join("events.json"), &body)?;
-        let nginx_port = free_port()?;
-        let nginx = Nginx::start_static(&self.work, nginx_port, &root)?;
-        let (np50, np99, nrate) = wrk(&format!("http://127.0.0.1:{nginx_port}/events.json"), None)?;
-        drop(nginx);
-        for (what, path) in cases {
-            let (p50, p99, rate) = wrk(&format!("{base}{path}"), Some(TOKEN))?;
-            self.row(
-                &format!("{what}, {n} events, wrk -c 8"),
-                format!("p50 {p50:.2} ms, p99 {p99:.2} ms, {rate:.0} req/s"),
-                format!(
-                    "nginx static JSON ({} KB): p50 {np50:.2} ms, p99 {np99:.2} ms, {nrate:.0} req/s",
-                    body.len() / 1024
-                ),
-                format!("{:.2} of nginx (target ≥ 0.3); p99 target < 20 ms", rate / nrate),
-                format!("{:.1} MiB", vm_hwm_mib(server.0.id())),
-            );
+        let have = stored_events(&config)?;
+        let n = if have == 0 {
+            let started = Instant::now();
+            fill(&config, wanted)?;
+            eprintln!("  stored {wanted} events in {:.1} s", started.elapsed().as_secs_f64());
+            wanted
+        } else {
+            eprintln!("  reusing the {have} events stored in {}", state_dir.display());
+            usize::try_from(have)?
+        };
+        let mut servers = vec![("policy-audit".to_string(), self.bin.clone())];
+        if let Some(other) = std::env::var_os("BENCH_COMPARE") {
+            servers.push((format!("before ({})", Path::new(&other).display()), other.into()));
         }
-        drop(server);
-        self.webhook_latency()?;
+        let base = format!("http://127.0.0.1:{port}");
+        let mut figures: Vec<Vec<Figures>> =
+            servers.iter().map(|_| CASES.iter().map(|_| Figures::default()).collect()).collect();
+        let mut nginx_figures = Figures::default();
+        let root = self.work.join("static");
+        let mut body_len = 0;
+        for run in 0..self.runs {
+            // Take turns: the first server of one run is the last of the next.
+            let mut order: Vec<usize> = (0..servers.len()).collect();
+            if run % 2 == 1 {
+                order.reverse();
+            }
+            for s in order {
+                let server = Killed(
+                    Command::new(&servers[s].1)
+                        .arg("--config")
+                        .arg(&config)
+                        .arg("serve")
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .with_context(|| format!("cannot start {} serve", servers[s].1.display()))?,
+                );
+                wait_port(port)?;
+                if body_len == 0 {
+                    // The baseline: nginx serving the unfiltered API page as a static file.
+                    let body = ureq::get(&format!("{base}/api/v4/audit_events"))
+                        .header("PRIVATE-TOKEN", TOKEN)
+                        .call()?
+                        .into_body()
+                        .read_to_vec()?;
+                    std::fs::create_dir_all(&root)?;
+                    std::fs::write(root.join("events.json"), &body)?;
+                    body_len = body.len();
+                }
+                for (c, (_, path)) in CASES.iter().enumerate() {
+                    figures[s][c].add(wrk(&format!("{base}{path}"), Some(TOKEN))?);
+                }
+                let rss = vm_hwm_mib(server.0.id());
+                for f in &mut figures[s] {
+                    f.rss_mib = f.rss_mib.max(rss);
+                }
+            }
+            let nginx_port = free_port()?;
+            let nginx = Nginx::start_static(&self.work, nginx_port, &root)?;
+            nginx_figures.add(wrk(&format!("http://127.0.0.1:{nginx_port}/events.json"), None)?);
+            drop(nginx);
+        }
+        let (np50, np99, nrate) = nginx_figures.medians();
+        for (s, (name, _)) in servers.iter().enumerate() {
+            for (c, (what, _)) in CASES.iter().enumerate() {
+                let (p50, p99, rate) = figures[s][c].medians();
+                let label = if s == 0 { String::new() } else { format!(", {name}") };
+                self.row(
+                    &format!("{what}, {n} events, wrk -c 8{label}"),
+                    format!("p50 {p50:.2} ms, p99 {p99:.2} ms, {rate:.0} req/s"),
+                    format!(
+                        "nginx static JSON ({} KB): p50 {np50:.2} ms, p99 {np99:.2} ms, {nrate:.0} req/s",
+                        body_len / 1024
+                    ),
+                    format!("{:.2} of nginx (target ≥ 0.3); p99 target < 20 ms", rate / nrate),
+                    format!("{:.1} MiB", figures[s][c].rss_mib),
+                );
+            }
+        }
+        if std::env::var_os("BENCH_SKIP_WEBHOOK").is_none() {
+            self.webhook_latency()?;
+        }
         Ok(())
     }
 

@@ -14,8 +14,7 @@
 use super::{Shared, blocking};
 use crate::app::events::time_bound;
 use crate::config::{Config, path_has_prefix};
-use crate::event::AuditEvent;
-use crate::store::{EventQuery, Position, Store};
+use crate::store::{EventQuery, Position, Store, StoredEvent};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -44,11 +43,18 @@ pub async fn no_route() -> Response {
     json_response(StatusCode::NOT_FOUND, &json!({ "error": "404 Not Found" }))
 }
 
-/// An audit event as the API shows it: GitLab's fields (`event_name` beside §3's keys).
-pub fn entity(e: &AuditEvent) -> Value {
-    let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
-    v["event_name"] = Value::String(e.event_type.name().to_string());
-    v
+/// Appends an audit event as the API shows it: the stored JSON as it is (GitLab's streamed
+/// schema, SPEC §3), with GitLab's `event_name` added as its first member.
+fn push_entity(out: &mut Vec<u8>, e: &StoredEvent) -> Result<(), Response> {
+    let Some(members) = e.json.trim_ascii_start().strip_prefix(b"{") else {
+        tracing::error!(event_type = %e.event_type, "a stored event is not a JSON object");
+        return Err(message(StatusCode::INTERNAL_SERVER_ERROR, "500 Internal Server Error"));
+    };
+    out.extend_from_slice(b"{\"event_name\":\"");
+    out.extend_from_slice(e.event_type.name().as_bytes());
+    out.extend_from_slice(b"\",");
+    out.extend_from_slice(members);
+    Ok(())
 }
 
 /// Which events a route covers.
@@ -134,10 +140,14 @@ pub async fn group_one(State(s): State<Shared>, Path((id, event_id)): Path<(Stri
 }
 
 async fn single(s: Shared, within: Option<Vec<String>>, event_id: String) -> Response {
-    let found = blocking(&s, move |src| src.store().event_by_id(&event_id)).await;
+    let found = blocking(&s, move |src| src.store().stored_event_by_id(&event_id)).await;
     match found {
-        Ok(Some((_, e))) if within.as_ref().is_none_or(|ps| ps.contains(&e.entity_path)) => {
-            json_response(StatusCode::OK, &entity(&e))
+        Ok(Some(e)) if within.as_ref().is_none_or(|ps| ps.contains(&e.entity_path)) => {
+            let mut body = Vec::with_capacity(e.json.len() + 64);
+            match push_entity(&mut body, &e) {
+                Ok(()) => json_bytes(body),
+                Err(r) => r,
+            }
         }
         Ok(_) => message(StatusCode::NOT_FOUND, "404 Not found"),
         Err(r) => r,
@@ -231,7 +241,7 @@ async fn list(s: Shared, scope: Scope, raw: Option<String>, uri: Uri, headers: H
         let page = if empty {
             Default::default()
         } else {
-            match blocking(&s, move |src| src.store().page(&query, cursor.as_ref(), 0, per_page)).await {
+            match blocking(&s, move |src| src.store().page_stored(&query, cursor.as_ref(), 0, per_page)).await {
                 Ok(p) => p,
                 Err(r) => return r,
             }
@@ -253,7 +263,7 @@ async fn list(s: Shared, scope: Scope, raw: Option<String>, uri: Uri, headers: H
             return Ok((Default::default(), Some(0)));
         }
         let total = src.store().count(&query, MAX_COUNTED)?;
-        Ok((src.store().page(&query, None, skip, per_page)?, total))
+        Ok((src.store().page_stored(&query, None, skip, per_page)?, total))
     })
     .await;
     let (page, total) = match read {
@@ -290,8 +300,24 @@ async fn list(s: Shared, scope: Scope, raw: Option<String>, uri: Uri, headers: H
     response
 }
 
-fn events_response(events: &[(u64, AuditEvent)]) -> Response {
-    json_response(StatusCode::OK, &Value::Array(events.iter().map(|(_, e)| entity(e)).collect()))
+/// A JSON array of the events, written once into one buffer.
+fn events_response(events: &[(u64, StoredEvent)]) -> Response {
+    let mut body = Vec::with_capacity(2 + events.iter().map(|(_, e)| e.json.len() + 48).sum::<usize>());
+    body.push(b'[');
+    for (i, (_, e)) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        if let Err(r) = push_entity(&mut body, e) {
+            return r;
+        }
+    }
+    body.push(b']');
+    json_bytes(body)
+}
+
+fn json_bytes(body: Vec<u8>) -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 fn set(response: &mut Response, name: &'static str, value: String) {

@@ -102,7 +102,7 @@ fn render(src: &dyn super::Source) -> anyhow::Result<String> {
     let store: &Store = src.store();
     let mut out = String::new();
     family(&mut out, "policy_audit_events_stored", "gauge", "Audit events in the trail, by event type.");
-    for (t, n) in store.count_by_type() {
+    for (t, n) in store.count_by_type()? {
         let _ = writeln!(out, "policy_audit_events_stored{{event_type=\"{}\"}} {n}", t.name());
     }
     let mut names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();

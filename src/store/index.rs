@@ -17,13 +17,13 @@ const INDEX_VERSION: &[u8] = b"index_by_field";
 /// `created_at` as stored: `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 const TIME_LEN: usize = 24;
 
-const PROJECT: u8 = b'p';
-const TYPE: u8 = b't';
-const PROJECT_TYPE: u8 = b'x';
+pub(super) const PROJECT: u8 = b'p';
+pub(super) const TYPE: u8 = b't';
+pub(super) const PROJECT_TYPE: u8 = b'x';
 const POLICY: u8 = b'o';
 const AUTHOR: u8 = b'a';
 
-fn prefix(kind: u8, value: &str) -> Vec<u8> {
+pub(super) fn prefix(kind: u8, value: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(value.len() + 2 + TIME_LEN + 8);
     k.push(kind);
     k.extend_from_slice(value.as_bytes());
@@ -78,12 +78,36 @@ impl Position {
     }
 }
 
-/// One page of matching events, newest first.
-#[derive(Debug, Default)]
-pub struct Page {
-    pub events: Vec<(u64, AuditEvent)>,
+/// One page of matching events, newest first: decoded ([`AuditEvent`]) for the page, as stored
+/// ([`StoredEvent`]) for the API.
+#[derive(Debug)]
+pub struct Page<T = AuditEvent> {
+    pub events: Vec<(u64, T)>,
     /// Where the next (older) page starts, when there is one.
     pub next: Option<Position>,
+}
+
+impl<T> Default for Page<T> {
+    fn default() -> Self {
+        Page { events: Vec::new(), next: None }
+    }
+}
+
+/// An event as stored: its JSON, as streamed and chained (the API serves these bytes as they
+/// are), with the fields a reader needs without decoding the rest.
+#[derive(Debug)]
+pub struct StoredEvent {
+    pub event_type: crate::event::EventType,
+    pub entity_path: String,
+    pub json: sled::IVec,
+}
+
+/// The `created_at` in an index key (both `by_time` and `by_field` keys end with it and the
+/// sequence number).
+fn created_at_of(key: &[u8]) -> Option<String> {
+    let end = key.len().checked_sub(8)?;
+    let at = key.get(end.checked_sub(TIME_LEN)?..end)?;
+    std::str::from_utf8(at).ok().map(str::to_string)
 }
 
 impl Store {
@@ -134,7 +158,7 @@ impl Store {
         &self,
         q: &EventQuery,
         before: Option<&Position>,
-    ) -> impl Iterator<Item = Result<u64, StoreError>> + '_ {
+    ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> + '_ {
         let (tree, pre) = self.best_index(q);
         let mut low = pre.clone();
         if let Some(since) = &q.since {
@@ -166,7 +190,7 @@ impl Store {
                 .checked_sub(8)
                 .filter(|at| *at >= TIME_LEN)
                 .and_then(|at| key[at..].try_into().ok())
-                .map(u64::from_be_bytes)
+                .map(|seq| (u64::from_be_bytes(seq), key.clone()))
                 .ok_or_else(|| StoreError::Damaged {
                     what: "an index key is too short".into(),
                     location: format!("the indexes in {}", dir.display()),
@@ -177,38 +201,97 @@ impl Store {
     /// Up to `limit` matching events older than `before` (all when None), newest first, read
     /// through the most selective index; skips the first `skip` matches (offset pagination).
     pub fn page(&self, q: &EventQuery, before: Option<&Position>, skip: usize, limit: usize) -> anyhow::Result<Page> {
+        Ok(self.page_of(q, before, skip, limit, |seq| self.event_at(seq), |e| Ok(q.matches(e)))?)
+    }
+
+    /// [`Store::page`] with the events as stored, for answers that send them as they are.
+    pub fn page_stored(
+        &self,
+        q: &EventQuery,
+        before: Option<&Position>,
+        skip: usize,
+        limit: usize,
+    ) -> anyhow::Result<Page<StoredEvent>> {
+        let matches = |e: &StoredEvent| {
+            let event: AuditEvent = super::records::decode(&self.dir, "events", &e.json, || "an event".into())?;
+            Ok(q.matches(&event))
+        };
+        Ok(self.page_of(q, before, skip, limit, |seq| self.stored_event_at(seq), matches)?)
+    }
+
+    /// Event `seq` as stored, with the fields [`StoredEvent`] names.
+    fn stored_event_at(&self, seq: u64) -> Result<StoredEvent, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            event_type: crate::event::EventType,
+            entity_path: String,
+        }
+        let json = self.event_json_at(seq)?;
+        let head: Head = super::records::decode(&self.dir, "events", &json, || format!("event #{seq}"))?;
+        Ok(StoredEvent { event_type: head.event_type, entity_path: head.entity_path, json })
+    }
+
+    /// A page of the events `read` returns, through the most selective index. When the index
+    /// alone decides the filters, skipped events and the one that tells whether a next page
+    /// exists are not even read.
+    fn page_of<T>(
+        &self,
+        q: &EventQuery,
+        before: Option<&Position>,
+        skip: usize,
+        limit: usize,
+        read: impl Fn(u64) -> Result<T, StoreError>,
+        matches: impl Fn(&T) -> Result<bool, StoreError>,
+    ) -> Result<Page<T>, StoreError> {
+        let exact = q.is_answered_by_index();
         let mut page = Page::default();
         let mut skipped = 0;
-        for seq in self.index_range(q, before) {
-            let seq = seq?;
-            let event = self.event_at(seq)?;
-            if !q.matches(&event) {
-                continue;
-            }
+        let mut last_key: Option<(u64, sled::IVec)> = None;
+        for item in self.index_range(q, before) {
+            let (seq, key) = item?;
+            let value = if exact {
+                None
+            } else {
+                let value = read(seq)?;
+                if !matches(&value)? {
+                    continue;
+                }
+                Some(value)
+            };
             if skipped < skip {
                 skipped += 1;
                 continue;
             }
             if page.events.len() == limit {
-                let (seq, last) = page.events.last().map(|(s, e)| (*s, e.created_at.clone())).unwrap_or_default();
-                page.next = Some(Position { created_at: last, seq });
+                if let Some((seq, key)) = last_key {
+                    let created_at = created_at_of(&key[..]).ok_or_else(|| StoreError::Damaged {
+                        what: format!("the index key of event #{seq} does not hold a time"),
+                        location: format!("the indexes in {}", self.dir.display()),
+                    })?;
+                    page.next = Some(Position { created_at, seq });
+                }
                 break;
             }
-            page.events.push((seq, event));
+            let value = match value {
+                Some(value) => value,
+                None => read(seq)?,
+            };
+            last_key = Some((seq, key));
+            page.events.push((seq, value));
         }
         Ok(page)
     }
 
     /// How many events match `q`, or None when more than `cap` do.
     pub fn count(&self, q: &EventQuery, cap: usize) -> anyhow::Result<Option<usize>> {
-        if q.is_everything() {
-            let n = usize::try_from(self.next_seq()?).unwrap_or(usize::MAX);
+        if let Some(n) = self.counted(q)? {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
             return Ok((n <= cap).then_some(n));
         }
         let exact = q.is_answered_by_index();
         let mut n = 0;
-        for seq in self.index_range(q, None) {
-            let seq = seq?;
+        for item in self.index_range(q, None) {
+            let (seq, _) = item?;
             if !exact && !q.matches(&self.event_at(seq)?) {
                 continue;
             }
@@ -222,32 +305,23 @@ impl Store {
 
     /// Event by its id, with its sequence number.
     pub fn event_by_id(&self, id: &str) -> anyhow::Result<Option<(u64, AuditEvent)>> {
-        let Some(seq) = self.event_ids.get(id.as_bytes()).map_err(|e| self.sled(e))? else { return Ok(None) };
-        let seq = super::records::decode_u64(&self.dir, "event_ids", &seq, || format!("the number of event {id:?}"))?;
+        let Some(seq) = self.seq_of_id(id)? else { return Ok(None) };
         Ok(Some((seq, self.event_at(seq)?)))
     }
 
-    /// How many events of each type are stored (for `/metrics`), from the type index.
-    pub fn count_by_type(&self) -> Vec<(crate::event::EventType, usize)> {
-        crate::event::EventType::ALL
-            .into_iter()
-            .map(|t| (t, self.by_field.scan_prefix(prefix(TYPE, t.name())).keys().count()))
-            .collect()
+    /// Event by its id, as stored.
+    pub fn stored_event_by_id(&self, id: &str) -> anyhow::Result<Option<StoredEvent>> {
+        let Some(seq) = self.seq_of_id(id)? else { return Ok(None) };
+        Ok(Some(self.stored_event_at(seq)?))
+    }
+
+    fn seq_of_id(&self, id: &str) -> Result<Option<u64>, StoreError> {
+        let Some(seq) = self.event_ids.get(id.as_bytes()).map_err(|e| self.sled(e))? else { return Ok(None) };
+        Ok(Some(super::records::decode_u64(&self.dir, "event_ids", &seq, || format!("the number of event {id:?}"))?))
     }
 }
 
 impl EventQuery {
-    /// No filter at all: the count is the trail's length.
-    fn is_everything(&self) -> bool {
-        self.projects.is_empty()
-            && self.event_types.is_empty()
-            && self.policy.is_none()
-            && self.author.is_none()
-            && self.author_exact.is_none()
-            && self.since.is_none()
-            && self.until.is_none()
-    }
-
     /// Whether the chosen index alone decides every filter (then counting needs no decoding).
     fn is_answered_by_index(&self) -> bool {
         let one_project_and_type = self.projects.len() <= 1 && self.event_types.len() <= 1;

@@ -10,6 +10,7 @@
 //!   as 0 or a chain head read as genesis would overwrite the trail at the next write.
 
 pub mod chain;
+mod counts;
 mod error;
 mod index;
 mod outbox;
@@ -21,7 +22,7 @@ mod replay;
 mod replica;
 
 pub use error::StoreError;
-pub use index::{Page, Position};
+pub use index::{Page, Position, StoredEvent};
 use records::{decode, decode_u64};
 
 use crate::event::{AuditEvent, EventType};
@@ -187,6 +188,7 @@ impl Store {
         store.recorded_head()?;
         store.build_time_index()?;
         store.build_field_index()?;
+        store.build_counts()?;
         Ok(store)
     }
 
@@ -283,6 +285,7 @@ impl Store {
                 None => chain::GENESIS,
             };
             let mut stored = 0;
+            let mut tally = counts::Tally::default();
             for (event, (bytes, dests)) in events.iter().zip(&encoded) {
                 if ids.get(event.id.as_bytes())?.is_some() {
                     continue;
@@ -293,6 +296,7 @@ impl Store {
                 for key in index::keys_of(event, seq) {
                     by_field.insert(key, &[])?;
                 }
+                tally.add(event);
                 head = chain::link(&head, bytes);
                 links.insert(&seq.to_be_bytes(), &head)?;
                 for dest in dests {
@@ -307,6 +311,7 @@ impl Store {
             }
             meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
             meta.insert(CHAIN_HEAD, &head)?;
+            tally.write(self, meta, seq)?;
             match written {
                 Written::Cursor(project, cursor_bytes) => {
                     cursors.insert(project.as_bytes(), cursor_bytes)?;

@@ -55,12 +55,17 @@ impl Store {
 
     /// Event `seq`, decoded.
     pub(super) fn event_at(&self, seq: u64) -> Result<AuditEvent, StoreError> {
-        let bytes =
-            self.events.get(seq.to_be_bytes()).map_err(|e| self.sled(e))?.ok_or_else(|| StoreError::Damaged {
-                what: format!("event #{seq} is listed in the time index but missing"),
-                location: format!("tree \"events\" in {}", self.dir.display()),
-            })?;
+        let bytes = self.event_json_at(seq)?;
         decode(&self.dir, "events", &bytes, || format!("event #{seq}"))
+    }
+
+    /// Event `seq` as its JSON: the bytes that are streamed and chained, which the API sends
+    /// as they are. (How a body is kept on disk is this function's business.)
+    pub(super) fn event_json_at(&self, seq: u64) -> Result<sled::IVec, StoreError> {
+        self.events.get(seq.to_be_bytes()).map_err(|e| self.sled(e))?.ok_or_else(|| StoreError::Damaged {
+            what: format!("event #{seq} is listed in the time index but missing"),
+            location: format!("tree \"events\" in {}", self.dir.display()),
+        })
     }
 
     /// Calls `each` with every matching event, oldest first (by `created_at`, then by storage
