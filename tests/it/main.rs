@@ -1,6 +1,7 @@
 //! The one integration-test binary: runs the real `policy-audit` executable against real git
 //! repositories and a real sled directory in per-test temporary folders.
 
+mod api_totals;
 mod bad_input;
 mod browser;
 mod cli;
