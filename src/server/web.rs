@@ -9,6 +9,7 @@
 
 mod export;
 mod login;
+mod rows;
 
 pub use export::export_csv;
 pub use login::{login, login_form, login_page, logout};
@@ -65,12 +66,21 @@ impl Filters {
 
     /// The query string of these filters, with `before` replaced.
     fn url(&self, path: &str, before: Option<&str>) -> String {
+        self.url_of(path, &self.author, before)
+    }
+
+    /// The first page of these filters with the author filter set to `author`.
+    fn url_with_author(&self, path: &str, author: &str) -> String {
+        self.url_of(path, author, None)
+    }
+
+    fn url_of(&self, path: &str, author: &str, before: Option<&str>) -> String {
         let mut ser = form_urlencoded::Serializer::new(String::new());
         for (k, v) in [
-            ("project", &self.project),
+            ("project", self.project.as_str()),
             ("type", &self.event_type),
             ("policy", &self.policy),
-            ("author", &self.author),
+            ("author", author),
             ("from", &self.from),
             ("to", &self.to),
         ] {
@@ -174,47 +184,14 @@ fn kind_class(t: EventType) -> &'static str {
     }
 }
 
-fn event_href(e: &AuditEvent) -> String {
-    format!("/events/{}", form_urlencoded::byte_serialize(e.id.as_bytes()).collect::<String>())
+fn event_href(id: &str) -> String {
+    format!("/events/{}", form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>())
 }
 
 fn policy_href(project: &str, name: &str) -> String {
     let mut ser = form_urlencoded::Serializer::new(String::new());
     ser.append_pair("project", project).append_pair("name", name);
     format!("/policy?{}", ser.finish())
-}
-
-fn author_href(f: &Filters, author: &str) -> String {
-    Filters { author: author.to_string(), before: String::new(), ..f.clone() }.url("/", None)
-}
-
-fn rows(events: &[(u64, AuditEvent)], f: &Filters) -> Markup {
-    html! {
-        table.events {
-            thead { tr { th { "Author" } th { "Action" } th { "Target" } th { "Date" } } }
-            tbody {
-                @for (_, e) in events {
-                    tr {
-                        td data-label="Author" {
-                            a href=(author_href(f, &e.author_name)) { (e.author_name) }
-                            br; span.muted { (e.details.author_email) }
-                        }
-                        td data-label="Action" {
-                            span class=(kind_class(e.event_type)) { (kind_label(e.event_type)) } " "
-                            a.action href=(event_href(e)) { (e.details.custom_message) }
-                        }
-                        td data-label="Target" {
-                            @if let Some(name) = &e.details.policy_name {
-                                a href=(policy_href(&e.entity_path, name)) { (name) }
-                            } @else { (e.target_details) }
-                            br; span.muted { (e.entity_path) }
-                        }
-                        td data-label="Date" { time datetime=(e.created_at) { (date(&e.created_at)) } }
-                    }
-                }
-            }
-        }
-    }
 }
 
 fn filter_form(f: &Filters, projects: &[String]) -> Markup {
@@ -256,6 +233,7 @@ pub async fn index(State(s): State<Shared>, Query(f): Query<Filters>) -> Respons
             None => return bad_request("the page position (before) is not valid; start again from the first page"),
         },
     };
+    let filters = f.clone();
     let read = blocking(&s, move |src| {
         let mut projects: Vec<String> = src.config().projects.iter().map(|p| p.path.clone()).collect();
         for p in src.store().synced_projects()? {
@@ -263,10 +241,14 @@ pub async fn index(State(s): State<Shared>, Query(f): Query<Filters>) -> Respons
                 projects.push(p);
             }
         }
-        Ok((src.store().page(&query, before.as_ref(), 0, PAGE_SIZE)?, projects))
+        let page = src.store().page_stored(&query, before.as_ref(), 0, PAGE_SIZE)?;
+        let rows: Vec<rows::Row> =
+            page.events.iter().map(|(seq, e)| src.store().read_stored(*seq, e)).collect::<Result<_, _>>()?;
+        let table = (!rows.is_empty()).then(|| rows::table(&rows, &filters));
+        Ok((table, page.next, projects))
     })
     .await;
-    let (page, projects) = match read {
+    let (table, next, projects) = match read {
         Ok(r) => r,
         Err(r) => return r,
     };
@@ -276,14 +258,14 @@ pub async fn index(State(s): State<Shared>, Query(f): Query<Filters>) -> Respons
             a.button.secondary href=(f.url("/export.csv", None)) { "Export as CSV" }
         }
         (filter_form(&f, &projects))
-        @if page.events.is_empty() {
-            p.empty { "No events match these filters." }
+        @if let Some(table) = table {
+            (table)
         } @else {
-            (rows(&page.events, &f))
+            p.empty { "No events match these filters." }
         }
         nav.pager {
             @if !f.before.is_empty() { a.button.secondary href=(f.url("/", None)) { "« Newest" } }
-            @if let Some(next) = &page.next { a.button.secondary rel="next" href=(f.url("/", Some(&next.encode()))) { "Older »" } }
+            @if let Some(next) = &next { a.button.secondary rel="next" href=(f.url("/", Some(&next.encode()))) { "Older »" } }
         }
     };
     html_response(StatusCode::OK, layout("Audit events", body))
@@ -398,7 +380,7 @@ pub async fn policy(State(s): State<Shared>, Query(p): Query<PolicyRef>) -> Resp
             @for (_, e) in &page.events {
                 li {
                     span class=(kind_class(e.event_type)) { (kind_label(e.event_type)) } " "
-                    a href=(event_href(e)) { time datetime=(e.created_at) { (date(&e.created_at)) } }
+                    a href=(event_href(&e.id)) { time datetime=(e.created_at) { (date(&e.created_at)) } }
                     " by " (e.author_name)
                     " · " code { (short(&e.details.security_policy_project_commit_sha)) }
                     @if let Some(changes) = &e.details.changes {

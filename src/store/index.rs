@@ -219,6 +219,14 @@ impl Store {
         Ok(self.page_of(q, before, skip, limit, |seq| self.stored_event_at(seq), matches)?)
     }
 
+    /// The fields `T` names of a stored event, borrowed from its JSON where they can be.
+    pub fn read_stored<'a, T: serde::Deserialize<'a>>(&self, seq: u64, e: &'a StoredEvent) -> Result<T, StoreError> {
+        serde_json::from_slice(&e.json).map_err(|err| StoreError::Damaged {
+            what: format!("event #{seq} does not decode ({err})"),
+            location: format!("tree \"events\" in {}", self.dir.display()),
+        })
+    }
+
     /// Event `seq` as stored, with the fields [`StoredEvent`] names.
     fn stored_event_at(&self, seq: u64) -> Result<StoredEvent, StoreError> {
         #[derive(serde::Deserialize)]

@@ -36,7 +36,8 @@ fn assert_totals(port: u16, stored: &[Value], when: &str) {
     }
     let metrics = get(port, "/metrics", &[AUTH]).text();
     for t in ["security_policy_create", "security_policy_update", "security_policy_delete"] {
-        let line = format!("policy_audit_events_stored{{event_type=\"{t}\"}} {}", count(stored, |e| e["event_type"] == t));
+        let line =
+            format!("policy_audit_events_stored{{event_type=\"{t}\"}} {}", count(stored, |e| e["event_type"] == t));
         assert!(metrics.lines().any(|l| l == line), "{when}: /metrics has {line:?}:\n{metrics}");
     }
 }
