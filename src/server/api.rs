@@ -11,10 +11,12 @@
 //! Error bodies are GitLab's: `{"message":"404 Not found"}`, `{"message":"401 Unauthorized"}`,
 //! `{"message":"404 Project Not Found"}`, `{"error":"… is invalid"}`.
 
-use super::{Shared, blocking};
+use super::{Shared, read};
 use crate::app::events::time_bound;
 use crate::config::{Config, path_has_prefix};
+use crate::event::EventType;
 use crate::store::{EventQuery, Position, Store, StoredEvent};
+use anyhow::Context;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -23,7 +25,9 @@ use serde_json::{Value, json};
 /// GitLab stops counting here (and so leaves out `X-Total`, `X-Total-Pages`, `rel="last"`).
 pub const MAX_COUNTED: usize = 10_000;
 const DEFAULT_PER_PAGE: usize = 20;
-const MAX_PER_PAGE: usize = 100;
+pub const MAX_PER_PAGE: usize = 100;
+/// Offset pages start at most this deep are read on the serving thread (see [`super::read`]).
+const BOUNDED_SKIP: usize = 1_000;
 
 /// A JSON answer `{"message": …}` with `status`.
 pub fn message(status: StatusCode, text: &str) -> Response {
@@ -43,18 +47,38 @@ pub async fn no_route() -> Response {
     json_response(StatusCode::NOT_FOUND, &json!({ "error": "404 Not Found" }))
 }
 
+/// What the API needs of a stored event besides its JSON.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    event_type: EventType,
+    #[serde(borrow)]
+    entity_path: std::borrow::Cow<'a, str>,
+}
+
 /// Appends an audit event as the API shows it: the stored JSON as it is (GitLab's streamed
 /// schema, SPEC §3), with GitLab's `event_name` added as its first member.
-fn push_entity(out: &mut Vec<u8>, e: &StoredEvent) -> Result<(), Response> {
-    let Some(members) = e.json.trim_ascii_start().strip_prefix(b"{") else {
-        tracing::error!(event_type = %e.event_type, "a stored event is not a JSON object");
-        return Err(message(StatusCode::INTERNAL_SERVER_ERROR, "500 Internal Server Error"));
-    };
+fn push_entity(out: &mut Vec<u8>, event_type: EventType, e: &StoredEvent) -> anyhow::Result<()> {
+    let members = e.json.trim_ascii_start().strip_prefix(b"{").context("a stored event is not a JSON object")?;
     out.extend_from_slice(b"{\"event_name\":\"");
-    out.extend_from_slice(e.event_type.name().as_bytes());
+    out.extend_from_slice(event_type.name().as_bytes());
     out.extend_from_slice(b"\",");
     out.extend_from_slice(members);
     Ok(())
+}
+
+/// A JSON array of the page's events, written once into one buffer.
+fn entities(store: &Store, events: &[(u64, StoredEvent)]) -> anyhow::Result<Vec<u8>> {
+    let mut body = Vec::with_capacity(2 + events.iter().map(|(_, e)| e.json.len() + 48).sum::<usize>());
+    body.push(b'[');
+    for (i, (seq, e)) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        let head: Head = store.read_stored(*seq, e)?;
+        push_entity(&mut body, head.event_type, e)?;
+    }
+    body.push(b']');
+    Ok(body)
 }
 
 /// Which events a route covers.
@@ -96,7 +120,7 @@ pub async fn project(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let found = blocking(&s, move |src| project_path(&src.config(), src.store(), &id)).await;
+    let found = read(&s, true, move |src| project_path(&src.config(), src.store(), &id)).await;
     match found {
         Ok(Some(path)) => list(s, Scope::Projects(vec![path]), q, uri, headers).await,
         Ok(None) => message(StatusCode::NOT_FOUND, "404 Project Not Found"),
@@ -123,7 +147,7 @@ pub async fn one(State(s): State<Shared>, Path(event_id): Path<String>) -> Respo
 }
 
 pub async fn project_one(State(s): State<Shared>, Path((id, event_id)): Path<(String, String)>) -> Response {
-    let found = blocking(&s, move |src| project_path(&src.config(), src.store(), &id)).await;
+    let found = read(&s, true, move |src| project_path(&src.config(), src.store(), &id)).await;
     match found {
         Ok(Some(path)) => single(s, Some(vec![path]), event_id).await,
         Ok(None) => message(StatusCode::NOT_FOUND, "404 Project Not Found"),
@@ -140,15 +164,19 @@ pub async fn group_one(State(s): State<Shared>, Path((id, event_id)): Path<(Stri
 }
 
 async fn single(s: Shared, within: Option<Vec<String>>, event_id: String) -> Response {
-    let found = blocking(&s, move |src| src.store().stored_event_by_id(&event_id)).await;
-    match found {
-        Ok(Some(e)) if within.as_ref().is_none_or(|ps| ps.contains(&e.entity_path)) => {
-            let mut body = Vec::with_capacity(e.json.len() + 64);
-            match push_entity(&mut body, &e) {
-                Ok(()) => json_bytes(body),
-                Err(r) => r,
-            }
+    let found = read(&s, true, move |src| {
+        let Some((seq, e)) = src.store().stored_event_by_id(&event_id)? else { return Ok(None) };
+        let head: Head = src.store().read_stored(seq, &e)?;
+        if within.as_ref().is_some_and(|ps| !ps.iter().any(|p| *p == head.entity_path)) {
+            return Ok(None);
         }
+        let mut body = Vec::with_capacity(e.json.len() + 64);
+        push_entity(&mut body, head.event_type, &e)?;
+        Ok(Some(body))
+    })
+    .await;
+    match found {
+        Ok(Some(body)) => json_bytes(body),
         Ok(_) => message(StatusCode::NOT_FOUND, "404 Not found"),
         Err(r) => r,
     }
@@ -238,16 +266,21 @@ async fn list(s: Shared, scope: Scope, raw: Option<String>, uri: Uri, headers: H
             Some(Some(p)) => Some(p),
             None => None,
         };
-        let page = if empty {
-            Default::default()
-        } else {
-            match blocking(&s, move |src| src.store().page_stored(&query, cursor.as_ref(), 0, per_page)).await {
-                Ok(p) => p,
-                Err(r) => return r,
+        let bounded = query.is_answered_by_index();
+        let read = read(&s, bounded, move |src| {
+            if empty {
+                return Ok((b"[]".to_vec(), None));
             }
+            let page = src.store().page_stored(&query, cursor.as_ref(), 0, per_page)?;
+            Ok((entities(src.store(), &page.events)?, page.next))
+        })
+        .await;
+        let (body, next) = match read {
+            Ok(r) => r,
+            Err(r) => return r,
         };
-        let mut response = events_response(&page.events);
-        if let Some(next) = page.next {
+        let mut response = json_bytes(body);
+        if let Some(next) = next {
             let link = format!("<{}>; rel=\"next\"", params.url(&base, &path, &[("cursor", next.encode())]));
             set(&mut response, "link", link);
         }
@@ -258,20 +291,21 @@ async fn list(s: Shared, scope: Scope, raw: Option<String>, uri: Uri, headers: H
         Err(name) => return invalid(name),
     };
     let skip = (page_no - 1).saturating_mul(per_page);
-    let read = blocking(&s, move |src| {
+    let bounded = query.is_answered_by_index() && query.is_counted() && skip <= BOUNDED_SKIP;
+    let read = read(&s, bounded, move |src| {
         if empty {
-            return Ok((Default::default(), Some(0)));
+            return Ok((b"[]".to_vec(), false, Some(0)));
         }
         let total = src.store().count(&query, MAX_COUNTED)?;
-        Ok((src.store().page_stored(&query, None, skip, per_page)?, total))
+        let page = src.store().page_stored(&query, None, skip, per_page)?;
+        Ok((entities(src.store(), &page.events)?, page.next.is_some(), total))
     })
     .await;
-    let (page, total) = match read {
+    let (body, has_next, total) = match read {
         Ok(r) => r,
         Err(r) => return r,
     };
-    let mut response = events_response(&page.events);
-    let has_next = page.next.is_some();
+    let mut response = json_bytes(body);
     let link_to = |n: usize, rel: &str| {
         format!(
             "<{}>; rel=\"{rel}\"",
@@ -298,22 +332,6 @@ async fn list(s: Shared, scope: Scope, raw: Option<String>, uri: Uri, headers: H
     }
     set(&mut response, "link", links.join(", "));
     response
-}
-
-/// A JSON array of the events, written once into one buffer.
-fn events_response(events: &[(u64, StoredEvent)]) -> Response {
-    let mut body = Vec::with_capacity(2 + events.iter().map(|(_, e)| e.json.len() + 48).sum::<usize>());
-    body.push(b'[');
-    for (i, (_, e)) in events.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        if let Err(r) = push_entity(&mut body, e) {
-            return r;
-        }
-    }
-    body.push(b']');
-    json_bytes(body)
 }
 
 fn json_bytes(body: Vec<u8>) -> Response {

@@ -134,12 +134,7 @@ impl Store {
     /// How many events match `q`, when the counters alone answer it: filters by projects and
     /// event types only (no time bounds, policy or author).
     pub(super) fn counted(&self, q: &EventQuery) -> Result<Option<u64>, StoreError> {
-        if q.since.is_some()
-            || q.until.is_some()
-            || q.policy.is_some()
-            || q.author.is_some()
-            || q.author_exact.is_some()
-        {
+        if !q.is_counted() {
             return Ok(None);
         }
         let projects: BTreeSet<&str> = q.projects.iter().map(String::as_str).collect();
@@ -171,6 +166,17 @@ impl Store {
     /// How many events of each type are stored (for `/metrics`).
     pub fn count_by_type(&self) -> Result<Vec<(EventType, u64)>, StoreError> {
         EventType::ALL.into_iter().map(|t| Ok((t, self.counter(&prefix(TYPE, t.name()))?))).collect()
+    }
+}
+
+impl EventQuery {
+    /// Whether the counters alone count the matches: filters by projects and event types only.
+    pub fn is_counted(&self) -> bool {
+        self.since.is_none()
+            && self.until.is_none()
+            && self.policy.is_none()
+            && self.author.is_none()
+            && self.author_exact.is_none()
     }
 }
 

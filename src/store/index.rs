@@ -94,11 +94,9 @@ impl<T> Default for Page<T> {
 }
 
 /// An event as stored: its JSON, as streamed and chained (the API serves these bytes as they
-/// are), with the fields a reader needs without decoding the rest.
+/// are); [`Store::read_stored`] reads the fields a reader needs without decoding the rest.
 #[derive(Debug)]
 pub struct StoredEvent {
-    pub event_type: crate::event::EventType,
-    pub entity_path: String,
     pub json: sled::IVec,
 }
 
@@ -227,16 +225,8 @@ impl Store {
         })
     }
 
-    /// Event `seq` as stored, with the fields [`StoredEvent`] names.
     fn stored_event_at(&self, seq: u64) -> Result<StoredEvent, StoreError> {
-        #[derive(serde::Deserialize)]
-        struct Head {
-            event_type: crate::event::EventType,
-            entity_path: String,
-        }
-        let json = self.event_json_at(seq)?;
-        let head: Head = super::records::decode(&self.dir, "events", &json, || format!("event #{seq}"))?;
-        Ok(StoredEvent { event_type: head.event_type, entity_path: head.entity_path, json })
+        Ok(StoredEvent { json: self.event_json_at(seq)? })
     }
 
     /// A page of the events `read` returns, through the most selective index. When the index
@@ -317,10 +307,10 @@ impl Store {
         Ok(Some((seq, self.event_at(seq)?)))
     }
 
-    /// Event by its id, as stored.
-    pub fn stored_event_by_id(&self, id: &str) -> anyhow::Result<Option<StoredEvent>> {
+    /// Event by its id, as stored, with its sequence number.
+    pub fn stored_event_by_id(&self, id: &str) -> anyhow::Result<Option<(u64, StoredEvent)>> {
         let Some(seq) = self.seq_of_id(id)? else { return Ok(None) };
-        Ok(Some(self.stored_event_at(seq)?))
+        Ok(Some((seq, self.stored_event_at(seq)?)))
     }
 
     fn seq_of_id(&self, id: &str) -> Result<Option<u64>, StoreError> {
@@ -330,8 +320,9 @@ impl Store {
 }
 
 impl EventQuery {
-    /// Whether the chosen index alone decides every filter (then counting needs no decoding).
-    fn is_answered_by_index(&self) -> bool {
+    /// Whether the chosen index alone decides every filter: then counting needs no decoding,
+    /// and a page reads only the events it shows.
+    pub fn is_answered_by_index(&self) -> bool {
         let one_project_and_type = self.projects.len() <= 1 && self.event_types.len() <= 1;
         self.policy.is_none() && self.author_exact.is_none() && self.author.is_none() && one_project_and_type
     }
