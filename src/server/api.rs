@@ -11,7 +11,7 @@
 //! Error bodies are GitLab's: `{"message":"404 Not found"}`, `{"message":"401 Unauthorized"}`,
 //! `{"message":"404 Project Not Found"}`, `{"error":"… is invalid"}`.
 
-use super::{Shared, read};
+use super::{Shared, blocking};
 use crate::app::events::time_bound;
 use crate::config::{Config, path_has_prefix};
 use crate::event::EventType;
@@ -25,9 +25,7 @@ use serde_json::{Value, json};
 /// GitLab stops counting here (and so leaves out `X-Total`, `X-Total-Pages`, `rel="last"`).
 pub const MAX_COUNTED: usize = 10_000;
 const DEFAULT_PER_PAGE: usize = 20;
-pub const MAX_PER_PAGE: usize = 100;
-/// Offset pages start at most this deep are read on the serving thread (see [`super::read`]).
-const BOUNDED_SKIP: usize = 1_000;
+const MAX_PER_PAGE: usize = 100;
 
 /// A JSON answer `{"message": …}` with `status`.
 pub fn message(status: StatusCode, text: &str) -> Response {
@@ -120,7 +118,7 @@ pub async fn project(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let found = read(&s, true, move |src| project_path(&src.config(), src.store(), &id)).await;
+    let found = blocking(&s, move |src| project_path(&src.config(), src.store(), &id)).await;
     match found {
         Ok(Some(path)) => list(s, Scope::Projects(vec![path]), q, uri, headers).await,
         Ok(None) => message(StatusCode::NOT_FOUND, "404 Project Not Found"),
@@ -147,7 +145,7 @@ pub async fn one(State(s): State<Shared>, Path(event_id): Path<String>) -> Respo
 }
 
 pub async fn project_one(State(s): State<Shared>, Path((id, event_id)): Path<(String, String)>) -> Response {
-    let found = read(&s, true, move |src| project_path(&src.config(), src.store(), &id)).await;
+    let found = blocking(&s, move |src| project_path(&src.config(), src.store(), &id)).await;
     match found {
         Ok(Some(path)) => single(s, Some(vec![path]), event_id).await,
         Ok(None) => message(StatusCode::NOT_FOUND, "404 Project Not Found"),
@@ -164,7 +162,7 @@ pub async fn group_one(State(s): State<Shared>, Path((id, event_id)): Path<(Stri
 }
 
 async fn single(s: Shared, within: Option<Vec<String>>, event_id: String) -> Response {
-    let found = read(&s, true, move |src| {
+    let found = blocking(&s, move |src| {
         let Some((seq, e)) = src.store().stored_event_by_id(&event_id)? else { return Ok(None) };
         let head: Head = src.store().read_stored(seq, &e)?;
         if within.as_ref().is_some_and(|ps| !ps.iter().any(|p| *p == head.entity_path)) {
@@ -266,8 +264,7 @@ async fn list(s: Shared, scope: Scope, raw: Option<String>, uri: Uri, headers: H
             Some(Some(p)) => Some(p),
             None => None,
         };
-        let bounded = query.is_answered_by_index();
-        let read = read(&s, bounded, move |src| {
+        let read = blocking(&s, move |src| {
             if empty {
                 return Ok((b"[]".to_vec(), None));
             }
@@ -291,8 +288,7 @@ async fn list(s: Shared, scope: Scope, raw: Option<String>, uri: Uri, headers: H
         Err(name) => return invalid(name),
     };
     let skip = (page_no - 1).saturating_mul(per_page);
-    let bounded = query.is_answered_by_index() && query.is_counted() && skip <= BOUNDED_SKIP;
-    let read = read(&s, bounded, move |src| {
+    let read = blocking(&s, move |src| {
         if empty {
             return Ok((b"[]".to_vec(), false, Some(0)));
         }

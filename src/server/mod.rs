@@ -238,27 +238,6 @@ pub(crate) async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Runs a store read on the thread serving the request when it is `bounded` (a page of at most
-/// [`api::MAX_PER_PAGE`] or [`web::PAGE_SIZE`] events read through an index that alone decides
-/// the filters, near its start), else like [`blocking`]. Such a read takes tens of
-/// microseconds once the store's pages are in memory, less than handing it to another thread
-/// and back (measured in docs/performance.md); every read that can grow with the trail (counting
-/// with time bounds, filters checked event by event, deep offsets, exports, the chain) still
-/// runs off the async threads. A panic or error becomes a 500 that names it.
-pub(crate) async fn read<T: Send + 'static>(
-    source: &Shared,
-    bounded: bool,
-    read: impl FnOnce(&dyn Source) -> anyhow::Result<T> + Send + 'static,
-) -> Result<T, Response> {
-    if !bounded {
-        return blocking(source, read).await;
-    }
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read(source.as_ref()))) {
-        Ok(result) => result.map_err(read_failed),
-        Err(_) => Err((StatusCode::INTERNAL_SERVER_ERROR, "internal error: a read panicked\n").into_response()),
-    }
-}
-
 fn read_failed(e: anyhow::Error) -> Response {
     tracing::error!(error = %format!("{e:#}"), "cannot read the trail");
     (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the trail: {e:#}\n")).into_response()

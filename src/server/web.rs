@@ -14,7 +14,7 @@ mod rows;
 pub use export::export_csv;
 pub use login::{login, login_form, login_page, logout};
 
-use super::{SESSION_COOKIE, Shared, blocking, read, secret_matches, session_value};
+use super::{SESSION_COOKIE, Shared, blocking, secret_matches, session_value};
 use crate::app::events::time_bound;
 use crate::event::{AuditEvent, EventType};
 use crate::store::{EventQuery, Position};
@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use maud::{DOCTYPE, Markup, html};
 use serde::Deserialize;
 
-pub const PAGE_SIZE: usize = 50;
+const PAGE_SIZE: usize = 50;
 /// A policy's history is shown whole up to this many events.
 const POLICY_HISTORY_MAX: usize = 2000;
 const STYLESHEET: &str = include_str!("static/style.css");
@@ -234,8 +234,7 @@ pub async fn index(State(s): State<Shared>, Query(f): Query<Filters>) -> Respons
         },
     };
     let filters = f.clone();
-    let bounded = query.is_answered_by_index();
-    let read = read(&s, bounded, move |src| {
+    let read = blocking(&s, move |src| {
         let mut projects: Vec<String> = src.config().projects.iter().map(|p| p.path.clone()).collect();
         for p in src.store().synced_projects()? {
             if !projects.contains(&p) {

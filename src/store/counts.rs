@@ -171,7 +171,7 @@ impl Store {
 
 impl EventQuery {
     /// Whether the counters alone count the matches: filters by projects and event types only.
-    pub fn is_counted(&self) -> bool {
+    fn is_counted(&self) -> bool {
         self.since.is_none()
             && self.until.is_none()
             && self.policy.is_none()

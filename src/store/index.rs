@@ -322,7 +322,7 @@ impl Store {
 impl EventQuery {
     /// Whether the chosen index alone decides every filter: then counting needs no decoding,
     /// and a page reads only the events it shows.
-    pub fn is_answered_by_index(&self) -> bool {
+    fn is_answered_by_index(&self) -> bool {
         let one_project_and_type = self.projects.len() <= 1 && self.event_types.len() <= 1;
         self.policy.is_none() && self.author_exact.is_none() && self.author.is_none() && one_project_and_type
     }
