@@ -18,7 +18,8 @@ pub struct Sender {
     headers: Vec<(String, String)>,
     token: Option<Secret>,
     /// The HMAC keyed with the signing secret, cloned for each event (the key is hashed once).
-    signer: Option<Hmac<Sha256>>,
+    /// Boxed: the state is larger than the rest of the sender.
+    signer: Option<Box<Hmac<Sha256>>>,
     /// https without a client certificate: a connection closed right after the handshake is
     /// most likely a server that wants one.
     may_need_client_cert: bool,
@@ -55,7 +56,7 @@ impl Sender {
             signer: destination
                 .signing_secret
                 .as_ref()
-                .and_then(|s| Hmac::<Sha256>::new_from_slice(&signing_key(s)).ok()),
+                .and_then(|s| Hmac::<Sha256>::new_from_slice(&signing_key(s)).ok().map(Box::new)),
             may_need_client_cert: crate::urls::is_https(&destination.url) && destination.tls.client_cert_file.is_none(),
         })
     }
@@ -78,7 +79,7 @@ impl Sender {
             request = request
                 .header("webhook-id", event_id)
                 .header("webhook-timestamp", &timestamp)
-                .header("webhook-signature", sign(signer.clone(), event_id, &timestamp, body));
+                .header("webhook-signature", sign(Hmac::clone(signer), event_id, &timestamp, body));
         }
         match request.send(body) {
             Ok(mut response) => {

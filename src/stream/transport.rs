@@ -56,15 +56,9 @@ impl<In: Transport> Connector<In> for DeliveryTcpConnector {
             stream.set_nodelay(true)?;
         }
         let buffers = LazyBuffers::new(details.config.input_buffer_size(), details.config.output_buffer_size());
-        let stream = Arc::new(stream);
-        (details.register_shutdown)(Arc::downgrade(&stream) as Weak<dyn ShutdownHandle>)?;
-        Ok(Some(Either::B(DeliveryTcp {
-            stream,
-            buffers: CorkedBuffers { inner: buffers, pending: 0 },
-            read_timeout: None,
-            write_timeout: None,
-            pending_timeout: None,
-        })))
+        let transport = DeliveryTcp::new(stream, buffers);
+        (details.register_shutdown)(Arc::downgrade(&transport.stream) as Weak<dyn ShutdownHandle>)?;
+        Ok(Some(Either::B(transport)))
     }
 }
 
@@ -145,6 +139,16 @@ pub struct DeliveryTcp {
 }
 
 impl DeliveryTcp {
+    fn new(stream: TcpStream, buffers: LazyBuffers) -> DeliveryTcp {
+        DeliveryTcp {
+            stream: Arc::new(stream),
+            buffers: CorkedBuffers { inner: buffers, pending: 0 },
+            read_timeout: None,
+            write_timeout: None,
+            pending_timeout: None,
+        }
+    }
+
     /// Writes the pending bytes out.
     fn write_pending(&mut self) -> Result<(), Error> {
         if self.buffers.pending == 0 {
@@ -234,29 +238,30 @@ fn io_error(e: io::Error, reason: Timeout) -> Error {
     }
 }
 
-/// Sets a socket timeout to at most `left` (None: no limit) unless the one set already fits:
-/// not longer than `left`, and not more than [`SLACK`] shorter.
+/// Sets a socket timeout to at most `left` (None: no limit) unless the one set already fits.
 fn arm(
     stream: &TcpStream,
     current: &mut Option<Duration>,
     left: Option<Duration>,
     set: fn(&TcpStream, Option<Duration>) -> io::Result<()>,
 ) -> Result<(), Error> {
-    let wanted = match left {
-        // Leave room so the next calls of the same phase can keep it.
-        Some(left) if left > SLACK => Some(left - SLACK / 2),
-        other => other,
-    };
-    let fits = match (*current, left) {
-        (None, None) => true,
-        (Some(set), Some(left)) => set <= left && left - set <= SLACK,
-        _ => false,
-    };
-    if !fits {
+    if let Some(wanted) = rearm(*current, left) {
         set(stream, wanted)?;
         *current = wanted;
     }
     Ok(())
+}
+
+/// The socket timeout to set for a call with `left` of its budget when `current` is set, or None
+/// when `current` fits: not longer than `left`, and not more than [`SLACK`] shorter.
+fn rearm(current: Option<Duration>, left: Option<Duration>) -> Option<Option<Duration>> {
+    let fits = match (current, left) {
+        (None, None) => true,
+        (Some(set), Some(left)) => set <= left && left - set <= SLACK,
+        _ => false,
+    };
+    // Half the slack below the budget, so the next calls of the same phase can keep it.
+    (!fits).then(|| left.map(|left| if left > SLACK { left - SLACK / 2 } else { left }))
 }
 
 /// True when the connection is open and nothing unread is waiting on it: one non-blocking peek.
@@ -267,4 +272,99 @@ fn peer_is_quiet(stream: &TcpStream) -> bool {
     let n = unsafe { libc::recv(stream.as_raw_fd(), byte.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
     // Nothing to read (EAGAIN) is the only healthy answer: 0 is a close, > 0 stray bytes.
     n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_socket_timeout_never_outlasts_the_budget_and_is_kept_while_it_fits() {
+        // First call of a 10 s phase: set just under it.
+        assert_eq!(rearm(None, Some(ms(10_000))), Some(Some(ms(9_995))));
+        // Later calls of the phase (or the next phase, with a fresh 10 s): kept.
+        assert_eq!(rearm(Some(ms(9_995)), Some(ms(9_999))), None);
+        assert_eq!(rearm(Some(ms(9_995)), Some(ms(10_000))), None);
+        // The budget fell below what is set (a slow call used it up): lowered, never kept.
+        assert_eq!(rearm(Some(ms(9_995)), Some(ms(9_990))), Some(Some(ms(9_985))));
+        // A much larger budget than what is set: raised, so the call does not give up early.
+        assert_eq!(rearm(Some(ms(1_000)), Some(ms(10_000))), Some(Some(ms(9_995))));
+        // Tiny budgets are used as they are; no budget clears the timeout.
+        assert_eq!(rearm(Some(ms(9_995)), Some(ms(3))), Some(Some(ms(3))));
+        assert_eq!(rearm(Some(ms(9_995)), None), Some(None));
+        assert_eq!(rearm(None, None), None);
+    }
+
+    fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        (client, server)
+    }
+
+    /// Waits up to `within` until `server` has `n` bytes to read; returns how many it has.
+    fn readable(server: &TcpStream, n: usize, within: Duration) -> usize {
+        server.set_nonblocking(true).expect("nonblocking");
+        let mut buf = vec![0u8; 64 * 1024];
+        let until = std::time::Instant::now() + within;
+        loop {
+            let got = server.peek(&mut buf).unwrap_or(0);
+            if got >= n || std::time::Instant::now() > until {
+                server.set_nonblocking(false).expect("blocking");
+                return got;
+            }
+            std::thread::sleep(ms(5));
+        }
+    }
+
+    #[test]
+    fn the_head_and_the_body_leave_in_one_write_when_the_answer_is_awaited() {
+        let (client, server) = connected();
+        let mut transport = DeliveryTcp::new(client, LazyBuffers::new(4096, 4096));
+        let budget =
+            NextTimeout { after: Duration::from_secs(5).into(), reason: Timeout::SendBody, ..Default::default() };
+        let head = b"POST /audit HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n";
+        transport.buffers().output()[..head.len()].copy_from_slice(head);
+        transport.transmit_output(head.len(), budget).expect("head");
+        transport.buffers().output()[..2].copy_from_slice(b"{}");
+        transport.transmit_output(2, budget).expect("body");
+        assert_eq!(readable(&server, 1, ms(50)), 0, "nothing is sent before the answer is awaited");
+        let answer = std::thread::spawn(move || {
+            let mut server = server;
+            let mut buf = vec![0u8; 64 * 1024];
+            assert_eq!(readable(&server, head.len() + 2, ms(5_000)), head.len() + 2);
+            // The whole request is there for one read.
+            let n = server.read(&mut buf).expect("read");
+            server.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").expect("answer");
+            buf.truncate(n);
+            buf
+        });
+        let budget =
+            NextTimeout { after: Duration::from_secs(5).into(), reason: Timeout::RecvResponse, ..Default::default() };
+        assert!(transport.await_input(budget).expect("answer"));
+        let request = answer.join().expect("server thread");
+        assert_eq!(request, [&head[..], b"{}"].concat());
+        assert!(transport.buffers().input().starts_with(b"HTTP/1.1 204"));
+    }
+
+    #[test]
+    fn a_pooled_connection_is_reusable_only_while_the_peer_is_quiet() {
+        let (client, mut server) = connected();
+        assert!(peer_is_quiet(&client), "an idle open connection");
+        server.write_all(b"x").expect("stray byte");
+        readable(&client, 1, ms(5_000));
+        assert!(!peer_is_quiet(&client), "bytes nobody asked for");
+        let (client, server) = connected();
+        drop(server);
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while peer_is_quiet(&client) && std::time::Instant::now() < until {
+            std::thread::sleep(ms(5));
+        }
+        assert!(!peer_is_quiet(&client), "a connection the peer closed");
+    }
 }
