@@ -29,8 +29,9 @@ use ureq::{Error, Timeout};
 /// How much earlier than ureq's deadline a socket call may give up.
 pub const SLACK: Duration = Duration::from_millis(10);
 
-/// Below this much free output space the pending bytes are written out first.
-const MIN_FREE_OUTPUT: usize = 16 * 1024;
+/// The pending bytes are written out first when less than 1/this of the output buffer is free
+/// (16 KiB of ureq's default 128 KiB).
+const MIN_FREE_OUTPUT_DIVISOR: usize = 8;
 
 /// An agent with `config` over [`DeliveryTcpConnector`], with ureq's CONNECT proxy and rustls
 /// layers around it, as in ureq's default connector chain.
@@ -187,7 +188,8 @@ impl Transport for DeliveryTcp {
             _ => Some((deadline, timeout.reason)),
         };
         self.buffers.pending += amount;
-        if self.buffers.output().len() < MIN_FREE_OUTPUT {
+        let size = self.buffers.inner.output().len();
+        if self.buffers.output().len() < size / MIN_FREE_OUTPUT_DIVISOR {
             self.write_pending()?;
         }
         Ok(())
