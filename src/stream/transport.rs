@@ -369,4 +369,47 @@ mod tests {
         }
         assert!(!peer_is_quiet(&client), "a connection the peer closed");
     }
+
+    #[test]
+    fn a_body_larger_than_the_output_buffer_arrives_whole_over_a_reused_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let url = format!("http://{}/audit", listener.local_addr().expect("addr"));
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+            let mut writer = stream;
+            let mut bodies = Vec::new();
+            for _ in 0..2 {
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    std::io::BufRead::read_line(&mut reader, &mut line).expect("head");
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().expect("length");
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0u8; length];
+                reader.read_exact(&mut body).expect("body");
+                writer.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").expect("answer");
+                bodies.push(body);
+            }
+            bodies
+        });
+        let config = ureq::Agent::config_builder()
+            .output_buffer_size(4096)
+            .input_buffer_size(4096)
+            .timeout_recv_response(Some(Duration::from_secs(5)))
+            .build();
+        let agent = agent(config);
+        let big: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        for body in [&big[..], b"{}"] {
+            let response = agent.post(&url).send(body).expect("post");
+            assert_eq!(response.status().as_u16(), 204);
+        }
+        let bodies = server.join().expect("server thread");
+        assert_eq!(bodies, vec![big, b"{}".to_vec()], "both requests on one connection, bodies whole");
+    }
 }
