@@ -5,9 +5,9 @@
 //! event is delivered again (at least once), never that it is lost.
 //!
 //! The delivery loop reads entries a chunk at a time ([`Store::pending_entries`]), decodes only
-//! their schedule, borrowed ([`Store::schedule_of`]), and records acknowledged deliveries in
-//! batches ([`Store::delivered_all`]): an acknowledged entry stays in the outbox until its
-//! batch is written, so a crash before that sends it again, never loses it.
+//! their schedule, borrowed ([`Store::schedule_of`]), and records acknowledged deliveries a
+//! chunk at a time ([`Store::delivered_all`]): an acknowledged entry stays in the outbox until
+//! its chunk is recorded, so a crash before that sends it again, never loses it.
 
 use super::{Delivery, Store, StoreError};
 use crate::event::EventType;
@@ -75,22 +75,18 @@ impl Store {
         Ok(())
     }
 
-    /// Records deliveries of `destination` as acknowledged: one batch into `sent`, then one out
-    /// of the outbox. A crash in between leaves them pending, so they are sent again (at least
-    /// once), never lost; a crash before leaves them pending too.
+    /// Records deliveries of `destination` as acknowledged: all into `sent`, then all out of the
+    /// outbox. A crash in between, or before, leaves them pending, so they are sent again (at
+    /// least once), never lost. Plain writes rather than a `sled::Batch`: each key stands alone,
+    /// and a batch seals sled's log buffer to be atomic (measured: more log writes, more memory).
     pub fn delivered_all(&self, destination: &str, seqs: &[u64]) -> Result<()> {
-        if seqs.is_empty() {
-            return Ok(());
+        let keys: Vec<Vec<u8>> = seqs.iter().map(|seq| delivery_key(destination, *seq)).collect();
+        for key in &keys {
+            self.sent.insert(key.as_slice(), &[])?;
         }
-        let mut sent = sled::Batch::default();
-        let mut outbox = sled::Batch::default();
-        for seq in seqs {
-            let key = delivery_key(destination, *seq);
-            sent.insert(key.as_slice(), &[]);
-            outbox.remove(key);
+        for key in keys {
+            self.outbox.remove(key)?;
         }
-        self.sent.apply_batch(sent)?;
-        self.outbox.apply_batch(outbox)?;
         Ok(())
     }
 
