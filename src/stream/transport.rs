@@ -13,6 +13,9 @@
 //! - socket timeouts are re-armed only when the one set would outlast the phase's remaining
 //!   budget, or undercut it by more than [`SLACK`]: a call never waits past ureq's deadline
 //!   and gives up at most [`SLACK`] before it (ureq sets them again before every call).
+//!
+//! ureq's `unversioned::transport` API is outside its semver promise: upgrading ureq past the
+//! locked 3.5.2 may need this file adjusted (the compiler says where).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
