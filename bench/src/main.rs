@@ -64,15 +64,22 @@ fn main() {
         }
         return;
     }
-    // `bench fill CONFIG N`: store N synthetic events with outbox entries (for profiling).
+    // `bench fill CONFIG N`: store N synthetic events with outbox entries (for profiling, and
+    // for the figures: see `fill_in_child`); prints the first event's body.
     if what == "fill" {
         let (Some(config), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse().ok())) else {
             eprintln!("usage: bench fill CONFIG N");
             std::process::exit(2);
         };
-        if let Err(e) = synthetic_outbox(Path::new(config), n) {
-            eprintln!("error: {e:#}");
-            std::process::exit(1);
+        match synthetic_outbox(Path::new(config), n) {
+            Ok(body) => {
+                use std::io::Write;
+                let _ = std::io::stdout().write_all(&body);
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
         }
         return;
     }
@@ -300,13 +307,16 @@ impl Bench {
     }
 
     /// A 20,000-event outbox drained to nginx (204) vs wrk posting the same body over one
-    /// connection.
+    /// connection, alternately, median of the runs; with `BENCH_COMPARE_BIN=<older
+    /// policy-audit>` the same drain by that binary too, in the same runs; with strace
+    /// installed, the system calls per delivered event of one more drain.
     fn delivery(&mut self) -> Result<()> {
         let events = if self.quick { 5_000 } else { 20_000 };
         let port = free_port()?;
         let nginx = Nginx::start(&self.work, port)?;
         let url = format!("http://127.0.0.1:{port}/audit");
         let state = self.work.join("dl-state");
+        let template = self.work.join("dl-template");
         let config = self.work.join("delivery.toml");
         std::fs::write(self.work.join("secret"), "whsec_YmVuY2htYXJrLXNpZ25pbmcta2V5")?;
         std::fs::write(
@@ -315,19 +325,60 @@ impl Bench {
                 "state_dir = \"dl-state\"\n[[destinations]]\nname = \"nginx\"\nurl = \"{url}\"\nsigning_secret_file = \"secret\"\n"
             ),
         )?;
-        let body = synthetic_outbox(&config, events)?;
-        let ours = run(&mut self.policy_audit(&config, &["deliveries", "retry"]))?; // drains the outbox
-        let _ = std::fs::remove_dir_all(&state);
+        let body = fill_in_child(&config, events)?;
+        std::fs::rename(&state, &template)?;
+        let compare = std::env::var_os("BENCH_COMPARE_BIN").map(PathBuf::from);
+        // Drains a fresh copy of the filled outbox with `bin`.
+        let drain = |bin: &Path| -> Result<Sample> {
+            let _ = std::fs::remove_dir_all(&state);
+            copy_dir(&template, &state)?;
+            let mut cmd = Command::new(bin);
+            cmd.arg("--config").arg(&config).args(["deliveries", "retry"]);
+            run(cmd.stdout(std::process::Stdio::null()).env_remove("RUST_LOG"))
+        };
+        let (mut ours, mut older, mut wrk) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..self.runs {
+            ours.push(drain(&self.bin)?);
+            if let Some(bin) = &compare {
+                older.push(drain(bin)?);
+            }
+            wrk.push(wrk_rate(&self.work, &url, &body)?);
+        }
+        let ours = median(ours.len(), || Ok(ours.pop().context("no run")?))?;
         let rate = events as f64 / ours.wall.as_secs_f64();
-        let wrk = wrk_rate(&self.work, &url, &body)?;
-        drop(nginx);
+        wrk.sort_by(f64::total_cmp);
+        let wrk = wrk[wrk.len() / 2];
+        let strace_out = self.work.join("strace.txt");
+        let syscalls = |bin: &Path| -> Result<String> {
+            let _ = std::fs::remove_dir_all(&state);
+            copy_dir(&template, &state)?;
+            Ok(match syscalls_per_event(bin, &config, &strace_out, events) {
+                Ok(per_event) => format!(", {per_event:.1} syscalls/event"),
+                Err(e) => format!(" (no syscall count: {e})"),
+            })
+        };
+        let calls = syscalls(&self.bin)?;
         self.row(
             &format!("delivery, {events}-event outbox to nginx (204)"),
-            format!("{rate:.0} events/s"),
+            format!("{rate:.0} events/s{calls}"),
             format!("{wrk:.0} requests/s (wrk, 1 connection)"),
             format!("{:.2} of wrk (target ≥ 0.5)", rate / wrk),
             fmt_rss(ours),
         );
+        if let Some(bin) = &compare {
+            let older = median(older.len(), || Ok(older.pop().context("no run")?))?;
+            let calls = syscalls(bin)?;
+            self.row(
+                &format!("delivery by {} (BENCH_COMPARE_BIN), same runs", bin.display()),
+                format!("{:.0} events/s{calls}", events as f64 / older.wall.as_secs_f64()),
+                format!("{wrk:.0} requests/s (wrk, 1 connection)"),
+                format!("{:.2} of wrk", events as f64 / older.wall.as_secs_f64() / wrk),
+                fmt_rss(older),
+            );
+        }
+        drop(nginx);
+        let _ = std::fs::remove_dir_all(&state);
+        let _ = std::fs::remove_dir_all(&template);
         Ok(())
     }
 
@@ -454,6 +505,69 @@ fn synthetic_events(config_path: &Path, n: usize, outbox: bool) -> Result<Vec<u8
 
 fn synthetic_outbox(config: &Path, n: usize) -> Result<Vec<u8>> {
     synthetic_events(config, n, true)
+}
+
+/// [`synthetic_outbox`] in a child process (`bench fill`), so that this process stays small:
+/// the peak RSS that `wait4` reports for a child includes the peak of the process it was
+/// spawned from (Linux records the old address space's high-water mark at `exec`), so a
+/// store filled here would count in every later figure.
+fn fill_in_child(config: &Path, n: usize) -> Result<Vec<u8>> {
+    let out = Command::new(std::env::current_exe()?)
+        .arg("fill")
+        .arg(config)
+        .arg(n.to_string())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run bench fill")?;
+    if !out.status.success() {
+        bail!("bench fill {} {n} failed ({})", config.display(), out.status);
+    }
+    Ok(out.stdout)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// System calls per delivered event of one drain by `bin`, counted by `strace -c -f` (every
+/// call of the process, start and store opening included).
+fn syscalls_per_event(bin: &Path, config: &Path, out: &Path, events: usize) -> Result<f64> {
+    let status = Command::new("strace")
+        .args(["-c", "-f", "-o"])
+        .arg(out)
+        .arg(bin)
+        .arg("--config")
+        .arg(config)
+        .args(["deliveries", "retry"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .env_remove("RUST_LOG")
+        .status()
+        .context("strace is not installed (apt-get install strace)")?;
+    if !status.success() {
+        bail!("strace {} failed ({status})", bin.display());
+    }
+    let text = std::fs::read_to_string(out)?;
+    // The summary's last line: "100.00  <seconds>  <usecs/call>  <calls>  <errors>  total".
+    let total = text
+        .lines()
+        .find(|l| l.trim_end().ends_with("total"))
+        .and_then(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            fields.get(3).and_then(|c| c.parse::<f64>().ok())
+        })
+        .with_context(|| format!("no total in the strace summary {}", out.display()))?;
+    Ok(total / events as f64)
 }
 
 struct Nginx {

@@ -5,7 +5,7 @@
 //! - `failover`: two cluster instances; the one holding projects is killed with SIGKILL; the
 //!   time until the other holds them all (target < 2 × lease_ttl).
 
-use super::{Bench, fmt_rss, free_port, synthetic_outbox};
+use super::{Bench, fill_in_child, fmt_rss, free_port};
 use crate::measure::run;
 use anyhow::{Context, Result, bail};
 use std::path::Path;
@@ -100,7 +100,10 @@ impl Bench {
                 server.url()
             ),
         )?;
-        synthetic_outbox(&config, events)?;
+        // Filled in a child, and the bodies read after the drain: see `fill_in_child`.
+        fill_in_child(&config, events)?;
+        let ours = run(&mut self.policy_audit(&config, &["deliveries", "retry"]))?; // drains the outbox
+        let rate = events as f64 / ours.wall.as_secs_f64();
         let bodies = {
             let loaded = policy_audit::config::Config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
             let store = policy_audit::store::Store::open(&loaded.db_dir())?;
@@ -113,8 +116,6 @@ impl Bench {
             }
             bodies
         };
-        let ours = run(&mut self.policy_audit(&config, &["deliveries", "retry"]))?; // drains the outbox
-        let rate = events as f64 / ours.wall.as_secs_f64();
         let one = raw_publish(&server.url(), &bodies, 1)?;
         let pipelined = raw_publish(&server.url(), &bodies, 256)?;
         self.row(

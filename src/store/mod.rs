@@ -17,6 +17,7 @@ mod outbox;
 mod query;
 mod records;
 
+pub use outbox::{PendingEntry, Schedule};
 pub(crate) use outbox::{delivery_key, destination_prefix};
 mod replay;
 mod replica;

@@ -11,6 +11,7 @@
 pub mod http;
 pub mod nats;
 pub mod retry;
+mod transport;
 
 use crate::config::{Config, Destination};
 use crate::stop::Stop;
@@ -74,6 +75,12 @@ pub fn deliver_due_until(
     Ok(reports)
 }
 
+/// Outbox entries read at a time.
+const CHUNK: usize = 256;
+/// Acknowledged deliveries are recorded at least this often (and at the end of every chunk),
+/// so a crash re-sends at most a chunk, or this much time, of deliveries.
+const RECORD_EVERY: Duration = Duration::from_millis(100);
+
 fn deliver_destination(
     dest: &Destination,
     store: &Store,
@@ -82,6 +89,48 @@ fn deliver_destination(
     stop: &Stop,
 ) -> Result<DestinationReport> {
     let mut report = DestinationReport { destination: dest.name.clone(), ..DestinationReport::default() };
+    let mut acked = Acknowledged { seqs: Vec::with_capacity(CHUNK), since: std::time::Instant::now() };
+    let drained = drain(dest, store, clock, seed, stop, &mut report, &mut acked);
+    // Recorded whatever happened above: an acknowledged delivery must not be sent again
+    // needlessly (and if this fails, it is: at least once).
+    let recorded = store.delivered_all(&dest.name, &acked.seqs);
+    drained?;
+    recorded?;
+    report.pending = store.pending_count(&dest.name);
+    Ok(report)
+}
+
+/// Deliveries acknowledged but not yet recorded.
+struct Acknowledged {
+    seqs: Vec<u64>,
+    /// When the first of `seqs` was acknowledged.
+    since: std::time::Instant,
+}
+
+impl Acknowledged {
+    fn push(&mut self, seq: u64) {
+        if self.seqs.is_empty() {
+            self.since = std::time::Instant::now();
+        }
+        self.seqs.push(seq);
+    }
+
+    fn record(&mut self, store: &Store, destination: &str) -> Result<()> {
+        store.delivered_all(destination, &self.seqs)?;
+        self.seqs.clear();
+        Ok(())
+    }
+}
+
+fn drain(
+    dest: &Destination,
+    store: &Store,
+    clock: &dyn Clock,
+    seed: u64,
+    stop: &Stop,
+    report: &mut DestinationReport,
+    acked: &mut Acknowledged,
+) -> Result<()> {
     // Built at the first due delivery, so an idle round reads no certificates. A certificate or
     // key that can no longer be loaded fails the attempt like a destination that is down: the
     // delivery is retried with the reason, not dropped.
@@ -89,68 +138,83 @@ fn deliver_destination(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let max_age_ms = i64::try_from(dest.max_age.as_millis()).unwrap_or(i64::MAX);
     let mut from = 0;
-    while let Some(mut delivery) = store.next_pending(&dest.name, from)? {
-        if stop.is_cancelled() {
-            break;
+    loop {
+        let entries = store.pending_entries(&dest.name, from, CHUNK)?;
+        if entries.is_empty() {
+            return Ok(());
         }
-        from = delivery.seq + 1;
-        let now = clock.now_ms();
-        if delivery.next_attempt_at > now {
-            report.next_attempt_at = Some(delivery.next_attempt_at);
-            break; // the head of the line is waiting: keep the order
-        }
-        let Some(body) = store.event_bytes(delivery.seq)? else {
-            bury(store, &mut delivery, "the event is missing from the store".into(), &mut report)?;
-            continue;
-        };
-        let sender = sender.get_or_insert_with(|| Sender::new(dest));
-        let outcome = match sender {
-            Ok(sender) => sender.send(&delivery.event_id, delivery.event_type.name(), &body, now),
-            Err(reason) => retry::Outcome::Transport { reason: reason.clone() },
-        };
-        if let retry::Outcome::Acknowledged { duplicate: true } = outcome {
-            tracing::debug!(destination = %dest.name, event = %delivery.event_id, "the stream already had this event");
-        }
-        delivery.attempts += 1;
-        delivery.last_status = outcome.status();
-        match decide(&outcome) {
-            Decision::Success => {
-                store.delivered(&delivery)?;
+        for entry in &entries {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            from = entry.seq + 1;
+            let schedule = store.schedule_of(entry)?;
+            let now = clock.now_ms();
+            if schedule.next_attempt_at > now {
+                report.next_attempt_at = Some(schedule.next_attempt_at);
+                return Ok(()); // the head of the line is waiting: keep the order
+            }
+            let Some(body) = store.event_bytes(entry.seq)? else {
+                let mut delivery = store.delivery_of(entry)?;
+                bury(store, &mut delivery, "the event is missing from the store".into(), report)?;
+                continue;
+            };
+            let sender = sender.get_or_insert_with(|| Sender::new(dest));
+            let outcome = match sender {
+                Ok(sender) => sender.send(&schedule.event_id, schedule.event_type.name(), &body, now),
+                Err(reason) => retry::Outcome::Transport { reason: reason.clone() },
+            };
+            if let retry::Outcome::Acknowledged { duplicate: true } = outcome {
+                tracing::debug!(destination = %dest.name, event = %schedule.event_id, "the stream already had this event");
+            }
+            let decision = decide(&outcome);
+            if let Decision::Success = decision {
+                acked.push(entry.seq);
                 report.delivered += 1;
-            }
-            Decision::Dead { reason } => {
-                tracing::warn!(destination = %dest.name, event = %delivery.event_id, %reason, "delivery is dead");
-                bury(store, &mut delivery, reason, &mut report)?;
-            }
-            Decision::Retry { reason, not_before } => {
-                let wait = backoff(delivery.attempts, dest.backoff_initial, dest.backoff_max, not_before, &mut rng);
-                // Every delivery is tried at least once; the last retry is pulled in to the
-                // max_age deadline rather than dropped before it.
-                let deadline = delivery.enqueued_at.saturating_add(max_age_ms);
-                let due = now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)).min(deadline);
-                if delivery.attempts >= dest.max_attempts {
-                    let reason = format!("{reason}; gave up after {} attempts (max_attempts)", delivery.attempts);
-                    bury(store, &mut delivery, reason, &mut report)?;
-                    continue;
+                if acked.since.elapsed() >= RECORD_EVERY {
+                    acked.record(store, &dest.name)?;
                 }
-                if now >= deadline {
-                    let age = humantime::format_duration(dest.max_age);
-                    bury(store, &mut delivery, format!("{reason}; not delivered within max_age ({age})"), &mut report)?;
-                    continue;
+                continue;
+            }
+            // A failed attempt: the whole record is read to update it.
+            let mut delivery = store.delivery_of(entry)?;
+            delivery.attempts += 1;
+            delivery.last_status = outcome.status();
+            match decision {
+                Decision::Success => {}
+                Decision::Dead { reason } => {
+                    tracing::warn!(destination = %dest.name, event = %delivery.event_id, %reason, "delivery is dead");
+                    bury(store, &mut delivery, reason, report)?;
                 }
-                tracing::info!(destination = %dest.name, event = %delivery.event_id, %reason, attempts = delivery.attempts, retry_in = %humantime::format_duration(Duration::from_millis(wait.as_millis() as u64)), "delivery will be retried");
-                delivery.next_attempt_at = due;
-                delivery.last_error = Some(reason.clone());
-                store.reschedule(&delivery)?;
-                report.retried += 1;
-                report.last_error = Some(reason);
-                report.next_attempt_at = Some(due);
-                break; // keep the order: later events wait for this one
+                Decision::Retry { reason, not_before } => {
+                    let wait = backoff(delivery.attempts, dest.backoff_initial, dest.backoff_max, not_before, &mut rng);
+                    // Every delivery is tried at least once; the last retry is pulled in to the
+                    // max_age deadline rather than dropped before it.
+                    let deadline = delivery.enqueued_at.saturating_add(max_age_ms);
+                    let due = now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)).min(deadline);
+                    if delivery.attempts >= dest.max_attempts {
+                        let reason = format!("{reason}; gave up after {} attempts (max_attempts)", delivery.attempts);
+                        bury(store, &mut delivery, reason, report)?;
+                        continue;
+                    }
+                    if now >= deadline {
+                        let age = humantime::format_duration(dest.max_age);
+                        bury(store, &mut delivery, format!("{reason}; not delivered within max_age ({age})"), report)?;
+                        continue;
+                    }
+                    tracing::info!(destination = %dest.name, event = %delivery.event_id, %reason, attempts = delivery.attempts, retry_in = %humantime::format_duration(Duration::from_millis(wait.as_millis() as u64)), "delivery will be retried");
+                    delivery.next_attempt_at = due;
+                    delivery.last_error = Some(reason.clone());
+                    store.reschedule(&delivery)?;
+                    report.retried += 1;
+                    report.last_error = Some(reason);
+                    report.next_attempt_at = Some(due);
+                    return Ok(()); // keep the order: later events wait for this one
+                }
             }
         }
+        acked.record(store, &dest.name)?;
     }
-    report.pending = store.pending_count(&dest.name);
-    Ok(report)
 }
 
 /// The sending half of one destination, by kind.
