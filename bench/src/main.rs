@@ -52,6 +52,22 @@ fn main() {
         println!("{:.0} requests/s", n as f64 / started.elapsed().as_secs_f64());
         return;
     }
+    // `bench parse N`: parse N distinct versions of the backfill's policy file on one thread.
+    if what == "parse" {
+        let n: usize = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(2_000);
+        let files: Vec<String> = (0..n).map(|rev| repos::policy_file(8, rev)).collect();
+        let bytes: usize = files.iter().map(String::len).sum();
+        let started = std::time::Instant::now();
+        let valid = files.iter().filter(|f| policy_audit::policy::parse(f.as_bytes()).is_ok()).count();
+        let took = started.elapsed();
+        println!(
+            "{n} files ({valid} valid, {:.1} KB each): {:.1} µs/file, {:.1} µs/KB",
+            bytes as f64 / n as f64 / 1000.0,
+            took.as_secs_f64() * 1e6 / n as f64,
+            took.as_secs_f64() * 1e9 / bytes as f64
+        );
+        return;
+    }
     // `bench make-repo DIR N`: the backfill benchmark's repository, kept (profiling aid).
     if what == "make-repo" {
         let (Some(dir), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse().ok())) else {

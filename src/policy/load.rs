@@ -61,6 +61,10 @@ fn refuse_control_characters(text: &str) -> Result<(), LoadError> {
         matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{7e}' | '\u{85}' | '\u{a0}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}')
             || c >= '\u{10000}'
     };
+    // Nearly every file is printable ASCII: checked a byte at a time, without decoding.
+    if text.bytes().all(|b| matches!(b, b'\t' | b'\n' | b'\r' | 0x20..=0x7e)) {
+        return Ok(());
+    }
     for (i, line) in text.split('\n').enumerate() {
         if let Some(c) = line.chars().find(|c| !allowed(*c)) {
             return Err(LoadError::Syntax(format!(

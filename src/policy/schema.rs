@@ -99,6 +99,10 @@ impl PolicySchema {
 
     /// Every error of `value` against the schema, each as `path: message`, in document order.
     pub fn errors(&self, value: &Value) -> Vec<String> {
+        // Most files are valid: the yes/no answer skips building every error's description.
+        if self.validator.is_valid(value) {
+            return Vec::new();
+        }
         let mut errors: Vec<(String, String)> = self
             .validator
             .iter_errors(value)

@@ -108,10 +108,10 @@ pub fn mirror_dir(config: &Config, project: &Project) -> PathBuf {
 }
 
 /// Events stored per transaction during a long walk: bounds memory, keeps transactions small.
-const CHUNK_EVENTS: usize = 1000;
+const CHUNK_EVENTS: usize = 200;
 
 /// Chunk writer: stores the events with the cursor they lead to; returns how many were new.
-type Sink<'a> = dyn Fn(&Cursor, &[AuditEvent]) -> Result<usize> + 'a;
+type Sink<'a> = dyn Fn(&Cursor, &[AuditEvent]) -> Result<usize> + Sync + 'a;
 
 fn count_events(summary: &mut Summary, events: &[AuditEvent]) {
     for e in events {
@@ -268,7 +268,7 @@ fn attempt(
         }
         let mut events = events.to_vec();
         attributor.apply(&mut events);
-        commit(store, options, &project.path, at, &events, &destinations_for, now)
+        commit(store, options, &project.path, at, &events, &destinations_for, now, Durable::WithTheLastChunk)
     };
     let (state, mut events) =
         walk_new_history(config, project, &mirror, &mut summary, options, cursor.as_ref(), tip, now, &sink)?;
@@ -280,14 +280,25 @@ fn attempt(
         anyhow::bail!("stopped by shutdown before storing; nothing was written, the next run repeats this");
     }
     attributor.apply(&mut events);
-    summary.stored += commit(store, options, &project.path, &new_cursor, &events, &destinations_for, now)?;
+    summary.stored +=
+        commit(store, options, &project.path, &new_cursor, &events, &destinations_for, now, Durable::Now)?;
     mark_synced(&dir, project);
     summary.timings.store_ms += ms(stored_at.elapsed());
     summary.duration_ms = ms(started.elapsed());
     Ok(summary)
 }
 
+/// When a local commit must be on disk.
+#[derive(Clone, Copy)]
+enum Durable {
+    /// Before `commit` returns: the end of a project's run.
+    Now,
+    /// A chunk of a long walk: with the walk's last chunk (see [`Store::commit_reconcile_chunk`]).
+    WithTheLastChunk,
+}
+
 /// Stores events with the cursor they lead to: in the local store, or the cluster's trail.
+#[allow(clippy::too_many_arguments)]
 fn commit(
     store: &Store,
     options: &Options,
@@ -296,10 +307,15 @@ fn commit(
     events: &[AuditEvent],
     destinations_for: &dyn Fn(&AuditEvent) -> Vec<String>,
     now: jiff::Timestamp,
+    durable: Durable,
 ) -> Result<usize> {
-    match &options.trail {
-        Some(trail) => trail.commit(project, cursor, events),
-        None => Ok(store.commit_reconcile(project, cursor, events, destinations_for, now.as_millisecond())?),
+    let now_ms = now.as_millisecond();
+    match (&options.trail, durable) {
+        (Some(trail), _) => trail.commit(project, cursor, events),
+        (None, Durable::Now) => Ok(store.commit_reconcile(project, cursor, events, destinations_for, now_ms)?),
+        (None, Durable::WithTheLastChunk) => {
+            Ok(store.commit_reconcile_chunk(project, cursor, events, destinations_for, now_ms)?)
+        }
     }
 }
 

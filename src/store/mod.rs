@@ -238,12 +238,31 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let encode = |e: serde_json::Error| StoreError::Transaction { dir: self.dir.clone(), message: e.to_string() };
         let cursor_bytes = serde_json::to_vec(cursor).map_err(encode)?;
+        let stored = self.store_events(Written::Cursor(project, &cursor_bytes), events, destinations_for, now_ms)?;
+        self.flush_now(stored)
+    }
+
+    /// Like [`Store::commit_reconcile`] for one chunk of a long walk, but durable only with the
+    /// next flush (the walk's last chunk, or sled's own within 500 ms). sled recovers whole
+    /// transactions in the order they were made, so a crash loses the newest chunks together
+    /// with the cursor they advanced, never one without the other: the next run walks them
+    /// again. Not flushing each chunk keeps the walk from waiting on the disk.
+    pub fn commit_reconcile_chunk(
+        &self,
+        project: &str,
+        cursor: &Cursor,
+        events: &[AuditEvent],
+        destinations_for: &dyn Fn(&AuditEvent) -> Vec<String>,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let encode = |e: serde_json::Error| StoreError::Transaction { dir: self.dir.clone(), message: e.to_string() };
+        let cursor_bytes = serde_json::to_vec(cursor).map_err(encode)?;
         self.store_events(Written::Cursor(project, &cursor_bytes), events, destinations_for, now_ms)
     }
 
     /// The one transaction that appends events (skipping known ids) with their outbox entries,
     /// chain links and time index, and records what they came with: a project's cursor, or
-    /// the replica's position in the cluster's stream. Flushed before returning.
+    /// the replica's position in the cluster's stream. Not flushed: the callers decide.
     fn store_events(
         &self,
         written: Written<'_>,
@@ -323,10 +342,14 @@ impl Store {
             }
             Ok(stored)
         });
-        let stored = result.map_err(|e: TransactionError<StoreError>| match e {
+        result.map_err(|e: TransactionError<StoreError>| match e {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(source) => StoreError::Sled { dir: self.dir.clone(), source },
-        })?;
+        })
+    }
+
+    /// Makes everything written so far durable; returns `stored` for the caller's convenience.
+    fn flush_now(&self, stored: usize) -> Result<usize, StoreError> {
         self.db.flush().map_err(|source| StoreError::Sled { dir: self.dir.clone(), source })?;
         Ok(stored)
     }

@@ -32,7 +32,8 @@ impl Store {
         destinations_for: &dyn Fn(&AuditEvent) -> Vec<String>,
         now_ms: i64,
     ) -> Result<usize, StoreError> {
-        self.store_events(Written::ReplicaPosition(position), events, destinations_for, now_ms)
+        let stored = self.store_events(Written::ReplicaPosition(position), events, destinations_for, now_ms)?;
+        self.flush_now(stored)
     }
 
     /// The sequence below which every delivery of `destination` is settled (delivered or dead):
