@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Performance figures, reproducible on a fresh machine (about 5 minutes on 2 cores):
-#   scripts/bench.sh [--quick]
+# Performance figures, reproducible on a fresh machine (about 10 minutes on 2 cores):
+#   scripts/bench.sh [--quick]          (everything)
+#   scripts/bench.sh growth [--quick]   (the growth table: 1x, 10x, 100x the work)
 # Installs the baselines' tools (git, nginx, fcgiwrap, wrk, nats-server) when missing, builds in release
 # mode, and prints one table: backfill vs git clone + git log, walk phases vs git log, idle and busy
 # fleets (local paths, and over smart HTTP: git http-backend behind nginx) vs git fetch and
