@@ -3,6 +3,7 @@
 
 use crate::Nginx;
 use anyhow::{Context, Result, bail};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -26,6 +27,8 @@ impl GitHttp {
         let program = if Path::new("/usr/sbin/fcgiwrap").exists() { "/usr/sbin/fcgiwrap" } else { "fcgiwrap" };
         let fcgiwrap = Command::new(program)
             .args(["-c", &children.to_string(), "-s", &format!("tcp:127.0.0.1:{fcgi_port}")])
+            // Its own process group: the children it forks are stopped with it (see `stop`).
+            .process_group(0)
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -54,8 +57,7 @@ impl GitHttp {
 
 impl Drop for GitHttp {
     fn drop(&mut self) {
-        let _ = self.fcgiwrap.kill();
-        let _ = self.fcgiwrap.wait();
+        stop(&mut self.fcgiwrap);
     }
 }
 
@@ -64,10 +66,17 @@ struct KillOnDrop(Option<Child>);
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            stop(&mut child);
         }
     }
+}
+
+/// Stops fcgiwrap and the children it forked (its process group): killing the parent alone
+/// leaves them running.
+fn stop(child: &mut Child) {
+    // SAFETY: kill(2) on the process group of our own child has no memory-safety preconditions.
+    unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGTERM) };
+    let _ = child.wait();
 }
 
 /// `git http-backend` of the git on PATH (`git --exec-path`).
