@@ -88,15 +88,25 @@ fn main() {
         }
         return;
     }
-    // `bench fill CONFIG N`: store N synthetic events with outbox entries (for profiling).
+    // `bench fill CONFIG N [--no-outbox]`: store N synthetic events with outbox entries (or
+    // without), print one event body. The figures fill their stores through it, in a child
+    // process: a child's peak RSS as wait4 reports it is at least its parent's (Linux keeps the
+    // high-water mark across the exec), so the harness must not grow itself.
     if what == "fill" {
         let (Some(config), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse().ok())) else {
-            eprintln!("usage: bench fill CONFIG N");
+            eprintln!("usage: bench fill CONFIG N [--no-outbox]");
             std::process::exit(2);
         };
-        if let Err(e) = synthetic_outbox(Path::new(config), n) {
-            eprintln!("error: {e:#}");
-            std::process::exit(1);
+        let outbox = !args.iter().any(|a| a == "--no-outbox");
+        match synthetic_events(Path::new(config), n, outbox) {
+            Ok(body) => {
+                use std::io::Write;
+                let _ = std::io::stdout().write_all(&body);
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
         }
         return;
     }
@@ -420,7 +430,7 @@ impl Bench {
         let config = self.work.join(format!("{name}.toml"));
         std::fs::write(&config, format!("state_dir = \"{name}-state\"\n"))?;
         eprintln!("filling a store with {events} events");
-        synthetic_events(&config, events, false)?;
+        fill_in_child(&config, events, false)?;
         Ok((config, du(&self.work.join(format!("{name}-state/db")))))
     }
 
@@ -457,7 +467,7 @@ impl Bench {
                 "state_dir = \"dl-state-{events}\"\n[[destinations]]\nname = \"nginx\"\nurl = \"{url}\"\nsigning_secret_file = \"secret\"\n"
             ),
         )?;
-        let body = synthetic_outbox(&config, events)?;
+        let body = fill_in_child(&config, events, true)?;
         let ours = run(&mut self.policy_audit(&config, &["deliveries", "retry"]))?; // drains the outbox
         let _ = std::fs::remove_dir_all(&state);
         Ok((ours, body))
@@ -581,8 +591,18 @@ fn synthetic_events(config_path: &Path, n: usize, outbox: bool) -> Result<Vec<u8
     Ok(store.event_bytes(0)?.map(|b| b.to_vec()).unwrap_or_default())
 }
 
-fn synthetic_outbox(config: &Path, n: usize) -> Result<Vec<u8>> {
-    synthetic_events(config, n, true)
+/// [`synthetic_events`] in a child process (`bench fill`), so that this process stays small.
+fn fill_in_child(config: &Path, n: usize, outbox: bool) -> Result<Vec<u8>> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("fill").arg(config).arg(n.to_string());
+    if !outbox {
+        cmd.arg("--no-outbox");
+    }
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().context("cannot run bench fill")?;
+    if !out.status.success() {
+        bail!("bench fill {} {n} failed", config.display());
+    }
+    Ok(out.stdout)
 }
 
 struct Nginx {

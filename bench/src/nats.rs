@@ -5,7 +5,7 @@
 //! - `failover`: two cluster instances; the one holding projects is killed with SIGKILL; the
 //!   time until the other holds them all (target < 2 × lease_ttl).
 
-use super::{Bench, fmt_rss, free_port, synthetic_outbox};
+use super::{Bench, fill_in_child, fmt_rss, free_port};
 use crate::measure::run;
 use anyhow::{Context, Result, bail};
 use std::path::Path;
@@ -100,7 +100,7 @@ impl Bench {
                 server.url()
             ),
         )?;
-        synthetic_outbox(&config, events)?;
+        fill_in_child(&config, events, true)?;
         let bodies = {
             let loaded = policy_audit::config::Config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
             let store = policy_audit::store::Store::open(&loaded.db_dir())?;
