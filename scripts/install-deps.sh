@@ -7,7 +7,8 @@
 # (systemd-analyze) and util-linux (unshare); nats-server (the NATS destination and cluster tests
 # run a real JetStream server on loopback); for the web server's tests: chromium + chromium-driver
 # (a real browser over WebDriver), python3-gitlab (a real GitLab API client), prometheus
-# (promtool checks /metrics); for the figures: wrk, nginx. Quiet when everything is there.
+# (promtool checks /metrics); for the figures: wrk, nginx, fcgiwrap (runs git http-backend behind
+# nginx for the smart-HTTP fleet figure). Quiet when everything is there.
 set -euo pipefail
 
 need=()
@@ -27,6 +28,7 @@ have promtool || need+=(prometheus)
 /usr/bin/python3 -c 'import gitlab' >/dev/null 2>&1 || need+=(python3-gitlab)
 have wrk || need+=(wrk)
 have nginx || [ -x /usr/sbin/nginx ] || need+=(nginx)
+have fcgiwrap || [ -x /usr/sbin/fcgiwrap ] || need+=(fcgiwrap)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

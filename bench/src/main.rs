@@ -1,7 +1,9 @@
-//! `cargo run --release -p policy-audit-bench -- [all|backfill|fleet|delivery|store|export|nats|failover|serve|webhook] [--quick]`: builds
-//! its own repositories and prints one table, each figure measured in the same run next to a
+//! `cargo run --release -p policy-audit-bench -- [all|backfill|fleet|fleet-http|delivery|store|export|nats|failover|serve|webhook|growth] [--quick]`:
+//! builds its own repositories and prints one table (`growth`: a table of how each figure grows), each figure measured in the same run next to a
 //! baseline (git itself, or wrk). Figures, never assertions: see docs/performance.md.
 
+mod githttp;
+mod growth;
 mod measure;
 mod nats;
 mod repos;
@@ -12,12 +14,34 @@ use measure::{Sample, du, median, mib, ms, run};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// One backfill measurement (see [`Bench::backfill_run`]).
+struct BackfillRun {
+    ours: Sample,
+    git: Sample,
+    /// Bytes of the source repository's objects.
+    packed: u64,
+    config: PathBuf,
+    state: PathBuf,
+    mirror: PathBuf,
+}
+
+/// One fleet measurement (see [`Bench::fleet_run`]).
+struct FleetRun {
+    idle: Sample,
+    fetch_loop: Sample,
+    ls_remote_loop: Sample,
+    /// policy-audit and the `git fetch` loop after one new commit in each repository.
+    busy: Option<(Sample, Sample)>,
+}
+
 struct Bench {
     bin: PathBuf,
     work: PathBuf,
     runs: usize,
     quick: bool,
     rows: Vec<[String; 5]>,
+    /// `bench growth`'s table.
+    growth: Vec<[String; 7]>,
 }
 
 fn main() {
@@ -80,14 +104,17 @@ fn main() {
         }
         return;
     }
-    // `bench fill CONFIG N`: store N synthetic events with outbox entries (for profiling, and
-    // for the figures: see `fill_in_child`); prints the first event's body.
+    // `bench fill CONFIG N [--no-outbox]`: store N synthetic events with outbox entries (or
+    // without), print one event body. The figures fill their stores through it, in a child
+    // process: a child's peak RSS as wait4 reports it is at least its parent's (Linux keeps the
+    // high-water mark across the exec), so the harness must not grow itself.
     if what == "fill" {
         let (Some(config), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse().ok())) else {
-            eprintln!("usage: bench fill CONFIG N");
+            eprintln!("usage: bench fill CONFIG N [--no-outbox]");
             std::process::exit(2);
         };
-        match synthetic_outbox(Path::new(config), n) {
+        let outbox = !args.iter().any(|a| a == "--no-outbox");
+        match synthetic_events(Path::new(config), n, outbox) {
             Ok(body) => {
                 use std::io::Write;
                 let _ = std::io::stdout().write_all(&body);
@@ -112,8 +139,14 @@ fn start(what: &str, quick: bool) -> Result<()> {
         bail!("{} not found: build it first (cargo build --release)", bin.display());
     }
     let tmp = tempfile::tempdir()?;
-    let mut bench =
-        Bench { bin, work: tmp.path().to_path_buf(), runs: if quick { 1 } else { 3 }, quick, rows: Vec::new() };
+    let mut bench = Bench {
+        bin,
+        work: tmp.path().to_path_buf(),
+        runs: if quick { 1 } else { 3 },
+        quick,
+        rows: Vec::new(),
+        growth: Vec::new(),
+    };
     eprintln!("working in {} ({} run(s) per figure, median)", bench.work.display(), bench.runs);
     let all = what == "all";
     if all || what == "backfill" {
@@ -121,6 +154,9 @@ fn start(what: &str, quick: bool) -> Result<()> {
     }
     if all || what == "fleet" {
         bench.fleet()?;
+    }
+    if all || what == "fleet-http" {
+        bench.fleet_http()?;
     }
     if all || what == "delivery" {
         bench.delivery()?;
@@ -142,6 +178,9 @@ fn start(what: &str, quick: bool) -> Result<()> {
     } else if what == "webhook" {
         bench.webhook_latency()?;
     }
+    if what == "growth" {
+        bench.growth()?;
+    }
     bench.print();
     Ok(())
 }
@@ -153,11 +192,23 @@ impl Bench {
     }
 
     fn print(&self) {
-        let header = ["figure", "policy-audit", "baseline", "ratio / target", "peak RSS"];
-        let mut widths = header.map(str::len);
-        for r in &self.rows {
+        if !self.rows.is_empty() {
+            print_table(&["figure", "policy-audit", "baseline", "ratio / target", "peak RSS"], &self.rows);
+        }
+        if !self.growth.is_empty() {
+            let header = ["figure", "work", "time", "per unit", "per unit vs 1x", "peak RSS", "baseline (same run)"];
+            print_table(&header, &self.growth);
+        }
+    }
+}
+
+/// A markdown table with aligned columns.
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    {
+        let mut widths = header.map(|h| h.chars().count());
+        for r in rows {
             for (w, c) in widths.iter_mut().zip(r) {
-                *w = (*w).max(c.len());
+                *w = (*w).max(c.chars().count());
             }
         }
         let line = |cells: &[String]| {
@@ -166,11 +217,13 @@ impl Bench {
         };
         println!("{}", line(&header.map(String::from)));
         println!("|{}|", widths.iter().map(|w| "-".repeat(w + 2)).collect::<Vec<_>>().join("|"));
-        for r in &self.rows {
+        for r in rows {
             println!("{}", line(r));
         }
     }
+}
 
+impl Bench {
     fn policy_audit(&self, config: &Path, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--config").arg(config).args(args).stdout(std::process::Stdio::null()).env_remove("RUST_LOG");
@@ -181,35 +234,7 @@ impl Bench {
     /// `git log -- <policy file>`; then the walk phases alone vs `git log`.
     fn backfill(&mut self) -> Result<()> {
         let commits = if self.quick { 5_000 } else { 20_000 };
-        let src = self.work.join("long");
-        eprintln!("building a {commits}-commit repository...");
-        repos::long_history(&src, commits, 10, 480)?;
-        let packed = du(&src.join(".git/objects"));
-        let config = self.work.join("backfill.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir = \"bf-state\"\n[[projects]]\npath = \"acme/long\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
-                src.display()
-            ),
-        )?;
-        let ours = measure::median(self.runs, || {
-            let _ = std::fs::remove_dir_all(self.work.join("bf-state"));
-            run(&mut self.policy_audit(&config, &["reconcile"]))
-        })?;
-        let mirror = self.work.join("git-mirror.git");
-        let git_total = measure::median(self.runs, || {
-            let _ = std::fs::remove_dir_all(&mirror);
-            let script = format!(
-                // --no-local: transfer a pack like any remote clone (a local clone hardlinks).
-                "git clone -q --no-local --mirror {} {} && git -C {} log --format=%H -- {} > /dev/null",
-                src.display(),
-                mirror.display(),
-                mirror.display(),
-                repos::POLICY
-            );
-            run(Command::new("bash").args(["-c", &script]).env("GIT_CONFIG_GLOBAL", "/dev/null"))
-        })?;
+        let BackfillRun { ours, git: git_total, packed, config, state, mirror } = self.backfill_run(commits)?;
         let what = format!("backfill, {commits} commits ({:.1} MB packed)", packed as f64 / 1e6);
         self.row(
             &what,
@@ -220,7 +245,7 @@ impl Bench {
         );
 
         // Walk alone: our walk+parse+diff phases (from --timings) vs git log on the mirror.
-        let _ = std::fs::remove_dir_all(self.work.join("bf-state"));
+        let _ = std::fs::remove_dir_all(&state);
         let out = Command::new(&self.bin)
             .arg("--config")
             .arg(&config)
@@ -250,76 +275,179 @@ impl Bench {
         Ok(())
     }
 
-    /// 1,000 projects: an idle reconcile vs a shell loop of `git fetch`; then one new policy
-    /// commit in each.
+    /// A first sync with backfill of a `commits`-commit repository (every 10th commit changes
+    /// the policy) next to `git clone --no-local --mirror` + `git log -- <policy file>`.
+    fn backfill_run(&mut self, commits: usize) -> Result<BackfillRun> {
+        let src = self.work.join(format!("long-{commits}"));
+        eprintln!("building a {commits}-commit repository...");
+        repos::long_history(&src, commits, 10, 480)?;
+        let packed = du(&src.join(".git/objects"));
+        let config = self.work.join(format!("backfill-{commits}.toml"));
+        let state = self.work.join(format!("bf-state-{commits}"));
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"bf-state-{commits}\"\n[[projects]]\npath = \"acme/long\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+                src.display()
+            ),
+        )?;
+        let ours = measure::median(self.runs, || {
+            let _ = std::fs::remove_dir_all(&state);
+            run(&mut self.policy_audit(&config, &["reconcile"]))
+        })?;
+        let mirror = self.work.join(format!("git-mirror-{commits}.git"));
+        let git_total = measure::median(self.runs, || {
+            let _ = std::fs::remove_dir_all(&mirror);
+            let script = format!(
+                // --no-local: transfer a pack like any remote clone (a local clone hardlinks).
+                "git clone -q --no-local --mirror {} {} && git -C {} log --format=%H -- {} > /dev/null",
+                src.display(),
+                mirror.display(),
+                mirror.display(),
+                repos::POLICY
+            );
+            run(Command::new("bash").args(["-c", &script]).env("GIT_CONFIG_GLOBAL", "/dev/null"))
+        })?;
+        Ok(BackfillRun { ours, git: git_total, packed, config, state, mirror })
+    }
+
+    /// 1,000 projects on this machine (local paths): an idle reconcile vs a shell loop of
+    /// `git fetch`; then one new policy commit in each.
     fn fleet(&mut self) -> Result<()> {
         let n = if self.quick { 200 } else { 1000 };
-        eprintln!("building {n} repositories...");
-        let template = self.work.join("fleet-template");
-        repos::long_history(&template, 20, 4, 200)?;
-        let fleet = self.work.join("fleet");
-        std::fs::create_dir_all(&fleet)?;
-        let mut config = String::from("state_dir = \"fleet-state\"\n");
-        for i in 0..n {
-            let repo = fleet.join(format!("spp{i:04}"));
-            run(Command::new("cp").arg("-a").arg(&template).arg(&repo))?;
-            config.push_str(&format!(
-                "[[projects]]\npath = \"group{}/spp{i:04}\"\nurl = \"{}\"\n",
-                i % 10,
-                repo.display()
-            ));
-        }
-        let config_path = self.work.join("fleet.toml");
-        std::fs::write(&config_path, config)?;
-        run(&mut self.policy_audit(&config_path, &["reconcile"]))?; // first sync: baselines
-        let mirrors: Vec<PathBuf> =
-            std::fs::read_dir(self.work.join("fleet-state/mirrors"))?.flatten().map(|e| e.path()).collect();
-        let fetch_loop = |mirrors: &[PathBuf]| -> String {
-            let mut script = String::new();
-            for (i, m) in mirrors.iter().enumerate() {
-                let name = m.file_name().and_then(|f| f.to_str()).unwrap_or_default();
-                let idx: String = name.chars().skip(name.find("spp").map(|p| p + 3).unwrap_or(0)).take(4).collect();
-                let _ = i;
-                script.push_str(&format!(
-                    "git -C {} fetch -q {}/spp{idx} +refs/heads/main:refs/remotes/origin/main\n",
-                    m.display(),
-                    fleet.display()
-                ));
-            }
-            script
-        };
-        let script = fetch_loop(&mirrors);
-        let script_path = self.work.join("fetch-loop.sh");
-        std::fs::write(&script_path, &script)?;
-        let ours = measure::median(self.runs, || run(&mut self.policy_audit(&config_path, &["reconcile"])))?;
-        let git = measure::median(self.runs, || {
-            run(Command::new("bash").arg(&script_path).env("GIT_CONFIG_GLOBAL", "/dev/null"))
-        })?;
-        let per = ms(ours.wall) / n as f64;
+        let f = self.fleet_run(n, false, true)?;
+        let per = ms(f.idle.wall) / n as f64;
         self.row(
             &format!("idle fleet, {n} projects, nothing new"),
-            format!("{} ({per:.2} ms/project)", fmt_ms(ours)),
-            format!("{} (git fetch loop)", fmt_ms(git)),
-            format!("{:.1}x faster (target ≥ 5x, < 2 ms/project)", ms(git.wall) / ms(ours.wall)),
-            fmt_rss(ours),
+            format!("{} ({per:.2} ms/project)", fmt_ms(f.idle)),
+            format!("{} (git fetch loop); {} (git ls-remote loop)", fmt_ms(f.fetch_loop), fmt_ms(f.ls_remote_loop)),
+            format!("{:.1}x faster (target ≥ 5x, < 2 ms/project)", ms(f.fetch_loop.wall) / ms(f.idle.wall)),
+            fmt_rss(f.idle),
         );
-
-        eprintln!("adding one policy commit to each of {n} repositories...");
-        for i in 0..n {
-            let repo = fleet.join(format!("spp{i:04}"));
-            std::fs::write(repo.join(repos::POLICY), repos::policy_file(8, 999))?;
-            repos::git(&repo, &["-c", "user.name=Bench", "-c", "user.email=b@example.com", "commit", "-qam", "busy"])?;
-        }
-        let busy = run(&mut self.policy_audit(&config_path, &["reconcile"]))?;
-        let git_busy = run(Command::new("bash").arg(&script_path).env("GIT_CONFIG_GLOBAL", "/dev/null"))?;
-        self.row(
-            &format!("busy fleet, {n} projects, 1 new policy commit each"),
-            format!("{} ({:.2} ms/project)", fmt_ms(busy), ms(busy.wall) / n as f64),
-            format!("{} (git fetch loop)", fmt_ms(git_busy)),
-            format!("{:.1}x faster", ms(git_busy.wall) / ms(busy.wall)),
-            fmt_rss(busy),
-        );
+        self.busy_row(n, "", &f);
         Ok(())
+    }
+
+    /// The same fleet served over git's smart HTTP (`git http-backend` behind nginx and
+    /// fcgiwrap on 127.0.0.1): an idle reconcile vs `git fetch` and `git ls-remote` loops over
+    /// the same URLs; then one new policy commit in each.
+    fn fleet_http(&mut self) -> Result<()> {
+        let n = if self.quick { 200 } else { 1000 };
+        let f = self.fleet_run(n, true, true)?;
+        let per = ms(f.idle.wall) / n as f64;
+        self.row(
+            &format!("idle fleet over smart HTTP, {n} projects, nothing new"),
+            format!("{} ({per:.2} ms/project)", fmt_ms(f.idle)),
+            format!("{} (git fetch loop); {} (git ls-remote loop)", fmt_ms(f.fetch_loop), fmt_ms(f.ls_remote_loop)),
+            format!(
+                "{:.1}x faster than fetch, {:.1}x than ls-remote (target ≥ 5x, < 2 ms/project)",
+                ms(f.fetch_loop.wall) / ms(f.idle.wall),
+                ms(f.ls_remote_loop.wall) / ms(f.idle.wall)
+            ),
+            fmt_rss(f.idle),
+        );
+        self.busy_row(n, " over smart HTTP", &f);
+        Ok(())
+    }
+
+    fn busy_row(&mut self, n: usize, how: &str, f: &FleetRun) {
+        if let Some((busy, git_busy)) = f.busy {
+            self.row(
+                &format!("busy fleet{how}, {n} projects, 1 new policy commit each"),
+                format!("{} ({:.2} ms/project)", fmt_ms(busy), ms(busy.wall) / n as f64),
+                format!("{} (git fetch loop)", fmt_ms(git_busy)),
+                format!("{:.1}x faster", ms(git_busy.wall) / ms(busy.wall)),
+                fmt_rss(busy),
+            );
+        }
+    }
+
+    /// `n` projects of 20 commits each, as local paths or (`http`) over smart HTTP; first sync,
+    /// then the idle reconcile next to a `git fetch` loop (into copies of policy-audit's
+    /// mirrors) and a `git ls-remote` loop over the same URLs, the runs interleaved; with
+    /// `busy`, one new policy commit in each repository, then one reconcile and one fetch loop.
+    fn fleet_run(&mut self, n: usize, http: bool, busy: bool) -> Result<FleetRun> {
+        let dir = self.work.join(format!("fleet-{}-{n}", if http { "http" } else { "local" }));
+        let repos_dir = dir.join("repos");
+        std::fs::create_dir_all(&repos_dir)?;
+        eprintln!("building {n} repositories{}...", if http { " (served over smart HTTP)" } else { "" });
+        let template = dir.join("template");
+        repos::long_history(&template, 20, 4, 200)?;
+        let server = if http { Some(githttp::GitHttp::start(&dir.join("nginx"), &repos_dir, 4)?) } else { None };
+        let url = |i: usize| match &server {
+            Some(s) => format!("{}/spp{i:04}", s.base),
+            None => repos_dir.join(format!("spp{i:04}")).display().to_string(),
+        };
+        let mut config = String::from("state_dir = \"state\"\n");
+        for i in 0..n {
+            run(Command::new("cp").arg("-a").arg(&template).arg(repos_dir.join(format!("spp{i:04}"))))?;
+            config.push_str(&format!("[[projects]]\npath = \"group{}/spp{i:04}\"\nurl = \"{}\"\n", i % 10, url(i)));
+        }
+        let config_path = dir.join("fleet.toml");
+        std::fs::write(&config_path, config)?;
+        run(&mut self.policy_audit(&config_path, &["reconcile"]))?; // first sync: baselines
+        // The git loops fetch into copies of the mirrors, so that they and policy-audit each
+        // find their own mirrors as they left them.
+        let git_mirrors = dir.join("git-mirrors");
+        run(Command::new("cp").arg("-a").arg(dir.join("state/mirrors")).arg(&git_mirrors))?;
+        let mut fetch_script = String::new();
+        let mut ls_script = String::new();
+        for entry in std::fs::read_dir(&git_mirrors)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(i) = name.find("spp").and_then(|p| name.get(p + 3..p + 7)).and_then(|d| d.parse::<usize>().ok())
+            else {
+                bail!("unexpected mirror name {name}");
+            };
+            fetch_script.push_str(&format!(
+                "git -C {} fetch -q {} +refs/heads/main:refs/remotes/origin/main\n",
+                entry.path().display(),
+                url(i)
+            ));
+            ls_script.push_str(&format!("git ls-remote {} refs/heads/main > /dev/null\n", url(i)));
+        }
+        let fetch_path = dir.join("fetch-loop.sh");
+        let ls_path = dir.join("ls-remote-loop.sh");
+        std::fs::write(&fetch_path, &fetch_script)?;
+        std::fs::write(&ls_path, &ls_script)?;
+        let shell = |script: &Path| run(Command::new("bash").arg(script).env("GIT_CONFIG_GLOBAL", "/dev/null"));
+        let (mut ours, mut fetches, mut lists) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..self.runs {
+            ours.push(run(&mut self.policy_audit(&config_path, &["reconcile"]))?);
+            fetches.push(shell(&fetch_path)?);
+            lists.push(shell(&ls_path)?);
+        }
+        let mut figures = FleetRun {
+            idle: measure::median_of(ours),
+            fetch_loop: measure::median_of(fetches),
+            ls_remote_loop: measure::median_of(lists),
+            busy: None,
+        };
+        if busy {
+            eprintln!("adding one policy commit to each of {n} repositories...");
+            for i in 0..n {
+                let repo = repos_dir.join(format!("spp{i:04}"));
+                std::fs::write(repo.join(repos::POLICY), repos::policy_file(8, 999))?;
+                repos::git(
+                    &repo,
+                    &["-c", "user.name=Bench", "-c", "user.email=b@example.com", "commit", "-qam", "busy"],
+                )?;
+            }
+            let ours = run(&mut self.policy_audit(&config_path, &["reconcile"]))?;
+            let git = shell(&fetch_path)?;
+            figures.busy = Some((ours, git));
+        }
+        drop(server);
+        Ok(figures)
+    }
+
+    /// A store of `events` synthetic events under `{name}-state`: its config and its size on
+    /// disk.
+    fn fill_store(&self, name: &str, events: usize) -> Result<(PathBuf, u64)> {
+        let config = self.work.join(format!("{name}.toml"));
+        std::fs::write(&config, format!("state_dir = \"{name}-state\"\n"))?;
+        eprintln!("filling a store with {events} events");
+        fill_in_child(&config, events, false)?;
+        Ok((config, du(&self.work.join(format!("{name}-state/db")))))
     }
 
     /// A 20,000-event outbox drained to nginx (204) vs wrk posting the same body over one
@@ -341,7 +469,7 @@ impl Bench {
                 "state_dir = \"dl-state\"\n[[destinations]]\nname = \"nginx\"\nurl = \"{url}\"\nsigning_secret_file = \"secret\"\n"
             ),
         )?;
-        let body = fill_in_child(&config, events)?;
+        let body = fill_in_child(&config, events, true)?;
         std::fs::rename(&state, &template)?;
         let compare = std::env::var_os("BENCH_COMPARE_BIN").map(PathBuf::from);
         // Drains a fresh copy of the filled outbox with `bin`.
@@ -398,13 +526,28 @@ impl Bench {
         Ok(())
     }
 
+    /// `deliveries retry` draining an outbox of `events` signed events to `url`; the time and
+    /// one event body.
+    fn delivery_run(&mut self, events: usize, url: &str) -> Result<(Sample, Vec<u8>)> {
+        let state = self.work.join(format!("dl-state-{events}"));
+        let config = self.work.join(format!("delivery-{events}.toml"));
+        std::fs::write(self.work.join("secret"), "whsec_YmVuY2htYXJrLXNpZ25pbmcta2V5")?;
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"dl-state-{events}\"\n[[destinations]]\nname = \"nginx\"\nurl = \"{url}\"\nsigning_secret_file = \"secret\"\n"
+            ),
+        )?;
+        let body = fill_in_child(&config, events, true)?;
+        let ours = run(&mut self.policy_audit(&config, &["deliveries", "retry"]))?; // drains the outbox
+        let _ = std::fs::remove_dir_all(&state);
+        Ok((ours, body))
+    }
+
     /// Bytes on disk per 100,000 stored events (with their chain links and delivered outbox).
     fn store(&mut self) -> Result<()> {
         let events = if self.quick { 20_000 } else { 100_000 };
-        let config = self.work.join("store.toml");
-        std::fs::write(&config, "state_dir = \"st-state\"\n")?;
-        synthetic_events(&config, events, false)?;
-        let bytes = du(&self.work.join("st-state/db"));
+        let (_, bytes) = self.fill_store("st", events)?;
         let per_100k = bytes as f64 * 100_000.0 / events as f64;
         self.row(
             &format!("store, {events} events"),
@@ -422,19 +565,9 @@ impl Bench {
     /// size of the trail (the table format, which sizes its columns, is left out).
     fn export(&mut self) -> Result<()> {
         let events = if self.quick { 100_000 } else { 1_000_000 };
-        let config = self.work.join("export.toml");
-        std::fs::write(&config, "state_dir = \"ex-state\"\n")?;
-        eprintln!("filling a store with {events} events (once)");
-        synthetic_events(&config, events, false)?;
+        let (config, _) = self.fill_store("ex", events)?;
         let bin = self.bin.clone();
-        let command = |args: &[&str]| -> Result<Sample> {
-            run(Command::new(&bin)
-                .arg("--config")
-                .arg(&config)
-                .args(args)
-                .stdout(std::fs::File::create("/dev/null")?)
-                .stderr(std::process::Stdio::inherit()))
-        };
+        let command = |args: &[&str]| listing(&bin, &config, args);
         // The baseline: opening the same store and listing nothing (an empty outbox). What sled
         // holds for a store of this size is in both.
         let open_only = median(self.runs, || command(&["deliveries"]))?;
@@ -450,6 +583,16 @@ impl Bench {
         }
         Ok(())
     }
+}
+
+/// One policy-audit command on `config`, its output to /dev/null.
+fn listing(bin: &Path, config: &Path, args: &[&str]) -> Result<Sample> {
+    run(Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdout(std::fs::File::create("/dev/null")?)
+        .stderr(std::process::Stdio::inherit()))
 }
 
 fn fmt_ms(s: Sample) -> String {
@@ -519,24 +662,16 @@ fn synthetic_events(config_path: &Path, n: usize, outbox: bool) -> Result<Vec<u8
     Ok(store.event_bytes(0)?.map(|b| b.to_vec()).unwrap_or_default())
 }
 
-fn synthetic_outbox(config: &Path, n: usize) -> Result<Vec<u8>> {
-    synthetic_events(config, n, true)
-}
-
-/// [`synthetic_outbox`] in a child process (`bench fill`), so that this process stays small:
-/// the peak RSS that `wait4` reports for a child includes the peak of the process it was
-/// spawned from (Linux records the old address space's high-water mark at `exec`), so a
-/// store filled here would count in every later figure.
-fn fill_in_child(config: &Path, n: usize) -> Result<Vec<u8>> {
-    let out = Command::new(std::env::current_exe()?)
-        .arg("fill")
-        .arg(config)
-        .arg(n.to_string())
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("cannot run bench fill")?;
+/// [`synthetic_events`] in a child process (`bench fill`), so that this process stays small.
+fn fill_in_child(config: &Path, n: usize, outbox: bool) -> Result<Vec<u8>> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("fill").arg(config).arg(n.to_string());
+    if !outbox {
+        cmd.arg("--no-outbox");
+    }
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().context("cannot run bench fill")?;
     if !out.status.success() {
-        bail!("bench fill {} {n} failed ({})", config.display(), out.status);
+        bail!("bench fill {} {n} failed", config.display());
     }
     Ok(out.stdout)
 }

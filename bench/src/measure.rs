@@ -61,3 +61,12 @@ pub fn du(dir: &std::path::Path) -> u64 {
     }
     total
 }
+
+/// The median wall time and the largest peak RSS of `samples` (not empty).
+pub fn median_of(mut samples: Vec<Sample>) -> Sample {
+    samples.sort_by_key(|s| s.wall);
+    let rss = samples.iter().map(|s| s.max_rss_kib).max().unwrap_or(0);
+    samples
+        .get(samples.len() / 2)
+        .map_or(Sample { wall: Duration::ZERO, max_rss_kib: rss }, |s| Sample { wall: s.wall, max_rss_kib: rss })
+}

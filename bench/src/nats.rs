@@ -101,7 +101,7 @@ impl Bench {
             ),
         )?;
         // Filled in a child, and the bodies read after the drain: see `fill_in_child`.
-        fill_in_child(&config, events)?;
+        fill_in_child(&config, events, true)?;
         let ours = run(&mut self.policy_audit(&config, &["deliveries", "retry"]))?; // drains the outbox
         let rate = events as f64 / ours.wall.as_secs_f64();
         let bodies = {

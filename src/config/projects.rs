@@ -6,7 +6,7 @@ use super::raw::{RawLimits, RawProject};
 use super::{Checker, DEFAULT_POLICY_FILE, InitialSync, Secret, same_repo};
 use crate::policy::{Limits, PolicyType};
 use crate::tls::TlsSettings;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use toml::Spanned;
 
@@ -43,13 +43,17 @@ impl Project {
 impl Checker<'_> {
     pub(super) fn projects(&mut self, raws: Vec<RawProject>, base: &Path) -> (Vec<Project>, Vec<String>) {
         let mut projects: Vec<(Project, Spanned<String>)> = Vec::new();
+        // Each project's repository key and path, computed once (a key may canonicalise a
+        // path): comparing every pair made a 1,000-project config take seconds to load.
+        let mut by_repo: HashMap<(String, String), usize> = HashMap::new();
+        let mut by_path: HashMap<String, usize> = HashMap::new();
         let mut warnings = Vec::new();
         for raw in raws {
             let Some(project) = self.project(&raw, base) else {
                 continue;
             };
             let key = repo_key(&project.url, &project.branch);
-            if let Some((existing, first)) = projects.iter_mut().find(|(p, _)| repo_key(&p.url, &p.branch) == key) {
+            if let Some((existing, first)) = by_repo.get(&key).and_then(|&i| projects.get_mut(i)) {
                 if existing.path != project.path {
                     let first_at = self.locate(first.span().start);
                     self.error_at(
@@ -73,7 +77,7 @@ impl Checker<'_> {
                 }
                 continue;
             }
-            if let Some((_, first)) = projects.iter().find(|(p, _)| p.path == project.path) {
+            if let Some((_, first)) = by_path.get(&project.path).and_then(|&i| projects.get(i)) {
                 let first_at = self.locate(first.span().start);
                 self.error_at(
                     &raw.path,
@@ -84,6 +88,8 @@ impl Checker<'_> {
                 );
                 continue;
             }
+            by_repo.insert(key, projects.len());
+            by_path.insert(project.path.clone(), projects.len());
             projects.push((project, raw.path.clone()));
         }
         (projects.into_iter().map(|(p, _)| p).collect(), warnings)
