@@ -126,6 +126,18 @@ fn main() {
         }
         return;
     }
+    // `bench fill-web CONFIG N`: the web figures' store (`serve`), filled in a child like `fill`.
+    if what == "fill-web" {
+        let (Some(config), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse().ok())) else {
+            eprintln!("usage: bench fill-web CONFIG N");
+            std::process::exit(2);
+        };
+        if let Err(e) = serve::fill(Path::new(config), n) {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Err(e) = start(&what, quick) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

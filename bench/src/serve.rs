@@ -72,8 +72,9 @@ fn wait_port(port: u16) -> Result<()> {
     Ok(())
 }
 
-/// `n` events over [`PROJECTS`] projects and three event types, in batches of 1,000.
-fn fill(config_path: &Path, n: usize) -> Result<()> {
+/// `n` events over [`PROJECTS`] projects and three event types, in batches of 1,000. Run in a
+/// child process (`bench fill-web`): see `fill_in_child`.
+pub(crate) fn fill(config_path: &Path, n: usize) -> Result<()> {
     use policy_audit::config::Config;
     use policy_audit::event::{EventType, StepContext};
     use policy_audit::policy::{PolicySet, diff, parse};
@@ -191,7 +192,13 @@ impl Bench {
         let have = stored_events(&config)?;
         let n = if have == 0 {
             let started = Instant::now();
-            fill(&config, wanted)?;
+            let status = std::process::Command::new(std::env::current_exe()?)
+                .arg("fill-web")
+                .arg(&config)
+                .arg(wanted.to_string())
+                .status()
+                .context("cannot run bench fill-web")?;
+            anyhow::ensure!(status.success(), "bench fill-web failed ({status})");
             eprintln!("  stored {wanted} events in {:.1} s", started.elapsed().as_secs_f64());
             wanted
         } else {

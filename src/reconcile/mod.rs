@@ -107,11 +107,14 @@ pub fn mirror_dir(config: &Config, project: &Project) -> PathBuf {
     config.mirrors_dir().join(format!("{readable}-{:08x}.git", crc32fast::hash(project.path.as_bytes())))
 }
 
-/// Events stored per transaction during a long walk: bounds memory, keeps transactions small.
-const CHUNK_EVENTS: usize = 200;
+/// Events stored per transaction during a long walk. sled's cost per write grows with the
+/// transaction, and what it holds in memory with the writes not yet flushed: at 1,000 a
+/// 20,000-commit backfill peaked at 126 MiB, at 50 at 70 MiB and 10 % faster (smaller still
+/// buys nothing; docs/performance.md).
+const CHUNK_EVENTS: usize = 50;
 
 /// Chunk writer: stores the events with the cursor they lead to; returns how many were new.
-type Sink<'a> = dyn Fn(&Cursor, &[AuditEvent]) -> Result<usize> + Sync + 'a;
+type Sink<'a> = dyn Fn(&Cursor, &[AuditEvent]) -> Result<usize> + 'a;
 
 fn count_events(summary: &mut Summary, events: &[AuditEvent]) {
     for e in events {

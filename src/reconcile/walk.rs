@@ -133,7 +133,7 @@ impl<'a> Walker<'a> {
 
     fn walk(
         &mut self,
-        state: State,
+        mut state: State,
         steps: &[Link],
         emit: bool,
         now: jiff::Timestamp,
@@ -159,62 +159,37 @@ impl<'a> Walker<'a> {
                 changes.push((*link, blob));
             }
         }
-        // Then window by window: parse ahead on all cores, diff in order; full chunks are stored
-        // by a second thread while the walk goes on (in order: one chunk in flight at a time).
-        let state = std::thread::scope(|scope| -> Result<State> {
-            let mut state = state;
-            let mut storing: Option<std::thread::ScopedJoinHandle<'_, Result<(usize, f64)>>> = None;
-            let wait = |storing: &mut Option<std::thread::ScopedJoinHandle<'_, Result<(usize, f64)>>>,
-                        summary: &mut Summary|
-             -> Result<()> {
-                if let Some(handle) = storing.take() {
-                    let (stored, took) = handle
-                        .join()
-                        .map_err(|_| anyhow::anyhow!("the thread storing a chunk of the walk panicked"))??;
-                    summary.stored += stored;
-                    summary.timings.store_ms += took;
-                }
-                Ok(())
-            };
-            for window in changes.chunks(PARSE_WINDOW) {
-                let parse_started = Instant::now();
-                self.parse_ahead(window.iter().map(|(_, blob)| blob))?;
-                self.summary.timings.parse_ms += ms(parse_started.elapsed());
-                stepping += parse_started.elapsed();
-                for (link, blob) in window {
-                    self.check_stop()?;
-                    let step_started = Instant::now();
-                    let commit = self.mirror.commit(link.id)?;
-                    self.summary.steps += 1;
-                    state.blob = blob_key(blob);
-                    let previous = commit.first_parent.map(|p| p.to_string());
-                    state = self.step(state, &commit, blob, previous.as_deref(), false, emit, now, &mut events)?;
-                    stepping += step_started.elapsed();
-                    if events.len() >= CHUNK_EVENTS {
-                        let waited = Instant::now();
-                        wait(&mut storing, self.summary)?;
-                        stepping += waited.elapsed();
-                        let at = Cursor {
-                            commit: link.id.to_string(),
-                            blob: state.blob.clone(),
-                            baseline: state.baseline.clone(),
-                            limits: state.limits.clone(),
-                        };
-                        count_events(self.summary, &events);
-                        let chunk = std::mem::take(&mut events);
-                        storing = Some(scope.spawn(move || {
-                            let started = Instant::now();
-                            let stored = sink(&at, &chunk)?;
-                            Ok((stored, ms(started.elapsed())))
-                        }));
-                    }
+        // Then window by window: parse ahead on all cores, diff in order.
+        for window in changes.chunks(PARSE_WINDOW) {
+            let parse_started = Instant::now();
+            self.parse_ahead(window.iter().map(|(_, blob)| blob))?;
+            self.summary.timings.parse_ms += ms(parse_started.elapsed());
+            stepping += parse_started.elapsed();
+            for (link, blob) in window {
+                self.check_stop()?;
+                let step_started = Instant::now();
+                let commit = self.mirror.commit(link.id)?;
+                self.summary.steps += 1;
+                state.blob = blob_key(blob);
+                let previous = commit.first_parent.map(|p| p.to_string());
+                state = self.step(state, &commit, blob, previous.as_deref(), false, emit, now, &mut events)?;
+                stepping += step_started.elapsed();
+                if events.len() >= CHUNK_EVENTS {
+                    let stored_at = Instant::now();
+                    let at = Cursor {
+                        commit: link.id.to_string(),
+                        blob: state.blob.clone(),
+                        baseline: state.baseline.clone(),
+                        limits: state.limits.clone(),
+                    };
+                    self.summary.stored += sink(&at, &events)?;
+                    count_events(self.summary, &events);
+                    events.clear();
+                    self.summary.timings.store_ms += ms(stored_at.elapsed());
+                    stepping += stored_at.elapsed();
                 }
             }
-            let waited = Instant::now();
-            wait(&mut storing, self.summary)?;
-            stepping += waited.elapsed();
-            Ok(state)
-        })?;
+        }
         // Parse and diff time is counted by `step`; the rest of the loop is walking.
         self.summary.timings.walk_ms += ms(walk_started.elapsed().saturating_sub(stepping));
         bar.finish_and_clear();
