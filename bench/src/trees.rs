@@ -4,7 +4,7 @@
 //! with all trees and once without each, with plain and with compressed bodies; then opens each
 //! database in a child process (`bench open-sled DIR`) for its peak RSS.
 
-use crate::measure::{du, mib, run};
+use crate::measure::{du, mib};
 use anyhow::{Context, Result};
 use policy_audit::event::AuditEvent;
 use sled::Transactional;
@@ -93,12 +93,20 @@ fn fill(dir: &Path, events: &[AuditEvent], n: usize, with: &[&str], compress: bo
 }
 
 /// `bench open-sled DIR`: opens every tree of a sled database (the part of `Store::open` that
-/// is sled's), for its peak RSS.
+/// is sled's) and prints its own peak RSS in KiB (`VmHWM`: wait4's figure for a child would
+/// include the pages of the large parent it was forked from).
 pub fn open_sled(dir: &Path) -> Result<()> {
     let db = sled::Config::new().path(dir).cache_capacity(16 * 1024 * 1024).open()?;
     for name in db.tree_names() {
         db.open_tree(name)?;
     }
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let peak = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("no VmHWM in /proc/self/status")?;
+    println!("{peak}");
     Ok(())
 }
 
@@ -123,8 +131,12 @@ pub fn store_trees(work: &Path, events: &[AuditEvent], n: usize) -> Result<()> {
         let dir = work.join(format!("trees-{i}"));
         fill(&dir, events, n, with, *compress).with_context(|| format!("filling {name}"))?;
         let bytes = du(&dir) as f64 / n as f64;
-        let open = run(Command::new(&exe).arg("open-sled").arg(&dir))?;
-        println!("| {name} | {bytes:.0} | {:.1} MiB |", mib(open.max_rss_kib));
+        let open = Command::new(&exe).arg("open-sled").arg(&dir).output()?;
+        let peak_kib: u64 = String::from_utf8_lossy(&open.stdout)
+            .trim()
+            .parse()
+            .with_context(|| format!("open-sled failed: {}", String::from_utf8_lossy(&open.stderr)))?;
+        println!("| {name} | {bytes:.0} | {:.1} MiB |", mib(peak_kib));
         std::fs::remove_dir_all(&dir)?;
     }
     Ok(())
