@@ -8,6 +8,7 @@ mod measure;
 mod nats;
 mod repos;
 mod serve;
+mod trees;
 
 use anyhow::{Context, Result, bail};
 use measure::{Sample, du, median, mib, ms, run};
@@ -99,6 +100,26 @@ fn main() {
             std::process::exit(2);
         };
         if let Err(e) = repos::long_history(Path::new(dir), n, 10, 480) {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    // `bench store-trees [N]`: each store tree's cost on disk and at open (docs/performance.md).
+    if what == "store-trees" {
+        let n = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(100_000);
+        let result = tempfile::tempdir()
+            .map_err(anyhow::Error::from)
+            .and_then(|tmp| Ok((synthetic_event_list(1000)?, tmp)))
+            .and_then(|(events, tmp)| trees::store_trees(tmp.path(), &events, n));
+        if let Err(e) = result {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if what == "open-sled" {
+        if let Err(e) = trees::open_sled(Path::new(args.get(1).map(String::as_str).unwrap_or("."))) {
             eprintln!("error: {e:#}");
             std::process::exit(1);
         }
@@ -731,6 +752,40 @@ fn syscalls_per_event(bin: &Path, config: &Path, out: &Path, events: usize) -> R
         })
         .with_context(|| format!("no total in the strace summary {}", out.display()))?;
     Ok(total / events as f64)
+}
+
+/// `n` distinct synthetic events like those of `synthetic_events` (not stored).
+fn synthetic_event_list(n: usize) -> Result<Vec<policy_audit::event::AuditEvent>> {
+    use policy_audit::event::{Spp, StepContext};
+    use policy_audit::policy::{PolicySet, diff, parse};
+    let set = parse(include_bytes!("../../benches/data/approval_policy.yml"))?;
+    let change = diff(&PolicySet::default(), &set).into_iter().next().context("no change")?;
+    let linked = vec!["acme".to_string()];
+    Ok((0..n)
+        .map(|i| {
+            let sha = format!("{i:040x}");
+            StepContext {
+                project: Spp {
+                    path: "acme/security-policies",
+                    id: None,
+                    branch: "main",
+                    policy_file: ".gitlab/security-policies/policy.yml",
+                    linked: &linked,
+                },
+                sha: &sha,
+                previous_sha: None,
+                author_name: "Bench",
+                author_email: "bench@example.com",
+                author_id: None,
+                committed_at: 1_700_000_000 + i as i64,
+                message: "bench",
+                detected_at: jiff::Timestamp::now(),
+                history_rewritten: false,
+            }
+            .change_event(&change)
+        })
+        .collect())
+}
 }
 
 struct Nginx {

@@ -1,5 +1,7 @@
 //! The tamper-evident chain over the stored events: link(n) = SHA-256(link(n-1) || bytes(n)),
-//! where bytes(n) are event n's stored (and streamed) JSON bytes and link(-1) is 32 zero bytes.
+//! where bytes(n) are event n's canonical (streamed) JSON bytes — stored compressed since
+//! `body` (the links are over the JSON, so heads from before compression still match) — and
+//! link(-1) is 32 zero bytes.
 //! Links are written in the transaction that stores their event; `verify` recomputes them.
 //!
 //! What it proves: any change, removal or reordering of stored events is found by `verify`,
@@ -108,21 +110,26 @@ impl Store {
         let mut previous = GENESIS;
         let result =
             |first_break| Ok(Verification { events: recorded.events, head: recorded.head.clone(), first_break });
+        // A body that no longer decodes was altered too: its link cannot match.
+        let json = |seq: u64, stored: &[u8]| self.event_json(seq, stored).map(|j| j.into_owned()).unwrap_or_default();
         for seq in 0..recorded.events {
-            let Some(bytes) = self.events.get(seq.to_be_bytes())? else {
+            let Some(stored_body) = self.events.get(seq.to_be_bytes())? else {
                 return result(Some(Break::Removed { seq }));
             };
+            let bytes = json(seq, &stored_body);
             let Some(stored) = self.chain.get(seq.to_be_bytes())? else {
                 return result(Some(Break::Unlinked { seq }));
             };
             let stored = decode_link(&self.dir, "chain", &stored, || format!("the chain link of event #{seq}"))?;
-            if link(&previous, &bytes) != stored {
+            if bytes.is_empty() || link(&previous, &bytes) != stored {
                 let id = serde_json::from_slice::<serde_json::Value>(&bytes)
                     .ok()
                     .and_then(|v| v["id"].as_str().map(str::to_string))
                     .unwrap_or_default();
-                let swapped =
-                    self.events.get((seq + 1).to_be_bytes())?.is_some_and(|next| link(&previous, &next) == stored);
+                let swapped = self
+                    .events
+                    .get((seq + 1).to_be_bytes())?
+                    .is_some_and(|next| link(&previous, &json(seq + 1, &next)) == stored);
                 return result(Some(if swapped { Break::Reordered { seq, id } } else { Break::Altered { seq, id } }));
             }
             previous = stored;

@@ -122,7 +122,7 @@ impl Store {
         for (done, item) in self.events.iter().enumerate() {
             let (k, v) = item.map_err(|e| self.sled(e))?;
             let seq = self.decode_seq_key("events", &k)?;
-            let e: AuditEvent = super::records::decode(&self.dir, "events", &v, || format!("event #{seq}"))?;
+            let e: AuditEvent = self.decode_event(seq, &v)?;
             for key in keys_of(&e, seq) {
                 self.by_field.insert(key, &[]).map_err(|e| self.sled(e))?;
             }

@@ -9,6 +9,7 @@
 //! - a record that does not decode is [`StoreError::Damaged`], never a default: a counter read
 //!   as 0 or a chain head read as genesis would overwrite the trail at the next write.
 
+pub mod body;
 pub mod chain;
 mod counts;
 mod error;
@@ -271,11 +272,16 @@ impl Store {
         now_ms: i64,
     ) -> Result<usize, StoreError> {
         let encode = |e: serde_json::Error| StoreError::Transaction { dir: self.dir.clone(), message: e.to_string() };
-        let encoded: Vec<(Vec<u8>, Vec<String>)> = events
-            .iter()
-            .map(|e| Ok((serde_json::to_vec(e)?, destinations_for(e))))
-            .collect::<Result<_, serde_json::Error>>()
-            .map_err(encode)?;
+        // The chain links over the canonical JSON; the `events` tree holds it compressed.
+        let mut encoded: Vec<(Vec<u8>, Vec<u8>, Vec<String>)> = Vec::with_capacity(events.len());
+        for e in events {
+            let json = serde_json::to_vec(e).map_err(encode)?;
+            let stored = body::encode(&json).map_err(|e| StoreError::Transaction {
+                dir: self.dir.clone(),
+                message: format!("cannot compress an event: {e}"),
+            })?;
+            encoded.push((json, stored, destinations_for(e)));
+        }
         let trees = (
             &self.cursors,
             &self.events,
@@ -306,18 +312,18 @@ impl Store {
             };
             let mut stored = 0;
             let mut tally = counts::Tally::default();
-            for (event, (bytes, dests)) in events.iter().zip(&encoded) {
+            for (event, (json, stored_body, dests)) in events.iter().zip(&encoded) {
                 if ids.get(event.id.as_bytes())?.is_some() {
                     continue;
                 }
                 ids.insert(event.id.as_bytes(), &seq.to_be_bytes())?;
-                tx_events.insert(&seq.to_be_bytes(), bytes.as_slice())?;
+                tx_events.insert(&seq.to_be_bytes(), stored_body.as_slice())?;
                 by_time.insert(query::time_key(&event.created_at, seq), &[])?;
                 for key in index::keys_of(event, seq) {
                     by_field.insert(key, &[])?;
                 }
                 tally.add(event);
-                head = chain::link(&head, bytes);
+                head = chain::link(&head, json);
                 links.insert(&seq.to_be_bytes(), &head)?;
                 for dest in dests {
                     let delivery = Delivery::queued(dest, seq, event, now_ms);

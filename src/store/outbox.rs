@@ -21,9 +21,13 @@ use std::borrow::Cow;
 /// [`Store::flush`]; losing one to a crash means an event is delivered again (at least once),
 /// never that it is lost.
 impl Store {
-    /// The stored bytes of event `seq`: the exact body that is streamed.
+    /// The canonical JSON of event `seq` (decompressed): the exact body that is streamed.
     pub fn event_bytes(&self, seq: u64) -> Result<Option<sled::IVec>> {
-        Ok(self.events.get(seq.to_be_bytes())?)
+        let Some(stored) = self.events.get(seq.to_be_bytes())? else { return Ok(None) };
+        Ok(Some(match self.event_json(seq, &stored)? {
+            std::borrow::Cow::Borrowed(_) => stored,
+            std::borrow::Cow::Owned(json) => json.into(),
+        }))
     }
 
     /// The first pending delivery of `destination` at or after `from_seq`.

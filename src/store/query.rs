@@ -7,7 +7,7 @@
 //! written in the transaction that stores their event; stores made before the index existed get
 //! it built once at open.
 
-use super::{EventQuery, Store, StoreError, records::decode};
+use super::{EventQuery, Store, StoreError};
 use crate::event::AuditEvent;
 use anyhow::Result;
 use std::ops::ControlFlow;
@@ -42,7 +42,7 @@ impl Store {
         for (done, item) in self.events.iter().enumerate() {
             let (k, v) = item.map_err(|e| self.sled(e))?;
             let seq = self.decode_seq_key("events", &k)?;
-            let e: Created = decode(&self.dir, "events", &v, || format!("event #{seq}"))?;
+            let e: Created = self.decode_event(seq, &v)?;
             self.by_time.insert(time_key(&e.created_at, seq), &[]).map_err(|e| self.sled(e))?;
             if done > 0 && done % 100_000 == 0 {
                 tracing::info!(indexed = done, of = total, "building the time index");
@@ -62,9 +62,14 @@ impl Store {
     /// Event `seq` as its JSON: the bytes that are streamed and chained, which the API sends
     /// as they are. (How a body is kept on disk is this function's business.)
     pub(super) fn event_json_at(&self, seq: u64) -> Result<sled::IVec, StoreError> {
-        self.events.get(seq.to_be_bytes()).map_err(|e| self.sled(e))?.ok_or_else(|| StoreError::Damaged {
-            what: format!("event #{seq} is listed in the time index but missing"),
-            location: format!("tree \"events\" in {}", self.dir.display()),
+        let stored =
+            self.events.get(seq.to_be_bytes()).map_err(|e| self.sled(e))?.ok_or_else(|| StoreError::Damaged {
+                what: format!("event #{seq} is listed in the time index but missing"),
+                location: format!("tree \"events\" in {}", self.dir.display()),
+            })?;
+        Ok(match self.event_json(seq, &stored)? {
+            std::borrow::Cow::Borrowed(_) => stored,
+            std::borrow::Cow::Owned(json) => json.into(),
         })
     }
 

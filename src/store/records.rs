@@ -54,6 +54,22 @@ impl Store {
         }
     }
 
+    /// The canonical JSON of event `seq` from its stored body (see `body`): the one way every
+    /// reader of event bytes (queries, export, server, delivery, replica, verify) gets them.
+    pub(super) fn event_json<'a>(&self, seq: u64, stored: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, StoreError> {
+        super::body::decode(stored)
+            .map_err(|why| damaged(&self.dir, "events", format!("event #{seq} does not decode ({why})")))
+    }
+
+    /// Event `seq` (or the part of it `T` reads) from its stored body.
+    pub(super) fn decode_event<T: serde::de::DeserializeOwned>(
+        &self,
+        seq: u64,
+        stored: &[u8],
+    ) -> Result<T, StoreError> {
+        decode(&self.dir, "events", &self.event_json(seq, stored)?, || format!("event #{seq}"))
+    }
+
     pub(super) fn decode_delivery(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<Delivery, StoreError> {
         decode(&self.dir, tree, value, || format!("delivery {}", describe_delivery_key(key)))
     }

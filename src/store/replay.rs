@@ -26,7 +26,7 @@ impl Store {
         for item in self.events.iter() {
             let (key, bytes) = item.map_err(|e| self.sled(e))?;
             let seq = self.decode_seq_key("events", &key)?;
-            let event: AuditEvent = super::decode(&self.dir, "events", &bytes, || format!("event #{seq}"))?;
+            let event: AuditEvent = self.decode_event(seq, &bytes)?;
             if since.is_some_and(|s| event.created_at.as_str() < s) || !wants(&event) {
                 continue;
             }

@@ -2,7 +2,7 @@
 //! where, and the way out), and nothing is written: today's trail stays byte for byte as it was.
 //! Each kind of record is damaged in a real sled directory behind policy-audit's back.
 
-use crate::common::{Workspace, commit, stderr};
+use crate::common::{Workspace, commit, stderr, stdout};
 use crate::trail::{tamper, trail};
 use std::path::Path;
 
@@ -101,6 +101,26 @@ fn an_event_that_does_not_decode_is_named_by_events() {
         db.open_tree("events").expect("events").insert(2u64.to_be_bytes(), b"garbage").expect("insert");
     });
     refused(&ws, &config, &["events", "--format", "jsonl"], "event #2 does not decode");
+}
+
+#[test]
+fn a_compressed_event_that_does_not_decompress_is_damaged_for_readers_and_altered_for_verify() {
+    let ws = Workspace::new();
+    let config = trail(&ws);
+    tamper(&ws, |db| {
+        let events = db.open_tree("events").expect("events");
+        let mut value = events.get(2u64.to_be_bytes()).expect("get").expect("event 2").to_vec();
+        assert_eq!(value[0], policy_audit::store::body::ZSTD_V1, "stored compressed");
+        // One byte of the compressed data, past the frame header.
+        let at = value.len() - 6;
+        value[at] ^= 0xff;
+        events.insert(2u64.to_be_bytes(), value).expect("insert");
+    });
+    refused(&ws, &config, &["events", "--format", "jsonl"], "event #2 does not decode");
+    let out = ws.run(&config, &["verify"]);
+    let text = stdout(&out) + &stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("event #2") && text.contains("was altered"), "{text}");
 }
 
 #[test]

@@ -28,6 +28,7 @@ mod repo_urls;
 mod secrets;
 mod server;
 mod snapshots;
+mod stored_format;
 mod streaming;
 mod tls;
 mod tls_front;

@@ -63,8 +63,11 @@ fn an_altered_event_is_found() {
     let config = trail(&ws);
     tamper(&ws, |db| {
         let events = db.open_tree("events").expect("tree");
-        let bytes = events.get(key(2)).expect("get").expect("event 2");
+        let stored = events.get(key(2)).expect("get").expect("event 2");
+        // Stored compressed: the editor writes back the JSON with one name changed.
+        let bytes = policy_audit::store::body::decode(&stored).expect("decodes").into_owned();
         let altered = String::from_utf8_lossy(&bytes).replace("Alice", "Mallory");
+        assert_ne!(altered.as_bytes(), bytes.as_slice());
         events.insert(key(2), altered.as_bytes()).expect("insert");
     });
     let (code, text) = verify(&ws, &config);

@@ -1,0 +1,99 @@
+//! Event bodies on disk (issue 16): new stores hold them compressed, the chain stays over the
+//! canonical JSON, and a store written before compression (plain JSON values) keeps working
+//! without migration — it opens, lists, verifies against the head recorded before, and delivers
+//! the same bytes.
+
+use crate::common::{Workspace, stderr, stdout};
+use crate::receiver::Receiver;
+use crate::trail::{tamper, trail};
+use policy_audit::store::body;
+use sha2::{Digest, Sha256};
+
+/// Every stored event body in sequence order, as stored.
+fn stored_bodies(ws: &Workspace) -> Vec<Vec<u8>> {
+    let db = crate::common::open_sled(&ws.path("state/db"));
+    let bodies = db.open_tree("events").expect("events").iter().values().map(|v| v.expect("value").to_vec()).collect();
+    crate::common::close_sled(db, &ws.path("state/db"));
+    bodies
+}
+
+fn chain_head(ws: &Workspace, config: &std::path::Path) -> String {
+    let out = ws.run(config, &["status", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("status json");
+    status["chain_head"].as_str().expect("chain_head").to_string()
+}
+
+#[test]
+fn a_new_store_keeps_events_compressed_and_the_chain_over_their_plain_json() {
+    let ws = Workspace::new();
+    let config = trail(&ws);
+    let stored = stored_bodies(&ws);
+    assert_eq!(stored.len(), 5);
+    let listed = stdout(&ws.run(&config, &["events", "--format", "jsonl"]));
+    let listed: Vec<&str> = listed.lines().collect();
+    let mut head = [0u8; 32];
+    for (seq, value) in stored.iter().enumerate() {
+        assert_eq!(value[0], body::ZSTD_V1, "event #{seq} is stored compressed");
+        let json = body::decode(value).expect("decodes");
+        assert!(value.len() * 2 < json.len(), "event #{seq}: {} bytes stored for {} of JSON", value.len(), json.len());
+        // What is listed (and streamed) is the canonical JSON, byte for byte.
+        assert_eq!(listed[seq].as_bytes(), json.as_ref(), "event #{seq}");
+        let mut h = Sha256::new();
+        h.update(head);
+        h.update(&json);
+        head = h.finalize().into();
+    }
+    let expected: String = head.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(chain_head(&ws, &config), expected, "the chain links over the plain JSON, as before compression");
+    let out = ws.run(&config, &["verify", "--expect-head", &expected]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+}
+
+#[test]
+fn a_store_written_before_compression_opens_lists_verifies_and_delivers() {
+    let ws = Workspace::new();
+    let config = trail(&ws);
+    let head = chain_head(&ws, &config);
+    let listed_before = stdout(&ws.run(&config, &["events", "--format", "jsonl"]));
+    // Rewrite the store the way the previous release left it: every event body as its plain
+    // JSON (the chain links, over those same bytes, are unchanged), and no field and time
+    // indexes yet, as in stores older than them, so that opening builds them from plain bodies.
+    tamper(&ws, |db| {
+        let events = db.open_tree("events").expect("events");
+        for item in events.iter() {
+            let (key, value) = item.expect("item");
+            let json = body::decode(&value).expect("decodes").into_owned();
+            events.insert(key, json).expect("insert");
+        }
+        let meta = db.open_tree("meta").expect("meta");
+        meta.remove("index_by_time").expect("remove");
+        meta.remove("index_by_field").expect("remove");
+        db.drop_tree("by_time").expect("drop");
+        db.drop_tree("by_field").expect("drop");
+    });
+    let plain = stored_bodies(&ws);
+    assert!(plain.iter().all(|v| v[0] == b'{'), "the store is in the old format");
+
+    assert_eq!(stdout(&ws.run(&config, &["events", "--format", "jsonl"])), listed_before);
+    let filtered = stdout(&ws.run(&config, &["events", "--format", "jsonl", "--policy", "p3"]));
+    assert_eq!(filtered.lines().count(), 1, "the field index was built from the plain bodies: {filtered}");
+    let out = ws.run(&config, &["verify", "--expect-head", &head]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("trail verified: 5 events"), "{}", stdout(&out));
+
+    let receiver = Receiver::start(Vec::new());
+    let with_destination = format!(
+        "{}[[destinations]]\nname = \"siem\"\nurl = \"{}\"\n",
+        std::fs::read_to_string(&config).expect("config"),
+        receiver.url()
+    );
+    let config = ws.write("config.toml", &with_destination);
+    let out = ws.run(&config, &["deliveries", "replay", "--destination", "siem"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("siem: 5 delivered"), "{}", stdout(&out));
+    let bodies: Vec<Vec<u8>> = receiver.requests().into_iter().map(|r| r.body).collect();
+    assert_eq!(bodies, plain, "the stored JSON is delivered byte for byte");
+    // Nothing was migrated: the old bodies stay as they were.
+    assert_eq!(stored_bodies(&ws), plain);
+}
