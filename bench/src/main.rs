@@ -786,7 +786,6 @@ fn synthetic_event_list(n: usize) -> Result<Vec<policy_audit::event::AuditEvent>
         })
         .collect())
 }
-}
 
 struct Nginx {
     child: std::process::Child,

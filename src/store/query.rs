@@ -56,7 +56,7 @@ impl Store {
     /// Event `seq`, decoded.
     pub(super) fn event_at(&self, seq: u64) -> Result<AuditEvent, StoreError> {
         let bytes = self.event_json_at(seq)?;
-        decode(&self.dir, "events", &bytes, || format!("event #{seq}"))
+        super::decode(&self.dir, "events", &bytes, || format!("event #{seq}"))
     }
 
     /// Event `seq` as its JSON: the bytes that are streamed and chained, which the API sends
