@@ -521,7 +521,7 @@ impl Bench {
             }
             wrk.push(wrk_rate(&self.work, &url, &body)?);
         }
-        let ours = median(ours.len(), || Ok(ours.pop().context("no run")?))?;
+        let ours = median(ours.len(), || ours.pop().context("no run"))?;
         let rate = events as f64 / ours.wall.as_secs_f64();
         wrk.sort_by(f64::total_cmp);
         let wrk = wrk[wrk.len() / 2];
@@ -543,7 +543,7 @@ impl Bench {
             fmt_rss(ours),
         );
         if let Some(bin) = &compare {
-            let older = median(older.len(), || Ok(older.pop().context("no run")?))?;
+            let older = median(older.len(), || older.pop().context("no run"))?;
             let calls = syscalls(bin)?;
             self.row(
                 &format!("delivery by {} (BENCH_COMPARE_BIN), same runs", bin.display()),
