@@ -648,8 +648,6 @@ fn free_port() -> Result<u16> {
 /// `outbox`. Returns one event body.
 fn synthetic_events(config_path: &Path, n: usize, outbox: bool) -> Result<Vec<u8>> {
     use policy_audit::config::Config;
-    use policy_audit::event::StepContext;
-    use policy_audit::policy::{PolicySet, diff, parse};
     use policy_audit::store::{Cursor, Store};
     let text = std::fs::read_to_string(config_path)?;
     let with_project = format!(
@@ -657,30 +655,16 @@ fn synthetic_events(config_path: &Path, n: usize, outbox: bool) -> Result<Vec<u8
     );
     let config = Config::parse(config_path, &with_project).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open(&config.db_dir())?;
-    let set = parse(include_bytes!("../../benches/data/approval_policy.yml"))?;
-    let change = diff(&PolicySet::default(), &set).into_iter().next().context("no change")?;
+    let change = bench_change()?;
     let project = &config.projects[0];
     let destinations: Vec<String> =
         if outbox { config.destinations.iter().map(|d| d.name.clone()).collect() } else { Vec::new() };
     let mut batch = Vec::with_capacity(1000);
     for i in 0..n {
-        let sha = format!("{i:040x}");
-        let ctx = StepContext {
-            project: project.spp(),
-            sha: &sha,
-            previous_sha: None,
-            author_name: "Bench",
-            author_email: "bench@example.com",
-            author_id: None,
-            committed_at: 1_700_000_000 + i as i64,
-            message: "bench",
-            detected_at: jiff::Timestamp::now(),
-            history_rewritten: false,
-        };
-        batch.push(ctx.change_event(&change));
+        batch.push(bench_event(&change, project.spp(), i, 1_700_000_000 + i as i64));
         if batch.len() == 1000 || i + 1 == n {
             let cursor =
-                Cursor { commit: sha.clone(), blob: String::new(), baseline: None, limits: Default::default() };
+                Cursor { commit: format!("{i:040x}"), blob: String::new(), baseline: None, limits: Default::default() };
             store.commit_reconcile(
                 &project.path,
                 &cursor,
@@ -695,16 +679,57 @@ fn synthetic_events(config_path: &Path, n: usize, outbox: bool) -> Result<Vec<u8
     Ok(store.event_bytes(0)?.map(|b| b.to_vec()).unwrap_or_default())
 }
 
+/// The change every synthetic event reports: the sample approval policy created.
+fn bench_change() -> Result<policy_audit::policy::Change> {
+    use policy_audit::policy::{PolicySet, diff, parse};
+    let set = parse(include_bytes!("../../benches/data/approval_policy.yml"))?;
+    diff(&PolicySet::default(), &set).into_iter().next().context("no change")
+}
+
+/// Synthetic event `i` of `spp` (commit `i` as its sha, by "Bench"), schema-complete.
+fn bench_event(
+    change: &policy_audit::policy::Change,
+    spp: policy_audit::event::Spp<'_>,
+    i: usize,
+    committed_at: i64,
+) -> policy_audit::event::AuditEvent {
+    let sha = format!("{i:040x}");
+    policy_audit::event::StepContext {
+        project: spp,
+        sha: &sha,
+        previous_sha: None,
+        author_name: "Bench",
+        author_email: "bench@example.com",
+        author_id: None,
+        committed_at,
+        message: "bench",
+        detected_at: jiff::Timestamp::now(),
+        history_rewritten: false,
+    }
+    .change_event(change)
+}
+
 /// [`synthetic_events`] in a child process (`bench fill`), so that this process stays small.
 fn fill_in_child(config: &Path, n: usize, outbox: bool) -> Result<Vec<u8>> {
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("fill").arg(config).arg(n.to_string());
+    let n = n.to_string();
+    let mut args = vec![std::ffi::OsStr::new("fill"), config.as_os_str(), n.as_ref()];
     if !outbox {
-        cmd.arg("--no-outbox");
+        args.push("--no-outbox".as_ref());
     }
-    let out = cmd.stderr(std::process::Stdio::inherit()).output().context("cannot run bench fill")?;
+    in_child(&args)
+}
+
+/// This harness run as a child with `args` (a `fill` subcommand): its standard output. A
+/// child's peak RSS as `wait4` reports it is at least its parent's high-water mark (Linux keeps
+/// it across `exec`), so stores are filled in a child and the harness stays small.
+fn in_child(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run bench {args:?}"))?;
     if !out.status.success() {
-        bail!("bench fill {} {n} failed", config.display());
+        bail!("bench {args:?} failed ({})", out.status);
     }
     Ok(out.stdout)
 }
@@ -756,35 +781,16 @@ fn syscalls_per_event(bin: &Path, config: &Path, out: &Path, events: usize) -> R
 
 /// `n` distinct synthetic events like those of `synthetic_events` (not stored).
 fn synthetic_event_list(n: usize) -> Result<Vec<policy_audit::event::AuditEvent>> {
-    use policy_audit::event::{Spp, StepContext};
-    use policy_audit::policy::{PolicySet, diff, parse};
-    let set = parse(include_bytes!("../../benches/data/approval_policy.yml"))?;
-    let change = diff(&PolicySet::default(), &set).into_iter().next().context("no change")?;
+    let change = bench_change()?;
     let linked = vec!["acme".to_string()];
-    Ok((0..n)
-        .map(|i| {
-            let sha = format!("{i:040x}");
-            StepContext {
-                project: Spp {
-                    path: "acme/security-policies",
-                    id: None,
-                    branch: "main",
-                    policy_file: ".gitlab/security-policies/policy.yml",
-                    linked: &linked,
-                },
-                sha: &sha,
-                previous_sha: None,
-                author_name: "Bench",
-                author_email: "bench@example.com",
-                author_id: None,
-                committed_at: 1_700_000_000 + i as i64,
-                message: "bench",
-                detected_at: jiff::Timestamp::now(),
-                history_rewritten: false,
-            }
-            .change_event(&change)
-        })
-        .collect())
+    let spp = policy_audit::event::Spp {
+        path: "acme/security-policies",
+        id: None,
+        branch: "main",
+        policy_file: ".gitlab/security-policies/policy.yml",
+        linked: &linked,
+    };
+    Ok((0..n).map(|i| bench_event(&change, spp, i, 1_700_000_000 + i as i64)).collect())
 }
 
 struct Nginx {

@@ -76,38 +76,23 @@ fn wait_port(port: u16) -> Result<()> {
 /// child process (`bench fill-web`): see `fill_in_child`.
 pub(crate) fn fill(config_path: &Path, n: usize) -> Result<()> {
     use policy_audit::config::Config;
-    use policy_audit::event::{EventType, StepContext};
-    use policy_audit::policy::{PolicySet, diff, parse};
+    use policy_audit::event::EventType;
     use policy_audit::store::{Cursor, Store};
     let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open(&config.db_dir())?;
-    let set = parse(include_bytes!("../../benches/data/approval_policy.yml"))?;
-    let change = diff(&PolicySet::default(), &set).into_iter().next().context("no change")?;
+    let change = super::bench_change()?;
     let types = [EventType::Create, EventType::Update, EventType::Delete];
     let mut batch = Vec::with_capacity(1000);
     for i in 0..n {
         let project = &config.projects[i % PROJECTS];
-        let sha = format!("{i:040x}");
-        let ctx = StepContext {
-            project: project.spp(),
-            sha: &sha,
-            previous_sha: None,
-            author_name: "Bench",
-            author_email: "bench@example.com",
-            author_id: None,
-            committed_at: 1_600_000_000 + i as i64 * 60,
-            message: "bench",
-            detected_at: jiff::Timestamp::now(),
-            history_rewritten: false,
-        };
-        let mut e = ctx.change_event(&change);
+        let mut e = super::bench_event(&change, project.spp(), i, 1_600_000_000 + i as i64 * 60);
         e.event_type = types[(i / PROJECTS) % 3];
         e.details.event_name = e.event_type.name().to_string();
         e.id = format!("bench-{i}");
         batch.push(e);
         if batch.len() == 1000 || i + 1 == n {
             let cursor =
-                Cursor { commit: sha.clone(), blob: String::new(), baseline: None, limits: Default::default() };
+                Cursor { commit: format!("{i:040x}"), blob: String::new(), baseline: None, limits: Default::default() };
             store.commit_reconcile(&project.path, &cursor, &batch, &|_| Vec::new(), 0)?;
             batch.clear();
         }
@@ -192,13 +177,8 @@ impl Bench {
         let have = stored_events(&config)?;
         let n = if have == 0 {
             let started = Instant::now();
-            let status = std::process::Command::new(std::env::current_exe()?)
-                .arg("fill-web")
-                .arg(&config)
-                .arg(wanted.to_string())
-                .status()
-                .context("cannot run bench fill-web")?;
-            anyhow::ensure!(status.success(), "bench fill-web failed ({status})");
+            let wanted_text = wanted.to_string();
+            super::in_child(&["fill-web".as_ref(), config.as_os_str(), wanted_text.as_ref()])?;
             eprintln!("  stored {wanted} events in {:.1} s", started.elapsed().as_secs_f64());
             wanted
         } else {
