@@ -237,9 +237,7 @@ impl Store {
         destinations_for: &dyn Fn(&AuditEvent) -> Vec<String>,
         now_ms: i64,
     ) -> Result<usize, StoreError> {
-        let encode = |e: serde_json::Error| StoreError::Transaction { dir: self.dir.clone(), message: e.to_string() };
-        let cursor_bytes = serde_json::to_vec(cursor).map_err(encode)?;
-        let stored = self.store_events(Written::Cursor(project, &cursor_bytes), events, destinations_for, now_ms)?;
+        let stored = self.commit_reconcile_chunk(project, cursor, events, destinations_for, now_ms)?;
         self.flush_now(stored)
     }
 

@@ -24,10 +24,7 @@ impl Store {
     /// The canonical JSON of event `seq` (decompressed): the exact body that is streamed.
     pub fn event_bytes(&self, seq: u64) -> Result<Option<sled::IVec>> {
         let Some(stored) = self.events.get(seq.to_be_bytes())? else { return Ok(None) };
-        Ok(Some(match self.event_json(seq, &stored)? {
-            std::borrow::Cow::Borrowed(_) => stored,
-            std::borrow::Cow::Owned(json) => json.into(),
-        }))
+        Ok(Some(self.event_json_ivec(seq, stored)?))
     }
 
     /// The first pending delivery of `destination` at or after `from_seq`.

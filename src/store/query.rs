@@ -67,10 +67,7 @@ impl Store {
                 what: format!("event #{seq} is listed in the time index but missing"),
                 location: format!("tree \"events\" in {}", self.dir.display()),
             })?;
-        Ok(match self.event_json(seq, &stored)? {
-            std::borrow::Cow::Borrowed(_) => stored,
-            std::borrow::Cow::Owned(json) => json.into(),
-        })
+        self.event_json_ivec(seq, stored)
     }
 
     /// Calls `each` with every matching event, oldest first (by `created_at`, then by storage

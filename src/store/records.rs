@@ -61,6 +61,14 @@ impl Store {
             .map_err(|why| damaged(&self.dir, "events", format!("event #{seq} does not decode ({why})")))
     }
 
+    /// [`Store::event_json`] of a body read from the tree, without a copy when it is plain JSON.
+    pub(super) fn event_json_ivec(&self, seq: u64, stored: sled::IVec) -> Result<sled::IVec, StoreError> {
+        Ok(match self.event_json(seq, &stored)? {
+            std::borrow::Cow::Borrowed(_) => stored,
+            std::borrow::Cow::Owned(json) => json.into(),
+        })
+    }
+
     /// Event `seq` (or the part of it `T` reads) from its stored body.
     pub(super) fn decode_event<T: serde::de::DeserializeOwned>(
         &self,
