@@ -93,7 +93,7 @@ fn deliver_destination(
     let drained = drain(dest, store, clock, seed, stop, &mut report, &mut acked);
     // Recorded whatever happened above: an acknowledged delivery must not be sent again
     // needlessly (and if this fails, it is: at least once).
-    let recorded = store.delivered_all(&dest.name, &acked.seqs);
+    let recorded = acked.record(store, &dest.name);
     drained?;
     recorded?;
     report.pending = store.pending_count(&dest.name);
@@ -167,26 +167,28 @@ fn drain(
             if let retry::Outcome::Acknowledged { duplicate: true } = outcome {
                 tracing::debug!(destination = %dest.name, event = %schedule.event_id, "the stream already had this event");
             }
-            let decision = decide(&outcome);
-            if let Decision::Success = decision {
-                acked.push(entry.seq);
-                report.delivered += 1;
-                if acked.since.elapsed() >= RECORD_EVERY {
-                    acked.record(store, &dest.name)?;
-                }
-                continue;
-            }
             // A failed attempt: the whole record is read to update it.
-            let mut delivery = store.delivery_of(entry)?;
-            delivery.attempts += 1;
-            delivery.last_status = outcome.status();
-            match decision {
-                Decision::Success => {}
+            let failed = || -> Result<Delivery> {
+                let mut delivery = store.delivery_of(entry)?;
+                delivery.attempts += 1;
+                delivery.last_status = outcome.status();
+                Ok(delivery)
+            };
+            match decide(&outcome) {
+                Decision::Success => {
+                    acked.push(entry.seq);
+                    report.delivered += 1;
+                    if acked.since.elapsed() >= RECORD_EVERY {
+                        acked.record(store, &dest.name)?;
+                    }
+                }
                 Decision::Dead { reason } => {
+                    let mut delivery = failed()?;
                     tracing::warn!(destination = %dest.name, event = %delivery.event_id, %reason, "delivery is dead");
                     bury(store, &mut delivery, reason, report)?;
                 }
                 Decision::Retry { reason, not_before } => {
+                    let mut delivery = failed()?;
                     let wait = backoff(delivery.attempts, dest.backoff_initial, dest.backoff_max, not_before, &mut rng);
                     // Every delivery is tried at least once; the last retry is pulled in to the
                     // max_age deadline rather than dropped before it.
