@@ -11,7 +11,7 @@
 //!   counters existed, or written by an older release since — they are rebuilt from the field
 //!   index, once, with a line in the log.
 
-use super::index::{PROJECT, PROJECT_TYPE, TYPE, prefix};
+use super::index::{PROJECT, PROJECT_TYPE, TIME_LEN, TYPE, prefix};
 use super::records::decode_u64;
 use super::{EventQuery, Store, StoreError};
 use crate::event::{AuditEvent, EventType};
@@ -20,8 +20,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 const COUNTER: &[u8] = b"count\0";
 const COUNTS_AT: &[u8] = b"counts_at";
-/// A field index key ends with `created_at` (24 bytes) and the sequence number (8).
-const KEY_SUFFIX_LEN: usize = 24 + 8;
+/// A field index key ends with `created_at` and the sequence number (8 bytes).
+const KEY_SUFFIX_LEN: usize = TIME_LEN + 8;
 
 fn counter_key(index_prefix: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(COUNTER.len() + index_prefix.len());

@@ -15,7 +15,7 @@ use std::ops::Bound;
 
 const INDEX_VERSION: &[u8] = b"index_by_field";
 /// `created_at` as stored: `YYYY-MM-DDTHH:MM:SS.mmmZ`.
-const TIME_LEN: usize = 24;
+pub(super) const TIME_LEN: usize = 24;
 
 pub(super) const PROJECT: u8 = b'p';
 pub(super) const TYPE: u8 = b't';
