@@ -327,8 +327,7 @@ pub fn event_id(
 
 /// `2024-03-01T10:00:00.000Z`
 pub fn rfc3339_millis(ts: jiff::Timestamp) -> String {
-    let ms = ts.subsec_millisecond();
-    format!("{}.{ms:03}Z", ts.strftime("%Y-%m-%dT%H:%M:%S"))
+    ts.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
 /// GitLab's merge commits end with `See merge request group/project!123`.

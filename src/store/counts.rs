@@ -9,9 +9,10 @@
 //! - `counts_at` (in `meta`, written in the same transaction) is the trail length the counters
 //!   describe. When it differs from the trail length at open — a store written before the
 //!   counters existed, or written by an older release since — they are rebuilt from the field
-//!   index, once, with a line in the log.
+//!   indexes, once, with a line in the log.
 
-use super::index::{PROJECT, PROJECT_TYPE, TIME_LEN, TYPE, prefix};
+use super::blocks::ENTRY_LEN;
+use super::index::{PROJECT, PROJECT_TYPE, TYPE, prefix};
 use super::records::decode_u64;
 use super::{EventQuery, Store, StoreError};
 use crate::event::{AuditEvent, EventType};
@@ -20,8 +21,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 const COUNTER: &[u8] = b"count\0";
 const COUNTS_AT: &[u8] = b"counts_at";
-/// A field index key ends with `created_at` and the sequence number (8 bytes).
-const KEY_SUFFIX_LEN: usize = TIME_LEN + 8;
 
 fn counter_key(index_prefix: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(COUNTER.len() + index_prefix.len());
@@ -98,20 +97,20 @@ impl Store {
         for key in self.meta.scan_prefix(COUNTER).keys() {
             self.meta.remove(key.map_err(|e| self.sled(e))?).map_err(|e| self.sled(e))?;
         }
-        // Keys of one value are contiguous in the index: only the last counter grows.
+        // The blocks of one list are contiguous in the index: only the last counter grows.
         let mut counts: Vec<(Vec<u8>, u64)> = Vec::new();
         for kind in [PROJECT, TYPE, PROJECT_TYPE] {
-            for key in self.by_field.scan_prefix([kind]).keys() {
-                let key = key.map_err(|e| self.sled(e))?;
-                let end = key.len().checked_sub(KEY_SUFFIX_LEN).filter(|end| *end > 1).ok_or_else(|| {
-                    StoreError::Damaged {
-                        what: "a field index key is too short".into(),
-                        location: format!("tree \"by_field\" in {}", self.dir.display()),
-                    }
-                })?;
+            for block in self.index.scan_prefix([kind]) {
+                let (key, entries) = block.map_err(|e| self.sled(e))?;
+                let end =
+                    key.len().checked_sub(ENTRY_LEN).filter(|end| *end > 1).ok_or_else(|| StoreError::Damaged {
+                        what: "an index block's key is too short".into(),
+                        location: format!("tree \"index\" in {}", self.dir.display()),
+                    })?;
+                let n_entries = (entries.len() / ENTRY_LEN) as u64;
                 match counts.last_mut() {
-                    Some((last, n)) if last[COUNTER.len()..] == key[..end] => *n += 1,
-                    _ => counts.push((counter_key(&key[..end]), 1)),
+                    Some((last, n)) if last[COUNTER.len()..] == key[..end] => *n += n_entries,
+                    _ => counts.push((counter_key(&key[..end]), n_entries)),
                 }
             }
         }

@@ -20,6 +20,9 @@ pub enum StoreError {
     /// sled itself failed (I/O, or its own corruption checks).
     #[error("state database {}: {source}", dir.display())]
     Sled { dir: PathBuf, source: sled::Error },
+    /// A query the indexes cannot answer as asked (a time bound that is not a time).
+    #[error("{0}")]
+    BadQuery(String),
     /// A transaction did not commit.
     #[error("state database {}: {message}", dir.display())]
     Transaction { dir: PathBuf, message: String },

@@ -1,22 +1,29 @@
-//! Field indexes, so that a filtered page of the trail reads only the events it shows, at any
-//! size of the trail: by project, event type, project + type, policy name and author.
+//! The indexes, so that a page of the trail, filtered or not, reads only the events it shows,
+//! at any size of the trail: all events in time order, and by project, event type, project +
+//! type, policy name and author.
 //!
-//! One tree (`by_field`) holds them all. A key is `kind ++ value ++ 0 ++ created_at ++ seq`
-//! (the same time-and-sequence suffix as `by_time`), so each (kind, value) is a contiguous,
-//! time-ordered range and keyset pagination by (created_at, seq) is a range bound. Entries are
-//! written in the transaction that stores their event; stores made before the indexes existed
-//! get them built once at open, with progress in the log. A filter no index answers (an author
-//! substring, several projects) is checked on each event of the most selective index that applies.
+//! Each is a list of (created_at, seq) entries in the `index` tree, kept in blocks (see
+//! `blocks`): a list's prefix is `kind ++ value ++ 0`, so keyset pagination by (created_at,
+//! seq) is a range of a list, read newest first for pages and oldest first for listings.
+//! Entries are written in the transaction that stores their event. Stores made before this
+//! layout (one sled key per entry, in `by_time` and `by_field`) get it built once at open,
+//! with progress in the log, and their old index trees dropped. A filter no index answers (an
+//! author substring, several projects) is checked on each event of the most selective list
+//! that applies.
 
-use super::query::time_key;
+use super::blocks::{self, BlockError, Entry};
 use super::{EventQuery, Store, StoreError};
 use crate::event::AuditEvent;
-use std::ops::Bound;
+use std::collections::BTreeMap;
 
-const INDEX_VERSION: &[u8] = b"index_by_field";
+const INDEX_VERSION: &[u8] = b"index_blocks";
+/// The marks of the layouts before: one sled key per entry.
+const OLD_INDEXES: [(&str, &[u8]); 2] = [("by_time", b"index_by_time"), ("by_field", b"index_by_field")];
 /// `created_at` as stored: `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 pub(super) const TIME_LEN: usize = 24;
 
+/// Every event, in time order.
+pub(super) const TIME: u8 = b'T';
 pub(super) const PROJECT: u8 = b'p';
 pub(super) const TYPE: u8 = b't';
 pub(super) const PROJECT_TYPE: u8 = b'x';
@@ -24,38 +31,81 @@ const POLICY: u8 = b'o';
 const AUTHOR: u8 = b'a';
 
 pub(super) fn prefix(kind: u8, value: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(value.len() + 2 + TIME_LEN + 8);
+    let mut k = Vec::with_capacity(value.len() + 2);
     k.push(kind);
     k.extend_from_slice(value.as_bytes());
     k.push(0);
     k
 }
 
-/// The index keys of event `seq`.
-pub(super) fn keys_of(e: &AuditEvent, seq: u64) -> Vec<Vec<u8>> {
-    let suffix = time_key(&e.created_at, seq);
-    let mut values = vec![
-        (PROJECT, e.entity_path.clone()),
-        (TYPE, e.event_type.name().to_string()),
-        (PROJECT_TYPE, format!("{}\0{}", e.entity_path, e.event_type.name())),
+/// The lists event `e` is in.
+pub(super) fn lists_of(e: &AuditEvent) -> Vec<Vec<u8>> {
+    let mut lists = vec![
+        prefix(TIME, ""),
+        prefix(PROJECT, &e.entity_path),
+        prefix(TYPE, e.event_type.name()),
+        prefix(PROJECT_TYPE, &format!("{}\0{}", e.entity_path, e.event_type.name())),
     ];
     if let Some(policy) = &e.details.policy_name {
-        values.push((POLICY, policy.clone()));
+        lists.push(prefix(POLICY, policy));
     }
     let name = e.author_name.to_lowercase();
     let email = e.details.author_email.to_lowercase();
     if email != name {
-        values.push((AUTHOR, email));
+        lists.push(prefix(AUTHOR, &email));
     }
-    values.push((AUTHOR, name));
-    values
-        .into_iter()
-        .map(|(kind, value)| {
-            let mut k = prefix(kind, &value);
-            k.extend_from_slice(&suffix);
-            k
-        })
-        .collect()
+    lists.push(prefix(AUTHOR, &name));
+    lists
+}
+
+/// The entry of event `seq` in its lists, or why there is none.
+pub(super) fn entry_of(e: &AuditEvent, seq: u64) -> Result<Entry, String> {
+    blocks::time_of(&e.created_at)
+        .map(|time| blocks::entry(time, seq))
+        .ok_or_else(|| format!("event {} has a created_at that is not a time: {:?}", e.id, e.created_at))
+}
+
+/// Entries to add, by list: one write per block, however many events a batch holds.
+#[derive(Default)]
+pub(super) struct Additions(BTreeMap<Vec<u8>, Vec<Entry>>);
+
+impl Additions {
+    pub(super) fn add(&mut self, e: &AuditEvent, entry: Entry) {
+        for list in lists_of(e) {
+            self.0.entry(list).or_default().push(entry);
+        }
+    }
+
+    /// Writes them through `w` (see [`blocks::add`]).
+    pub(super) fn write<L: blocks::Locate, W: blocks::Writes>(self, blocks: &L, w: &W) -> Result<(), W::Error> {
+        for (list, mut entries) in self.0 {
+            blocks::add(blocks, w, &list, &mut entries)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.values().map(Vec::len).sum()
+    }
+}
+
+impl Store {
+    /// The index blocks that storing `events` can meet, read before the storing transaction
+    /// (which cannot range over a tree).
+    pub(super) fn known_blocks(&self, events: &[AuditEvent]) -> Result<blocks::Known, StoreError> {
+        let mut spans: BTreeMap<Vec<u8>, (u64, u64)> = BTreeMap::new();
+        for e in events {
+            let time = blocks::time_of(&e.created_at).ok_or_else(|| StoreError::Transaction {
+                dir: self.dir.clone(),
+                message: format!("event {} has a created_at that is not a time: {:?}", e.id, e.created_at),
+            })?;
+            for list in lists_of(e) {
+                let span = spans.entry(list).or_insert((time, time));
+                *span = (span.0.min(time), span.1.max(time));
+            }
+        }
+        blocks::Known::around(&self.index, &spans).map_err(|e| self.sled(e))
+    }
 }
 
 /// Where a page starts: strictly older than this (created_at, seq).
@@ -73,7 +123,7 @@ impl Position {
 
     pub fn decode(text: &str) -> Option<Position> {
         let (at, seq) = text.rsplit_once('~')?;
-        (at.len() == TIME_LEN && at.is_ascii()).then_some(())?;
+        (at.len() == TIME_LEN && at.is_ascii() && blocks::time_of(at).is_some()).then_some(())?;
         Some(Position { created_at: at.to_string(), seq: seq.parse().ok()? })
     }
 }
@@ -100,100 +150,105 @@ pub struct StoredEvent {
     pub json: sled::IVec,
 }
 
-/// The `created_at` in an index key (both `by_time` and `by_field` keys end with it and the
-/// sequence number).
-fn created_at_of(key: &[u8]) -> Option<String> {
-    let end = key.len().checked_sub(8)?;
-    let at = key.get(end.checked_sub(TIME_LEN)?..end)?;
-    std::str::from_utf8(at).ok().map(str::to_string)
+impl EventQuery {
+    /// `since` and `until` as entry bounds: [low, high). They are RFC 3339 with milliseconds,
+    /// as `app::events::time_bound` makes them.
+    pub(super) fn span(&self) -> Result<(Option<Entry>, Option<Entry>), StoreError> {
+        let time =
+            |text: &str| blocks::time_of(text).ok_or_else(|| StoreError::BadQuery(format!("{text:?} is not a time")));
+        let low = self.since.as_deref().map(time).transpose()?.map(|t| blocks::entry(t, 0));
+        let high = self.until.as_deref().map(time).transpose()?.map(|t| blocks::entry(t.saturating_add(1), 0));
+        Ok((low, high))
+    }
 }
 
 impl Store {
-    /// Builds the field indexes of a store written before they existed; once.
-    pub(super) fn build_field_index(&self) -> Result<(), StoreError> {
+    /// Builds the indexes of a store written before this layout; once.
+    pub(super) fn build_index(&self) -> Result<(), StoreError> {
         if self.meta.get(INDEX_VERSION).map_err(|e| self.sled(e))?.is_some() {
             return Ok(());
         }
         let total = self.next_seq()?;
         if total > 0 {
-            tracing::info!(events = total, "building the field indexes (project, type, policy, author) once");
+            tracing::info!(events = total, "building the indexes (time, project, type, policy, author) once");
         }
-        self.by_field.clear().map_err(|e| self.sled(e))?;
+        self.index.clear().map_err(|e| self.sled(e))?;
+        let mut additions = Additions::default();
         for (done, item) in self.events.iter().enumerate() {
             let (k, v) = item.map_err(|e| self.sled(e))?;
             let seq = self.decode_seq_key("events", &k)?;
             let e: AuditEvent = self.decode_event(seq, &v)?;
-            for key in keys_of(&e, seq) {
-                self.by_field.insert(key, &[]).map_err(|e| self.sled(e))?;
+            let entry = entry_of(&e, seq).map_err(|what| StoreError::Damaged {
+                what,
+                location: format!("tree \"events\" in {}", self.dir.display()),
+            })?;
+            additions.add(&e, entry);
+            if additions.len() >= 500_000 {
+                std::mem::take(&mut additions).write(&self.index, &self.index).map_err(|e| self.sled(e))?;
             }
             if done > 0 && done % 100_000 == 0 {
-                tracing::info!(indexed = done, of = total, "building the field indexes");
+                tracing::info!(indexed = done, of = total, "building the indexes");
             }
         }
+        additions.write(&self.index, &self.index).map_err(|e| self.sled(e))?;
         self.meta.insert(INDEX_VERSION, &1u32.to_be_bytes()).map_err(|e| self.sled(e))?;
+        self.db.flush().map_err(|e| self.sled(e))?;
+        for (tree, mark) in OLD_INDEXES {
+            self.db.drop_tree(tree).map_err(|e| self.sled(e))?;
+            self.meta.remove(mark).map_err(|e| self.sled(e))?;
+        }
         self.db.flush().map_err(|e| self.sled(e))?;
         Ok(())
     }
 
-    /// The tree and key prefix that answer the most selective filter of `q`.
-    fn best_index(&self, q: &EventQuery) -> (&sled::Tree, Vec<u8>) {
+    /// The list that answers the most selective filter of `q`.
+    pub(super) fn best_list(&self, q: &EventQuery) -> Vec<u8> {
         if let Some(policy) = &q.policy {
-            return (&self.by_field, prefix(POLICY, policy));
+            return prefix(POLICY, policy);
         }
         if let Some(author) = &q.author_exact {
-            return (&self.by_field, prefix(AUTHOR, &author.to_lowercase()));
+            return prefix(AUTHOR, &author.to_lowercase());
         }
         match (q.projects.as_slice(), q.event_types.as_slice()) {
-            ([p], [t]) => (&self.by_field, prefix(PROJECT_TYPE, &format!("{p}\0{}", t.name()))),
-            ([p], _) => (&self.by_field, prefix(PROJECT, p)),
-            (_, [t]) => (&self.by_field, prefix(TYPE, t.name())),
-            _ => (&self.by_time, Vec::new()),
+            ([p], [t]) => prefix(PROJECT_TYPE, &format!("{p}\0{}", t.name())),
+            ([p], _) => prefix(PROJECT, p),
+            (_, [t]) => prefix(TYPE, t.name()),
+            _ => prefix(TIME, ""),
         }
     }
 
-    /// The keys of the chosen index between `q.since`, `q.until` and `before`, newest first.
-    fn index_range(
-        &self,
+    /// The entries of `list` in [low, high), oldest first or newest first.
+    pub(super) fn list_range<'a>(
+        &'a self,
+        list: &[u8],
+        (low, high): (Option<Entry>, Option<Entry>),
+        newest_first: bool,
+    ) -> impl Iterator<Item = Result<Entry, StoreError>> + use<'a> {
+        blocks::range(&self.index, list, low, high, newest_first).map(|r| {
+            r.map_err(|e| match e {
+                BlockError::Sled(e) => self.sled(e),
+                BlockError::Damaged(what) => {
+                    StoreError::Damaged { what, location: format!("tree \"index\" in {}", self.dir.display()) }
+                }
+            })
+        })
+    }
+
+    /// The entries of the best list for `q` between `q.since`, `q.until` and `before`, newest
+    /// first.
+    fn index_range<'a>(
+        &'a self,
         q: &EventQuery,
         before: Option<&Position>,
-    ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> + '_ {
-        let (tree, pre) = self.best_index(q);
-        let mut low = pre.clone();
-        if let Some(since) = &q.since {
-            low.extend_from_slice(since.as_bytes());
+    ) -> Result<impl Iterator<Item = Result<Entry, StoreError>> + use<'a>, StoreError> {
+        let (low, mut high) = q.span()?;
+        if let Some(pos) = before {
+            let time = blocks::time_of(&pos.created_at)
+                .ok_or_else(|| StoreError::BadQuery(format!("{:?} is not a time", pos.created_at)))?;
+            let at = blocks::entry(time, pos.seq);
+            high = Some(high.map_or(at, |h| h.min(at)));
         }
-        let mut high_until = pre.clone();
-        let high = match (&q.until, before) {
-            (_, Some(pos)) if q.until.as_ref().is_none_or(|u| pos.created_at.as_str() <= u.as_str()) => {
-                high_until.extend_from_slice(&time_key(&pos.created_at, pos.seq));
-                Bound::Excluded(high_until)
-            }
-            (Some(until), _) => {
-                high_until.extend_from_slice(until.as_bytes());
-                high_until.extend_from_slice(&[0xff; 9]);
-                Bound::Excluded(high_until)
-            }
-            (None, _) if pre.is_empty() => Bound::Unbounded,
-            (None, _) => {
-                // Just past the prefix: its last byte (the 0 separator) plus one.
-                let last = high_until.len() - 1;
-                high_until[last] = 1;
-                Bound::Excluded(high_until)
-            }
-        };
-        let dir = self.dir.clone();
-        tree.range::<Vec<u8>, _>((Bound::Included(low), high)).rev().map(move |item| {
-            let (key, _) = item.map_err(|source| StoreError::Sled { dir: dir.clone(), source })?;
-            key.len()
-                .checked_sub(8)
-                .filter(|at| *at >= TIME_LEN)
-                .and_then(|at| key[at..].try_into().ok())
-                .map(|seq| (u64::from_be_bytes(seq), key.clone()))
-                .ok_or_else(|| StoreError::Damaged {
-                    what: "an index key is too short".into(),
-                    location: format!("the indexes in {}", dir.display()),
-                })
-        })
+        Ok(self.list_range(&self.best_list(q), (low, high), true))
     }
 
     /// Up to `limit` matching events older than `before` (all when None), newest first, read
@@ -244,9 +299,10 @@ impl Store {
         let exact = q.is_answered_by_index();
         let mut page = Page::default();
         let mut skipped = 0;
-        let mut last_key: Option<(u64, sled::IVec)> = None;
-        for item in self.index_range(q, before) {
-            let (seq, key) = item?;
+        let mut last: Option<Entry> = None;
+        for item in self.index_range(q, before)? {
+            let entry = item?;
+            let seq = blocks::seq_of(&entry);
             let value = if exact {
                 None
             } else {
@@ -261,10 +317,11 @@ impl Store {
                 continue;
             }
             if page.events.len() == limit {
-                if let Some((seq, key)) = last_key {
-                    let created_at = created_at_of(&key[..]).ok_or_else(|| StoreError::Damaged {
-                        what: format!("the index key of event #{seq} does not hold a time"),
-                        location: format!("the indexes in {}", self.dir.display()),
+                if let Some(entry) = last {
+                    let seq = blocks::seq_of(&entry);
+                    let created_at = blocks::created_at_of(&entry).ok_or_else(|| StoreError::Damaged {
+                        what: format!("the index entry of event #{seq} does not hold a time"),
+                        location: format!("tree \"index\" in {}", self.dir.display()),
                     })?;
                     page.next = Some(Position { created_at, seq });
                 }
@@ -274,7 +331,7 @@ impl Store {
                 Some(value) => value,
                 None => read(seq)?,
             };
-            last_key = Some((seq, key));
+            last = Some(entry);
             page.events.push((seq, value));
         }
         Ok(page)
@@ -288,8 +345,8 @@ impl Store {
         }
         let exact = q.is_answered_by_index();
         let mut n = 0;
-        for item in self.index_range(q, None) {
-            let (seq, _) = item?;
+        for item in self.index_range(q, None)? {
+            let seq = blocks::seq_of(&item?);
             if !exact && !q.matches(&self.event_at(seq)?) {
                 continue;
             }
@@ -446,13 +503,25 @@ mod tests {
         }
         {
             let db = retry(|| Ok(sled::open(dir.path())?));
-            db.open_tree("by_field").expect("tree").clear().expect("clear");
-            db.open_tree("meta").expect("meta").remove(INDEX_VERSION).expect("remove");
+            db.open_tree("index").expect("tree").clear().expect("clear");
+            let meta = db.open_tree("meta").expect("meta");
+            meta.remove(INDEX_VERSION).expect("remove");
+            // The layout before blocks: one key per entry in two trees, each with its mark.
+            for (tree, mark) in OLD_INDEXES {
+                db.open_tree(tree).expect("old tree").insert(b"an old key", b"").expect("insert");
+                meta.insert(mark, &1u32.to_be_bytes()).expect("mark");
+            }
             db.flush().expect("flush");
         }
         let store = retry(|| Store::open(dir.path()));
         for q in queries() {
             assert_eq!(paged(&store, &q), expected(&events, &q), "after the build: {q:?}");
+            assert_eq!(store.count(&q, 1000).expect("count"), Some(expected(&events, &q).len()), "{q:?}");
+        }
+        let trees: Vec<sled::IVec> = store.db.tree_names();
+        for (tree, mark) in OLD_INDEXES {
+            assert!(!trees.iter().any(|t| t == tree.as_bytes()), "{tree} dropped");
+            assert_eq!(store.meta.get(mark).expect("meta"), None, "{tree}'s mark removed");
         }
     }
 

@@ -9,6 +9,7 @@
 //! - a record that does not decode is [`StoreError::Damaged`], never a default: a counter read
 //!   as 0 or a chain head read as genesis would overwrite the trail at the next write.
 
+mod blocks;
 pub mod body;
 pub mod chain;
 mod counts;
@@ -129,12 +130,12 @@ pub struct Store {
     sent: sled::Tree,
     meta: sled::Tree,
     status: sled::Tree,
-    /// created_at (RFC 3339, fixed width) ++ seq -> (): events in time order (see `query`).
-    by_time: sled::Tree,
     /// Answers of the GitLab API (`gitlab::attribution`): not part of the trail.
     gitlab_cache: sled::Tree,
-    /// kind ++ value ++ 0 ++ created_at ++ seq -> (): the field indexes (see `index`).
-    by_field: sled::Tree,
+    /// list ++ first entry -> entries: the time and field indexes, in blocks (see `index`).
+    index: sled::Tree,
+    /// Held while an index write is planned and committed (see `blocks`).
+    index_write: std::sync::Mutex<()>,
 }
 
 const NEXT_SEQ: &[u8] = b"next_seq";
@@ -178,9 +179,9 @@ impl Store {
             sent: tree("sent")?,
             meta: tree("meta")?,
             status: tree("status")?,
-            by_time: tree("by_time")?,
             gitlab_cache: tree("gitlab_cache")?,
-            by_field: tree("by_field")?,
+            index: tree("index")?,
+            index_write: std::sync::Mutex::new(()),
             delivery_round: std::sync::Mutex::new(()),
             reconcile_run: std::sync::Mutex::new(()),
             db,
@@ -188,8 +189,7 @@ impl Store {
         // The two records every write depends on are checked before anything else happens.
         store.next_seq()?;
         store.recorded_head()?;
-        store.build_time_index()?;
-        store.build_field_index()?;
+        store.build_index()?;
         store.build_counts()?;
         Ok(store)
     }
@@ -280,17 +280,10 @@ impl Store {
             })?;
             encoded.push((json, stored, destinations_for(e)));
         }
-        let trees = (
-            &self.cursors,
-            &self.events,
-            &self.event_ids,
-            &self.outbox,
-            &self.meta,
-            &self.chain,
-            &self.by_time,
-            &self.by_field,
-        );
-        let result = trees.transaction(|(cursors, tx_events, ids, outbox, meta, links, by_time, by_field)| {
+        let trees = (&self.cursors, &self.events, &self.event_ids, &self.outbox, &self.meta, &self.chain, &self.index);
+        let _one_writer = self.index_write.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let known = self.known_blocks(events)?;
+        let result = trees.transaction(|(cursors, tx_events, ids, outbox, meta, links, index)| {
             let abort = ConflictableTransactionError::Abort;
             let mut seq = match meta.get(NEXT_SEQ)? {
                 Some(v) => {
@@ -310,16 +303,16 @@ impl Store {
             };
             let mut stored = 0;
             let mut tally = counts::Tally::default();
+            let mut additions = index::Additions::default();
             for (event, (json, stored_body, dests)) in events.iter().zip(&encoded) {
                 if ids.get(event.id.as_bytes())?.is_some() {
                     continue;
                 }
                 ids.insert(event.id.as_bytes(), &seq.to_be_bytes())?;
                 tx_events.insert(&seq.to_be_bytes(), stored_body.as_slice())?;
-                by_time.insert(query::time_key(&event.created_at, seq), &[])?;
-                for key in index::keys_of(event, seq) {
-                    by_field.insert(key, &[])?;
-                }
+                let entry = index::entry_of(event, seq)
+                    .map_err(|message| abort(StoreError::Transaction { dir: self.dir.clone(), message }))?;
+                additions.add(event, entry);
                 tally.add(event);
                 head = chain::link(&head, json);
                 links.insert(&seq.to_be_bytes(), &head)?;
@@ -333,6 +326,7 @@ impl Store {
                 seq += 1;
                 stored += 1;
             }
+            additions.write(&known, index)?;
             meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
             meta.insert(CHAIN_HEAD, &head)?;
             tally.write(self, meta, seq)?;
