@@ -319,7 +319,7 @@ mod tests {
         // Every other batch goes through a transaction, with the blocks located beforehand.
         let order = shuffled(1_000, 7);
         for (n, batch) in order.chunks(37).enumerate() {
-            let mut entries: Vec<Entry> = batch.iter().map(|&s| entry(s * 10 ^ SIGN, s)).collect();
+            let mut entries: Vec<Entry> = batch.iter().map(|&s| entry((s * 10) ^ SIGN, s)).collect();
             let mut others: Vec<Entry> = batch.iter().map(|&s| entry(s ^ SIGN, s + 5_000)).collect();
             if n % 2 == 0 {
                 add(&tree, &tree, list, &mut entries).expect("add");
@@ -359,7 +359,7 @@ mod tests {
             assert!(value.len() <= BLOCK_ENTRIES * ENTRY_LEN);
             assert_eq!(&key[list.len()..], &value[..ENTRY_LEN], "block {n} keyed by its first entry");
             if let Some((next, _)) = blocks.get(n + 1) {
-                assert!(&value[value.len() - ENTRY_LEN..] < &next[list.len()..]);
+                assert!(value[value.len() - ENTRY_LEN..] < next[list.len()..]);
             }
         }
     }
