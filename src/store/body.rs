@@ -5,8 +5,11 @@
 //! Invariants:
 //! - a stored value that starts with `{` is the plain JSON (stores written before compression,
 //!   and bodies too large to compress, see [`MAX_BODY_BYTES`]); one that starts with [`ZSTD_V1`]
-//!   is a zstd frame of the JSON made with [`DICTIONARY_V1`]. Both are read forever, so an
-//!   existing store needs no migration;
+//!   is a zstd frame of the JSON made with [`DICTIONARY_V1`]; one that starts with
+//!   [`LINKED_V1`] is the event's chain link (32 bytes, see `chain`) and then that same frame.
+//!   All three are read forever, so an existing store needs no migration. Events stored with
+//!   their link in the body have none in the `chain` tree (one sled key less per event);
+//!   the others keep theirs there;
 //! - the dictionary of a marker never changes (the records written with it would no longer
 //!   decode): a new dictionary takes a new marker. A test pins its SHA-256;
 //! - every reader of event bytes goes through [`decode`]; a value that does not decode is an
@@ -19,6 +22,9 @@ use zstd::dict::{DecoderDictionary, EncoderDictionary};
 
 /// The marker of a zstd frame made with [`DICTIONARY_V1`] (plain JSON starts with `{`).
 pub const ZSTD_V1: u8 = 0x01;
+/// The marker of a chain link (32 bytes) followed by a [`ZSTD_V1`] frame (without its marker).
+pub const LINKED_V1: u8 = 0x02;
+const LINK_LEN: usize = 32;
 
 /// A raw-content dictionary: one event of each type, as reconciles of the test fixtures wrote
 /// them. zstd finds the keys and the recurring values of a new event in it.
@@ -65,12 +71,37 @@ pub fn encode(json: &[u8]) -> std::io::Result<Vec<u8>> {
     })
 }
 
+/// A body [`encode`] made, with the event's chain link in front; None for a plain body
+/// (its link goes to the `chain` tree).
+pub fn with_link(stored: &[u8], link: &[u8; LINK_LEN]) -> Option<Vec<u8>> {
+    let frame = stored.strip_prefix(&[ZSTD_V1])?;
+    let mut out = Vec::with_capacity(1 + LINK_LEN + frame.len());
+    out.push(LINKED_V1);
+    out.extend_from_slice(link);
+    out.extend_from_slice(frame);
+    Some(out)
+}
+
+/// The chain link a stored body carries: None when it carries none (plain or [`ZSTD_V1`]
+/// bodies: their link is in the `chain` tree), the bytes there are when too short.
+pub fn link(stored: &[u8]) -> Option<Result<[u8; LINK_LEN], &[u8]>> {
+    let rest = stored.strip_prefix(&[LINKED_V1])?;
+    Some(match rest.get(..LINK_LEN) {
+        Some(link) => Ok(link.try_into().unwrap_or([0; LINK_LEN])),
+        None => Err(rest),
+    })
+}
+
 /// The canonical JSON of a stored event body (borrowed when it is stored plain), or why it
 /// does not decode.
 pub fn decode(stored: &[u8]) -> Result<Cow<'_, [u8]>, String> {
     match stored.first() {
         Some(b'{') => Ok(Cow::Borrowed(stored)),
         Some(&ZSTD_V1) => decompress(&stored[1..]).map(Cow::Owned),
+        Some(&LINKED_V1) => match stored.get(1 + LINK_LEN..) {
+            Some(frame) => decompress(frame).map(Cow::Owned),
+            None => Err("it is shorter than its chain link".into()),
+        },
         Some(other) => Err(format!("its format marker 0x{other:02x} is unknown")),
         None => Err("it is empty".into()),
     }
@@ -133,14 +164,28 @@ mod tests {
     }
 
     #[test]
+    fn a_linked_body_carries_its_link_and_the_same_json() {
+        let json = br#"{"id":"x","event_type":"security_policy_create"}"#;
+        let stored = encode(json).expect("encode");
+        let linked = with_link(&stored, &[9; LINK_LEN]).expect("linked");
+        assert_eq!(linked[0], LINKED_V1);
+        assert_eq!(link(&linked), Some(Ok([9; LINK_LEN])));
+        assert_eq!(decode(&linked).expect("decode").as_ref(), json);
+        assert_eq!(link(&stored), None, "a ZSTD_V1 body has its link in the chain tree");
+        assert_eq!(with_link(json, &[9; LINK_LEN]), None, "a plain body keeps its link in the chain tree");
+        assert_eq!(link(&[LINKED_V1, 1, 2, 3]), Some(Err(&[1u8, 2, 3][..])));
+    }
+
+    #[test]
     fn damaged_bodies_are_errors_not_events() {
         let stored = encode(br#"{"id":"x","event_type":"security_policy_create"}"#).expect("encode");
         let mut cut = stored.clone();
         cut.truncate(stored.len() - 3);
         assert!(decode(&cut).is_err());
         let mut lying = stored.clone();
-        lying[0] = 0x02;
-        assert_eq!(decode(&lying).unwrap_err(), "its format marker 0x02 is unknown");
+        lying[0] = 0x03;
+        assert_eq!(decode(&lying).unwrap_err(), "its format marker 0x03 is unknown");
+        assert_eq!(decode(&[LINKED_V1, 7, 7]).unwrap_err(), "it is shorter than its chain link");
         assert!(decode(&[ZSTD_V1]).is_err());
         assert!(decode(&[]).is_err());
         assert!(decode(&[ZSTD_V1, 0x28, 0xb5, 0x2f, 0xfd, 0xff, 0xff, 0xff, 0xff]).is_err());

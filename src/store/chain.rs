@@ -2,7 +2,9 @@
 //! where bytes(n) are event n's canonical (streamed) JSON bytes — stored compressed since
 //! `body` (the links are over the JSON, so heads from before compression still match) — and
 //! link(-1) is 32 zero bytes.
-//! Links are written in the transaction that stores their event; `verify` recomputes them.
+//! Links are written in the transaction that stores their event, in its stored body (see
+//! `body::LINKED_V1`; events stored before that have theirs in the `chain` tree); `verify`
+//! recomputes them.
 //!
 //! What it proves: any change, removal or reordering of stored events is found by `verify`,
 //! unless the chain was recomputed from that point on. Such a rewrite, and removing the newest
@@ -93,15 +95,28 @@ impl Store {
         if head == hex(&GENESIS) {
             return Ok(Some(0));
         }
-        for entry in self.chain.iter() {
-            let (key, link) = entry?;
-            let seq = self.decode_seq_key("chain", &key)?;
-            let link = decode_link(&self.dir, "chain", &link, || format!("the chain link of event #{seq}"))?;
-            if hex(&link) == head {
+        for entry in self.events.iter() {
+            let (key, stored) = entry?;
+            let seq = self.decode_seq_key("events", &key)?;
+            if self.stored_link(seq, &stored)?.is_some_and(|link| hex(&link) == head) {
                 return Ok(Some(seq + 1));
             }
         }
         Ok(None)
+    }
+
+    /// The chain link of event `seq`, whose stored body is `stored`: in the body (see
+    /// `body::LINKED_V1`), or for events stored before that and plain bodies in the chain tree.
+    pub(super) fn stored_link(&self, seq: u64, stored: &[u8]) -> Result<Option<[u8; 32]>, StoreError> {
+        let what = || format!("the chain link of event #{seq}");
+        match super::body::link(stored) {
+            Some(Ok(link)) => Ok(Some(link)),
+            Some(Err(cut)) => decode_link(&self.dir, "events", cut, what).map(Some),
+            None => match self.chain.get(seq.to_be_bytes()).map_err(|e| self.sled(e))? {
+                Some(link) => decode_link(&self.dir, "chain", &link, what).map(Some),
+                None => Ok(None),
+            },
+        }
     }
 
     /// Recomputes the chain over every stored event and reports the first break.
@@ -117,19 +132,23 @@ impl Store {
                 return result(Some(Break::Removed { seq }));
             };
             let bytes = json(seq, &stored_body);
-            let Some(stored) = self.chain.get(seq.to_be_bytes())? else {
+            let Some(stored) = self.stored_link(seq, &stored_body)? else {
                 return result(Some(Break::Unlinked { seq }));
             };
-            let stored = decode_link(&self.dir, "chain", &stored, || format!("the chain link of event #{seq}"))?;
             if bytes.is_empty() || link(&previous, &bytes) != stored {
                 let id = serde_json::from_slice::<serde_json::Value>(&bytes)
                     .ok()
                     .and_then(|v| v["id"].as_str().map(str::to_string))
                     .unwrap_or_default();
-                let swapped = self
-                    .events
-                    .get((seq + 1).to_be_bytes())?
-                    .is_some_and(|next| link(&previous, &json(seq + 1, &next)) == stored);
+                // The next body chains on from here: with the link at this place (chain tree),
+                // or with the link it carries.
+                let swapped = match self.events.get((seq + 1).to_be_bytes())? {
+                    Some(next) => {
+                        let candidate = link(&previous, &json(seq + 1, &next));
+                        candidate == stored || self.stored_link(seq + 1, &next).ok().flatten() == Some(candidate)
+                    }
+                    None => false,
+                };
                 return result(Some(if swapped { Break::Reordered { seq, id } } else { Break::Altered { seq, id } }));
             }
             previous = stored;

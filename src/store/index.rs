@@ -389,7 +389,8 @@ impl Store {
     /// The chain link of event `seq` and of the one before it (genesis for the first), hex.
     pub fn chain_links(&self, seq: u64) -> anyhow::Result<(Option<String>, String)> {
         let link = |s: u64| -> anyhow::Result<Option<String>> {
-            Ok(self.chain.get(s.to_be_bytes()).map_err(|e| self.sled(e))?.map(|v| super::chain::hex(&v)))
+            let Some(stored) = self.events.get(s.to_be_bytes()).map_err(|e| self.sled(e))? else { return Ok(None) };
+            Ok(self.stored_link(s, &stored)?.map(|l| super::chain::hex(&l)))
         };
         let previous = match seq.checked_sub(1) {
             Some(p) => link(p)?.unwrap_or_default(),

@@ -309,13 +309,20 @@ impl Store {
                     continue;
                 }
                 ids.insert(event.id.as_bytes(), &seq.to_be_bytes())?;
-                tx_events.insert(&seq.to_be_bytes(), stored_body.as_slice())?;
                 let entry = index::entry_of(event, seq)
                     .map_err(|message| abort(StoreError::Transaction { dir: self.dir.clone(), message }))?;
                 additions.add(event, entry);
                 tally.add(event);
                 head = chain::link(&head, json);
-                links.insert(&seq.to_be_bytes(), &head)?;
+                // The link travels in the body; a plain (too large to compress) body keeps its
+                // link in the chain tree.
+                match body::with_link(stored_body, &head) {
+                    Some(linked) => tx_events.insert(&seq.to_be_bytes(), linked)?,
+                    None => {
+                        links.insert(&seq.to_be_bytes(), &head)?;
+                        tx_events.insert(&seq.to_be_bytes(), stored_body.as_slice())?
+                    }
+                };
                 for dest in dests {
                     let delivery = Delivery::queued(dest, seq, event, now_ms);
                     let value = serde_json::to_vec(&delivery).map_err(|e| {

@@ -151,7 +151,8 @@ fn in_chromium_a_user_logs_in_filters_opens_an_event_follows_to_the_policy_and_e
     assert!(b.text("h1").contains("Sign in"));
     b.type_into("input[name=token]", TOKEN);
     b.click("form[action='/login'] button[type=submit]");
-    assert_eq!(b.text("h1"), "Audit events");
+    // A click returns when the browser took it; the navigation it starts may still run.
+    crate::common::wait_for("the page after signing in", Duration::from_secs(10), || b.text("h1") == "Audit events");
     assert_eq!(b.count("table.events tbody tr"), stored.len());
 
     // The policy named like markup is text, and nothing ran. (Read again for a while: on a
@@ -177,13 +178,15 @@ fn in_chromium_a_user_logs_in_filters_opens_an_event_follows_to_the_policy_and_e
     // Filter by event type (the filter lands in the URL).
     b.click("select[name=type] option[value=security_policy_update]");
     b.click("form.filters button[type=submit]");
-    assert!(b.url().contains("type=security_policy_update"), "{}", b.url());
+    crate::common::wait_for("the filtered page", Duration::from_secs(10), || {
+        b.url().contains("type=security_policy_update")
+    });
     let updates = stored.iter().filter(|e| e["event_type"] == "security_policy_update").count();
     assert_eq!(b.count("table.events tbody tr"), updates);
 
     // Open the newest update of the approval policy: its before/after.
     b.click("table.events tbody tr:last-child a.action");
-    assert!(b.url().contains("/events/"), "{}", b.url());
+    crate::common::wait_for("the event's page", Duration::from_secs(10), || b.url().contains("/events/"));
     let changes = b.text("table.changes");
     assert!(changes.contains("actions[0].approvals_required"), "{changes}");
     assert_eq!(b.text("table.changes td.before"), "1");
@@ -192,7 +195,9 @@ fn in_chromium_a_user_logs_in_filters_opens_an_event_follows_to_the_policy_and_e
 
     // Follow to the policy's history.
     b.click("dl.fields a[href^='/policy?']");
-    assert!(b.text("h1").contains("Critical vulnerabilities need approval"));
+    crate::common::wait_for("the policy's page", Duration::from_secs(10), || {
+        b.text("h1").contains("Critical vulnerabilities need approval")
+    });
     assert_eq!(b.count("ol.history > li"), 2, "created, then updated");
 
     // Download the CSV of the filtered view.

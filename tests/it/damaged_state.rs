@@ -110,7 +110,7 @@ fn a_compressed_event_that_does_not_decompress_is_damaged_for_readers_and_altere
     tamper(&ws, |db| {
         let events = db.open_tree("events").expect("events");
         let mut value = events.get(2u64.to_be_bytes()).expect("get").expect("event 2").to_vec();
-        assert_eq!(value[0], policy_audit::store::body::ZSTD_V1, "stored compressed");
+        assert_eq!(value[0], policy_audit::store::body::LINKED_V1, "stored compressed");
         // One byte of the compressed data, past the frame header.
         let at = value.len() - 6;
         value[at] ^= 0xff;
@@ -128,7 +128,9 @@ fn a_chain_link_of_the_wrong_length_is_named_by_verify() {
     let ws = Workspace::new();
     let config = trail(&ws);
     tamper(&ws, |db| {
-        db.open_tree("chain").expect("chain").insert(1u64.to_be_bytes(), &[7u8; 5]).expect("insert");
+        // The link travels at the start of the stored body: cut it to 5 bytes.
+        let body = [policy_audit::store::body::LINKED_V1, 7, 7, 7, 7, 7];
+        db.open_tree("events").expect("events").insert(1u64.to_be_bytes(), &body).expect("insert");
     });
     refused(&ws, &config, &["verify"], "the chain link of event #1 is 5 bytes long, not 32");
 }

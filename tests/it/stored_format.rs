@@ -34,7 +34,7 @@ fn a_new_store_keeps_events_compressed_and_the_chain_over_their_plain_json() {
     let listed: Vec<&str> = listed.lines().collect();
     let mut head = [0u8; 32];
     for (seq, value) in stored.iter().enumerate() {
-        assert_eq!(value[0], body::ZSTD_V1, "event #{seq} is stored compressed");
+        assert_eq!(value[0], body::LINKED_V1, "event #{seq} is stored compressed, with its chain link");
         let json = body::decode(value).expect("decodes");
         assert!(value.len() * 2 < json.len(), "event #{seq}: {} bytes stored for {} of JSON", value.len(), json.len());
         // What is listed (and streamed) is the canonical JSON, byte for byte.
@@ -43,6 +43,7 @@ fn a_new_store_keeps_events_compressed_and_the_chain_over_their_plain_json() {
         h.update(head);
         h.update(&json);
         head = h.finalize().into();
+        assert_eq!(body::link(value), Some(Ok(head)), "event #{seq} carries its link");
     }
     let expected: String = head.iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(chain_head(&ws, &config), expected, "the chain links over the plain JSON, as before compression");
@@ -56,21 +57,23 @@ fn a_store_written_before_compression_opens_lists_verifies_and_delivers() {
     let config = trail(&ws);
     let head = chain_head(&ws, &config);
     let listed_before = stdout(&ws.run(&config, &["events", "--format", "jsonl"]));
-    // Rewrite the store the way the previous release left it: every event body as its plain
-    // JSON (the chain links, over those same bytes, are unchanged), and no field and time
-    // indexes yet, as in stores older than them, so that opening builds them from plain bodies.
+    // Rewrite the store the way releases before compression left it: every event body as its
+    // plain JSON with its chain link (over those same bytes, unchanged) in the chain tree, and
+    // no indexes yet, as in stores older than them, so that opening builds them from plain
+    // bodies.
     tamper(&ws, |db| {
         let events = db.open_tree("events").expect("events");
+        let chain = db.open_tree("chain").expect("chain");
         for item in events.iter() {
             let (key, value) = item.expect("item");
+            let link = body::link(&value).expect("a link").expect("32 bytes");
+            chain.insert(&key, &link).expect("insert link");
             let json = body::decode(&value).expect("decodes").into_owned();
             events.insert(key, json).expect("insert");
         }
         let meta = db.open_tree("meta").expect("meta");
-        meta.remove("index_by_time").expect("remove");
-        meta.remove("index_by_field").expect("remove");
-        db.drop_tree("by_time").expect("drop");
-        db.drop_tree("by_field").expect("drop");
+        meta.remove("index_blocks").expect("remove");
+        db.drop_tree("index").expect("drop");
     });
     let plain = stored_bodies(&ws);
     assert!(plain.iter().all(|v| v[0] == b'{'), "the store is in the old format");

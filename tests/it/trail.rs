@@ -64,15 +64,35 @@ fn an_altered_event_is_found() {
     tamper(&ws, |db| {
         let events = db.open_tree("events").expect("tree");
         let stored = events.get(key(2)).expect("get").expect("event 2");
-        // Stored compressed: the editor writes back the JSON with one name changed.
-        let bytes = policy_audit::store::body::decode(&stored).expect("decodes").into_owned();
+        // Stored compressed with its chain link: the editor writes back the JSON with one name
+        // changed, compressed again, with the link it had.
+        use policy_audit::store::body;
+        let bytes = body::decode(&stored).expect("decodes").into_owned();
         let altered = String::from_utf8_lossy(&bytes).replace("Alice", "Mallory");
         assert_ne!(altered.as_bytes(), bytes.as_slice());
-        events.insert(key(2), altered.as_bytes()).expect("insert");
+        let link = body::link(&stored).expect("a link").expect("32 bytes");
+        let rewritten = body::with_link(&body::encode(altered.as_bytes()).expect("encode"), &link).expect("linked");
+        events.insert(key(2), rewritten).expect("insert");
     });
     let (code, text) = verify(&ws, &config);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("event #2 (id ") && text.contains("was altered"), "{text}");
+}
+
+#[test]
+fn an_event_written_back_without_its_chain_link_is_found() {
+    let ws = Workspace::new();
+    let config = trail(&ws);
+    tamper(&ws, |db| {
+        let events = db.open_tree("events").expect("tree");
+        let stored = events.get(key(2)).expect("get").expect("event 2");
+        // The editor writes back the plain JSON, unchanged: the link the body carried is gone.
+        let bytes = policy_audit::store::body::decode(&stored).expect("decodes").into_owned();
+        events.insert(key(2), bytes).expect("insert");
+    });
+    let (code, text) = verify(&ws, &config);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("event #2 has no chain link"), "{text}");
 }
 
 #[test]
@@ -109,8 +129,8 @@ fn removing_the_newest_events_changes_the_head_or_is_found() {
     let before = verify(&ws, &config).1;
     // Only the events and their links: the recorded head no longer matches.
     tamper(&ws, |db| {
+        // The event with its link (in its body).
         db.open_tree("events").expect("tree").remove(key(4)).expect("remove");
-        db.open_tree("chain").expect("tree").remove(key(4)).expect("remove");
         db.open_tree("meta").expect("tree").insert("next_seq", &key(4)).expect("insert");
     });
     let (code, text) = verify(&ws, &config);
@@ -118,8 +138,9 @@ fn removing_the_newest_events_changes_the_head_or_is_found() {
     assert!(text.contains("newest events were removed"), "{text}");
     // Rewriting the head too passes `verify`, but the head differs from the one logged before.
     tamper(&ws, |db| {
-        let link = db.open_tree("chain").expect("tree").get(key(3)).expect("get").expect("link 3");
-        db.open_tree("meta").expect("tree").insert("chain_head", link).expect("insert");
+        let event_3 = db.open_tree("events").expect("tree").get(key(3)).expect("get").expect("event 3");
+        let link = policy_audit::store::body::link(&event_3).expect("a link").expect("32 bytes");
+        db.open_tree("meta").expect("tree").insert("chain_head", &link).expect("insert");
     });
     let (code, text) = verify(&ws, &config);
     assert_eq!(code, Some(0));
