@@ -1,8 +1,11 @@
-//! `bench store-trees [N]`: what each sled tree of the store costs on disk per event, and what
-//! opening the result costs in memory. Writes the same trees with the same key shapes as
-//! `Store::commit_reconcile` (1,000 events per transaction, flushed), directly with sled, once
+//! `bench store-trees [N]`: what each sled tree of the store's layout before index blocks cost
+//! on disk per event, and what opening the result costs in memory. Writes the trees with the
+//! key shapes `Store::commit_reconcile` wrote until then (one sled key per index entry, the
+//! chain link in its own tree; 1,000 events per transaction, flushed), directly with sled, once
 //! with all trees and once without each, with plain and with compressed bodies; then opens each
-//! database in a child process (`bench open-sled DIR`) for its peak RSS.
+//! database in a child process (`bench open-sled DIR`) for its peak RSS. It is the measurement
+//! that led to the blocks (docs/performance.md, "The store on disk and in memory"); `bench
+//! store` and `bench export` measure the store as it is written today.
 
 use crate::measure::{du, mib};
 use anyhow::{Context, Result};
