@@ -138,12 +138,26 @@ pub(super) struct Known(BTreeSet<Vec<u8>>);
 
 impl Known {
     /// For each list and the times its new entries span, the keys from the block holding the
-    /// oldest (or the list's start) to the first block past the newest.
+    /// oldest (or the list's start) to the first block past the newest; for each single entry
+    /// to add (`points`: entries spread over their list), the block holding it and the next.
     pub(super) fn around<'a>(
         tree: &sled::Tree,
         spans: impl IntoIterator<Item = (&'a Vec<u8>, &'a (u64, u64))>,
+        points: impl IntoIterator<Item = (&'a [u8], &'a Entry)>,
     ) -> sled::Result<Known> {
         let mut known = BTreeSet::new();
+        for (list, e) in points {
+            let Some(key) = (match tree.floor(list, &key_of(list, e))? {
+                Some(key) => Some(key),
+                None => tree.after(list, list)?,
+            }) else {
+                continue;
+            };
+            if let Some(next) = tree.after(list, &key)? {
+                known.insert(next);
+            }
+            known.insert(key);
+        }
         for (list, (oldest, newest)) in spans {
             let start = tree.floor(list, &key_of(list, &entry(*oldest, 0)))?.unwrap_or_else(|| list.clone());
             let last = key_of(list, &entry(*newest, u64::MAX));
@@ -194,9 +208,14 @@ pub(super) fn add<L: Locate, W: Writes>(blocks: &L, w: &W, list: &[u8], entries:
         let old = w.get(&key)?;
         let old = old.as_deref().unwrap_or_default();
         let merged = merge(old, &entries[i..upto]);
+        // Appended entries (the time-ordered lists) leave full blocks behind them; entries
+        // added anywhere (the id list) split a block in equal parts, so that it takes more.
+        let appended = old.len() < ENTRY_LEN || entries[i][..] > old[old.len() - ENTRY_LEN..];
+        let len = merged.len() / ENTRY_LEN;
+        let per_block = if appended { BLOCK_ENTRIES } else { len.div_ceil(len.div_ceil(BLOCK_ENTRIES)) };
         // Every block is keyed by its first entry: a first block that took older entries
         // moves to its new first entry.
-        for (n, piece) in merged.chunks(BLOCK_ENTRIES * ENTRY_LEN).enumerate() {
+        for (n, piece) in merged.chunks(per_block * ENTRY_LEN).enumerate() {
             let piece_key = key_of(list, &piece[..ENTRY_LEN]);
             if n == 0 && piece_key != key && !old.is_empty() {
                 w.remove(&key)?;
@@ -336,7 +355,7 @@ mod tests {
                         (l.to_vec(), (time(lo), time(hi)))
                     })
                     .collect();
-            let known = Known::around(&tree, &spans).expect("known");
+            let known = Known::around(&tree, &spans, []).expect("known");
             tree.transaction(|tx| {
                 add(&known, tx, list, &mut entries.clone())?;
                 add(&known, tx, other, &mut others.clone())?;
@@ -362,6 +381,39 @@ mod tests {
                 assert!(value[value.len() - ENTRY_LEN..] < next[list.len()..]);
             }
         }
+    }
+
+    #[test]
+    fn entries_added_anywhere_split_blocks_evenly_and_are_found_through_points() {
+        let (_dir, tree) = tree();
+        let list = b"i\0";
+        // Hash-like order: every batch lands all over the list, as event ids do.
+        let order = shuffled(5_000, 11);
+        for (n, batch) in order.chunks(50).enumerate() {
+            let mut entries: Vec<Entry> =
+                batch.iter().map(|&s| entry(s.wrapping_mul(0x9e37_79b9_7f4a_7c15), s)).collect();
+            if n % 2 == 0 {
+                add(&tree, &tree, list, &mut entries).expect("add");
+                continue;
+            }
+            let points: Vec<(&[u8], &Entry)> = entries.iter().map(|e| (&list[..], e)).collect();
+            let known = Known::around(&tree, [], points).expect("known");
+            tree.transaction(|tx| {
+                add(&known, tx, list, &mut entries.clone())?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .expect("transaction");
+        }
+        let mut expected: Vec<(u64, u64)> = (0..5_000u64).map(|s| (s.wrapping_mul(0x9e37_79b9_7f4a_7c15), s)).collect();
+        expected.sort();
+        let found = all(&tree, list, None, None, false);
+        assert_eq!(found, expected.iter().map(|(_, s)| *s).collect::<Vec<_>>());
+        let blocks = tree.scan_prefix(list).count();
+        assert!(blocks <= 5_000 / (BLOCK_ENTRIES / 2) + 1, "{blocks} blocks: at least half full");
+        // One entry looked up by its first 8 bytes.
+        let (time, seq) = expected[1234];
+        let one = all(&tree, list, Some(entry(time, 0)), Some(entry(time.saturating_add(1), 0)), false);
+        assert_eq!(one, vec![seq]);
     }
 
     #[test]

@@ -16,14 +16,20 @@ use super::{EventQuery, Store, StoreError};
 use crate::event::AuditEvent;
 use std::collections::BTreeMap;
 
-const INDEX_VERSION: &[u8] = b"index_blocks";
-/// The marks of the layouts before: one sled key per entry.
-const OLD_INDEXES: [(&str, &[u8]); 2] = [("by_time", b"index_by_time"), ("by_field", b"index_by_field")];
+const INDEX_VERSION: &[u8] = b"index_blocks_v2";
+/// The index trees of the layout before blocks: one sled key per entry (`event_ids`: id -> seq).
+const OLD_TREES: [&str; 3] = ["by_time", "by_field", "event_ids"];
+/// The marks of the layouts before (`index_blocks`: blocks without the id list).
+const OLD_MARKS: [&[u8]; 3] = [b"index_by_time", b"index_by_field", b"index_blocks"];
 /// `created_at` as stored: `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 pub(super) const TIME_LEN: usize = 24;
 
 /// Every event, in time order.
 pub(super) const TIME: u8 = b'T';
+/// Every event by its id: the entry is the first 8 bytes of the id's SHA-256 (instead of the
+/// time) and the sequence number. Two ids may share those bytes: a lookup reads the events
+/// it finds and compares their ids.
+const ID: u8 = b'i';
 pub(super) const PROJECT: u8 = b'p';
 pub(super) const TYPE: u8 = b't';
 pub(super) const PROJECT_TYPE: u8 = b'x';
@@ -58,6 +64,14 @@ pub(super) fn lists_of(e: &AuditEvent) -> Vec<Vec<u8>> {
     lists
 }
 
+/// The list of ids, and the entry of `id` (of event `seq`) in it.
+pub(super) fn id_entry(id: &str, seq: u64) -> (Vec<u8>, Entry) {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(id.as_bytes());
+    let hash = u64::from_be_bytes(digest[..8].try_into().unwrap_or_default());
+    (prefix(ID, ""), blocks::entry(hash, seq))
+}
+
 /// The entry of event `seq` in its lists, or why there is none.
 pub(super) fn entry_of(e: &AuditEvent, seq: u64) -> Result<Entry, String> {
     blocks::time_of(&e.created_at)
@@ -70,10 +84,13 @@ pub(super) fn entry_of(e: &AuditEvent, seq: u64) -> Result<Entry, String> {
 pub(super) struct Additions(BTreeMap<Vec<u8>, Vec<Entry>>);
 
 impl Additions {
-    pub(super) fn add(&mut self, e: &AuditEvent, entry: Entry) {
+    /// Event `e`, stored as number `seq`: its entry (`entry_of`) in its lists, and its id.
+    pub(super) fn add(&mut self, e: &AuditEvent, seq: u64, entry: Entry) {
         for list in lists_of(e) {
             self.0.entry(list).or_default().push(entry);
         }
+        let (list, id) = id_entry(&e.id, seq);
+        self.0.entry(list).or_default().push(id);
     }
 
     /// Writes them through `w` (see [`blocks::add`]).
@@ -92,9 +109,10 @@ impl Additions {
 impl Store {
     /// The index blocks that storing `events` can meet, read before the storing transaction
     /// (which cannot range over a tree).
-    pub(super) fn known_blocks(&self, events: &[AuditEvent]) -> Result<blocks::Known, StoreError> {
+    pub(super) fn known_blocks(&self, events: &[(u64, &AuditEvent)]) -> Result<blocks::Known, StoreError> {
         let mut spans: BTreeMap<Vec<u8>, (u64, u64)> = BTreeMap::new();
-        for e in events {
+        let ids: Vec<(Vec<u8>, Entry)> = events.iter().map(|(seq, e)| id_entry(&e.id, *seq)).collect();
+        for (_, e) in events {
             let time = blocks::time_of(&e.created_at).ok_or_else(|| StoreError::Transaction {
                 dir: self.dir.clone(),
                 message: format!("event {} has a created_at that is not a time: {:?}", e.id, e.created_at),
@@ -104,7 +122,8 @@ impl Store {
                 *span = (span.0.min(time), span.1.max(time));
             }
         }
-        blocks::Known::around(&self.index, &spans).map_err(|e| self.sled(e))
+        let points = ids.iter().map(|(list, entry)| (list.as_slice(), entry));
+        blocks::Known::around(&self.index, &spans, points).map_err(|e| self.sled(e))
     }
 }
 
@@ -182,7 +201,7 @@ impl Store {
                 what,
                 location: format!("tree \"events\" in {}", self.dir.display()),
             })?;
-            additions.add(&e, entry);
+            additions.add(&e, seq, entry);
             if additions.len() >= 500_000 {
                 std::mem::take(&mut additions).write(&self.index, &self.index).map_err(|e| self.sled(e))?;
             }
@@ -193,8 +212,10 @@ impl Store {
         additions.write(&self.index, &self.index).map_err(|e| self.sled(e))?;
         self.meta.insert(INDEX_VERSION, &1u32.to_be_bytes()).map_err(|e| self.sled(e))?;
         self.db.flush().map_err(|e| self.sled(e))?;
-        for (tree, mark) in OLD_INDEXES {
+        for tree in OLD_TREES {
             self.db.drop_tree(tree).map_err(|e| self.sled(e))?;
+        }
+        for mark in OLD_MARKS {
             self.meta.remove(mark).map_err(|e| self.sled(e))?;
         }
         self.db.flush().map_err(|e| self.sled(e))?;
@@ -370,9 +391,26 @@ impl Store {
         Ok(Some((seq, self.stored_event_at(seq)?)))
     }
 
-    fn seq_of_id(&self, id: &str) -> Result<Option<u64>, StoreError> {
-        let Some(seq) = self.event_ids.get(id.as_bytes()).map_err(|e| self.sled(e))? else { return Ok(None) };
-        Ok(Some(super::records::decode_u64(&self.dir, "event_ids", &seq, || format!("the number of event {id:?}"))?))
+    /// The number of the stored event with this id: the entries of the id list that share its
+    /// hash, each event read to compare the id itself.
+    pub(super) fn seq_of_id(&self, id: &str) -> Result<Option<u64>, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Id<'a> {
+            #[serde(borrow)]
+            id: std::borrow::Cow<'a, str>,
+        }
+        let (list, probe) = id_entry(id, 0);
+        let hash = u64::from_be_bytes(probe[..8].try_into().unwrap_or_default());
+        let span = (Some(probe), hash.checked_add(1).map(|next| blocks::entry(next, 0)));
+        for entry in self.list_range(&list, span, false) {
+            let seq = blocks::seq_of(&entry?);
+            let event = StoredEvent { json: self.event_json_at(seq)? };
+            let stored: Id = self.read_stored(seq, &event)?;
+            if stored.id == id {
+                return Ok(Some(seq));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -508,8 +546,10 @@ mod tests {
             let meta = db.open_tree("meta").expect("meta");
             meta.remove(INDEX_VERSION).expect("remove");
             // The layout before blocks: one key per entry in two trees, each with its mark.
-            for (tree, mark) in OLD_INDEXES {
+            for tree in OLD_TREES {
                 db.open_tree(tree).expect("old tree").insert(b"an old key", b"").expect("insert");
+            }
+            for mark in OLD_MARKS {
                 meta.insert(mark, &1u32.to_be_bytes()).expect("mark");
             }
             db.flush().expect("flush");
@@ -520,10 +560,15 @@ mod tests {
             assert_eq!(store.count(&q, 1000).expect("count"), Some(expected(&events, &q).len()), "{q:?}");
         }
         let trees: Vec<sled::IVec> = store.db.tree_names();
-        for (tree, mark) in OLD_INDEXES {
+        for tree in OLD_TREES {
             assert!(!trees.iter().any(|t| t == tree.as_bytes()), "{tree} dropped");
-            assert_eq!(store.meta.get(mark).expect("meta"), None, "{tree}'s mark removed");
         }
+        for mark in OLD_MARKS {
+            assert_eq!(store.meta.get(mark).expect("meta"), None, "{mark:?} removed");
+        }
+        // Found by id through the id list built at open.
+        assert_eq!(store.event_by_id("ev-7").expect("by id").map(|(seq, e)| (seq, e.id)), Some((7, "ev-7".into())));
+        assert!(store.event_by_id("ev-999").expect("by id").is_none());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! - a project's cursor only advances in the transaction that stores the events it implies and
 //!   their outbox entries ([`Store::commit_reconcile`]), and that transaction is flushed to disk
 //!   before the call returns: a crash loses nothing and a replay duplicates nothing;
-//! - an event id is stored at most once (`event_ids`), so replaying a step is harmless;
+//! - an event id is stored at most once (looked up in the id list of the indexes before the
+//!   storing transaction, under `index_write`), so replaying a step is harmless;
 //! - events are numbered by a gap-free sequence in the order they were stored;
 //! - a record that does not decode is [`StoreError::Damaged`], never a default: a counter read
 //!   as 0 or a chain head read as genesis would overwrite the trail at the next write.
@@ -123,7 +124,6 @@ pub struct Store {
     events: sled::Tree,
     /// seq -> chain link (see `chain`).
     chain: sled::Tree,
-    event_ids: sled::Tree,
     outbox: sled::Tree,
     dead: sled::Tree,
     /// (destination, 0, seq) -> (): deliveries that went out, so a replay does not repeat them.
@@ -173,7 +173,6 @@ impl Store {
             cursors: tree("cursors")?,
             events: tree("events")?,
             chain: tree("chain")?,
-            event_ids: tree("event_ids")?,
             outbox: tree("outbox")?,
             dead: tree("dead")?,
             sent: tree("sent")?,
@@ -269,10 +268,21 @@ impl Store {
         destinations_for: &dyn Fn(&AuditEvent) -> Vec<String>,
         now_ms: i64,
     ) -> Result<usize, StoreError> {
+        // One writer at a time: which events are new, their numbers and where their index
+        // entries go are decided here, before the transaction (which cannot range over a tree).
+        let _one_writer = self.index_write.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let first_seq = self.next_seq()?;
+        let mut seen = std::collections::HashSet::new();
+        let mut fresh: Vec<(u64, &AuditEvent)> = Vec::with_capacity(events.len());
+        for e in events {
+            if seen.insert(e.id.as_str()) && self.seq_of_id(&e.id)?.is_none() {
+                fresh.push((first_seq + fresh.len() as u64, e));
+            }
+        }
         let encode = |e: serde_json::Error| StoreError::Transaction { dir: self.dir.clone(), message: e.to_string() };
         // The chain links over the canonical JSON; the `events` tree holds it compressed.
-        let mut encoded: Vec<(Vec<u8>, Vec<u8>, Vec<String>)> = Vec::with_capacity(events.len());
-        for e in events {
+        let mut encoded: Vec<(Vec<u8>, Vec<u8>, Vec<String>)> = Vec::with_capacity(fresh.len());
+        for (_, e) in &fresh {
             let json = serde_json::to_vec(e).map_err(encode)?;
             let stored = body::encode(&json).map_err(|e| StoreError::Transaction {
                 dir: self.dir.clone(),
@@ -280,10 +290,9 @@ impl Store {
             })?;
             encoded.push((json, stored, destinations_for(e)));
         }
-        let trees = (&self.cursors, &self.events, &self.event_ids, &self.outbox, &self.meta, &self.chain, &self.index);
-        let _one_writer = self.index_write.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let known = self.known_blocks(events)?;
-        let result = trees.transaction(|(cursors, tx_events, ids, outbox, meta, links, index)| {
+        let known = self.known_blocks(&fresh)?;
+        let trees = (&self.cursors, &self.events, &self.outbox, &self.meta, &self.chain, &self.index);
+        let result = trees.transaction(|(cursors, tx_events, outbox, meta, links, index)| {
             let abort = ConflictableTransactionError::Abort;
             let mut seq = match meta.get(NEXT_SEQ)? {
                 Some(v) => {
@@ -291,6 +300,12 @@ impl Store {
                 }
                 None => 0,
             };
+            if seq != first_seq {
+                return Err(abort(StoreError::Transaction {
+                    dir: self.dir.clone(),
+                    message: format!("the event counter moved from {first_seq} to {seq} during a write"),
+                }));
+            }
             let mut head = match meta.get(CHAIN_HEAD)? {
                 Some(v) => chain::to_link(&self.dir, &v, || "the chain head (chain_head)".into()).map_err(abort)?,
                 None if seq > 0 => {
@@ -304,14 +319,10 @@ impl Store {
             let mut stored = 0;
             let mut tally = counts::Tally::default();
             let mut additions = index::Additions::default();
-            for (event, (json, stored_body, dests)) in events.iter().zip(&encoded) {
-                if ids.get(event.id.as_bytes())?.is_some() {
-                    continue;
-                }
-                ids.insert(event.id.as_bytes(), &seq.to_be_bytes())?;
+            for ((_, event), (json, stored_body, dests)) in fresh.iter().zip(&encoded) {
                 let entry = index::entry_of(event, seq)
                     .map_err(|message| abort(StoreError::Transaction { dir: self.dir.clone(), message }))?;
-                additions.add(event, entry);
+                additions.add(event, seq, entry);
                 tally.add(event);
                 head = chain::link(&head, json);
                 // The link travels in the body; a plain (too large to compress) body keeps its
