@@ -71,8 +71,15 @@ fn a_store_written_before_compression_opens_lists_verifies_and_delivers() {
             let json = body::decode(&value).expect("decodes").into_owned();
             events.insert(key, json).expect("insert");
         }
+        // Their ids in a tree of their own, one key each.
+        let ids = db.open_tree("event_ids").expect("event_ids");
+        for (seq, item) in events.iter().enumerate() {
+            let json = body::decode(&item.expect("item").1).expect("decodes").into_owned();
+            let event: serde_json::Value = serde_json::from_slice(&json).expect("json");
+            ids.insert(event["id"].as_str().expect("id"), &(seq as u64).to_be_bytes()).expect("insert id");
+        }
         let meta = db.open_tree("meta").expect("meta");
-        meta.remove("index_blocks").expect("remove");
+        meta.remove("index_blocks_v2").expect("remove");
         db.drop_tree("index").expect("drop");
     });
     let plain = stored_bodies(&ws);
@@ -81,6 +88,13 @@ fn a_store_written_before_compression_opens_lists_verifies_and_delivers() {
     assert_eq!(stdout(&ws.run(&config, &["events", "--format", "jsonl"])), listed_before);
     let filtered = stdout(&ws.run(&config, &["events", "--format", "jsonl", "--policy", "p3"]));
     assert_eq!(filtered.lines().count(), 1, "the field index was built from the plain bodies: {filtered}");
+    let trees = {
+        let db = crate::common::open_sled(&ws.path("state/db"));
+        let names: Vec<String> = db.tree_names().iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect();
+        crate::common::close_sled(db, &ws.path("state/db"));
+        names
+    };
+    assert!(!trees.iter().any(|t| t == "event_ids"), "the old id tree is dropped: {trees:?}");
     let out = ws.run(&config, &["verify", "--expect-head", &head]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert!(stdout(&out).contains("trail verified: 5 events"), "{}", stdout(&out));
