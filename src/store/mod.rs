@@ -122,7 +122,8 @@ pub struct Store {
     db: sled::Db,
     cursors: sled::Tree,
     events: sled::Tree,
-    /// seq -> chain link (see `chain`).
+    /// seq -> chain link, for events stored before links travelled in their bodies and for
+    /// bodies too large to compress (see `chain`, `body`).
     chain: sled::Tree,
     outbox: sled::Tree,
     dead: sled::Tree,
