@@ -123,6 +123,30 @@ fn reordered_events_are_found() {
 }
 
 #[test]
+fn reordered_events_are_found_in_the_layout_with_links_in_the_chain_tree_too() {
+    let ws = Workspace::new();
+    let config = trail(&ws);
+    // As stores written before links travelled in the bodies: plain JSON bodies, each link in
+    // the chain tree at its event's place. Then events 1 and 2 swapped (their links stay).
+    tamper(&ws, |db| {
+        use policy_audit::store::body;
+        let events = db.open_tree("events").expect("tree");
+        let chain = db.open_tree("chain").expect("tree");
+        for item in events.iter() {
+            let (k, stored) = item.expect("item");
+            chain.insert(&k, &body::link(&stored).expect("a link").expect("32 bytes")).expect("link");
+            events.insert(&k, body::decode(&stored).expect("decodes").into_owned()).expect("plain");
+        }
+        let (a, b) = (events.get(key(1)).expect("get").expect("1"), events.get(key(2)).expect("get").expect("2"));
+        events.insert(key(1), b).expect("insert");
+        events.insert(key(2), a).expect("insert");
+    });
+    let (code, text) = verify(&ws, &config);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("event #1 (id ") && text.contains("events were reordered"), "{text}");
+}
+
+#[test]
 fn removing_the_newest_events_changes_the_head_or_is_found() {
     let ws = Workspace::new();
     let config = trail(&ws);
