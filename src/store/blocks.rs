@@ -124,6 +124,15 @@ pub(super) trait Locate {
     fn floor(&self, list: &[u8], probe: &[u8]) -> sled::Result<Option<Vec<u8>>>;
     /// The least block key of `list` greater than `key` (the list's first with `key` = `list`).
     fn after(&self, list: &[u8], key: &[u8]) -> sled::Result<Option<Vec<u8>>>;
+
+    /// The block an entry keyed `probe` belongs to: the one at or before it, or the list's
+    /// first when it is older than all of them (None for an empty list).
+    fn holding(&self, list: &[u8], probe: &[u8]) -> sled::Result<Option<Vec<u8>>> {
+        match self.floor(list, probe)? {
+            Some(key) => Ok(Some(key)),
+            None => self.after(list, list),
+        }
+    }
 }
 
 impl Locate for sled::Tree {
@@ -142,30 +151,28 @@ impl Locate for sled::Tree {
 pub(super) struct Known(BTreeSet<Vec<u8>>);
 
 impl Known {
-    /// For each list and the times its new entries span, the keys from the block holding the
-    /// oldest (or the list's start) to the first block past the newest; for each single entry
-    /// to add (`points`: entries spread over their list), the block holding it and the next.
+    /// For each list with the entries to add to it (sorted): the keys from the block holding
+    /// the first to the first block past the last; for a `scattered` list (entries spread over
+    /// it: the id list), the block holding each entry and the next.
     pub(super) fn around<'a>(
         tree: &sled::Tree,
-        spans: impl IntoIterator<Item = (&'a Vec<u8>, &'a (u64, u64))>,
-        points: impl IntoIterator<Item = (&'a [u8], &'a Entry)>,
+        lists: impl IntoIterator<Item = (&'a [u8], &'a [Entry], bool)>,
     ) -> sled::Result<Known> {
         let mut known = BTreeSet::new();
-        for (list, e) in points {
-            let Some(key) = (match tree.floor(list, &key_of(list, e))? {
-                Some(key) => Some(key),
-                None => tree.after(list, list)?,
-            }) else {
+        for (list, entries, scattered) in lists {
+            let (Some(first), Some(last)) = (entries.first(), entries.last()) else { continue };
+            if scattered {
+                for e in entries {
+                    let Some(key) = tree.holding(list, &key_of(list, e))? else { continue };
+                    if let Some(next) = tree.after(list, &key)? {
+                        known.insert(next);
+                    }
+                    known.insert(key);
+                }
                 continue;
-            };
-            if let Some(next) = tree.after(list, &key)? {
-                known.insert(next);
             }
-            known.insert(key);
-        }
-        for (list, (oldest, newest)) in spans {
-            let start = tree.floor(list, &key_of(list, &entry(*oldest, 0)))?.unwrap_or_else(|| list.clone());
-            let last = key_of(list, &entry(*newest, u64::MAX));
+            let start = tree.floor(list, &key_of(list, first))?.unwrap_or_else(|| list.to_vec());
+            let last = key_of(list, last);
             for key in tree.range(start..end_of(list)).keys() {
                 let key = key?;
                 if block_of(list, &key) {
@@ -192,19 +199,14 @@ impl Locate for Known {
     }
 }
 
-/// Adds `entries` (any order, none already in it) to `list`:
-/// `blocks` says where its blocks lie, `w` takes the writes.
-pub(super) fn add<L: Locate, W: Writes>(blocks: &L, w: &W, list: &[u8], entries: &mut [Entry]) -> Result<(), W::Error> {
-    entries.sort_unstable();
+/// Adds `entries` (sorted, none already in it) to `list`: `blocks` says where its blocks lie,
+/// `w` takes the writes.
+pub(super) fn add<L: Locate, W: Writes>(blocks: &L, w: &W, list: &[u8], entries: &[Entry]) -> Result<(), W::Error> {
     let mut i = 0;
     while i < entries.len() {
         let probe = key_of(list, &entries[i]);
-        // The block the entry belongs to; the list's first block when the entry is older than
-        // all of them (moved below); a new block when the list is empty.
-        let key = match blocks.floor(list, &probe)? {
-            Some(key) => key,
-            None => blocks.after(list, list)?.unwrap_or(probe),
-        };
+        // A first block that takes older entries moves below; an empty list gets a new block.
+        let key = blocks.holding(list, &probe)?.unwrap_or(probe);
         let next = blocks.after(list, &key)?;
         let upto = match &next {
             Some(next) => i + entries[i..].iter().take_while(|e| e[..] < next[list.len()..]).count(),
@@ -257,45 +259,39 @@ pub(super) fn range<'a>(
     newest_first: bool,
 ) -> Box<dyn Iterator<Item = Result<Entry, BlockError>> + 'a> {
     let end = end_of(list);
-    let decode = |(key, value): (sled::IVec, sled::IVec)| -> Result<Vec<Entry>, BlockError> {
+    let blocks: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a> = if newest_first {
+        let upper = high.map(|h| key_of(list, &h)).unwrap_or(end);
+        Box::new(tree.range(list.to_vec()..upper).rev())
+    } else {
+        // From the block holding `low`, or the first.
+        match low.map(|l| tree.floor(list, &key_of(list, &l))).transpose() {
+            Ok(floor) => Box::new(tree.range(floor.flatten().unwrap_or_else(|| list.to_vec())..end)),
+            Err(e) => return Box::new(std::iter::once(Err(BlockError::Sled(e)))),
+        }
+    };
+    let decode = move |(key, value): (sled::IVec, sled::IVec)| -> Result<Vec<Entry>, BlockError> {
         if value.is_empty() || value.len() % ENTRY_LEN != 0 || key.len() < ENTRY_LEN {
             return Err(BlockError::Damaged(format!("an index block of {} bytes", value.len())));
         }
-        Ok(value.chunks_exact(ENTRY_LEN).map(|c| c.try_into().unwrap_or([0; ENTRY_LEN])).collect())
+        let entries = value.chunks_exact(ENTRY_LEN).map(|c| c.try_into().unwrap_or([0; ENTRY_LEN]));
+        Ok(if newest_first { entries.rev().collect() } else { entries.collect() })
     };
     let in_low = move |e: &Entry| low.is_none_or(|l| *e >= l);
     let in_high = move |e: &Entry| high.is_none_or(|h| *e < h);
-    if newest_first {
-        let upper = high.map(|h| key_of(list, &h)).unwrap_or(end);
-        let blocks = tree.range(list.to_vec()..upper).rev();
-        Box::new(
-            blocks
-                .map(move |b| b.map_err(BlockError::Sled).and_then(decode))
-                .flat_map(|b| match b {
-                    Ok(entries) => entries.into_iter().rev().map(Ok).collect::<Vec<_>>(),
-                    Err(e) => vec![Err(e)],
-                })
-                .filter(move |e| e.as_ref().map_or(true, in_high))
-                .take_while(move |e| e.as_ref().map_or(true, in_low)),
-        )
-    } else {
-        // From the block holding `low`, or the first.
-        let start = match low.map(|l| tree.floor(list, &key_of(list, &l))).transpose() {
-            Ok(floor) => floor.flatten().unwrap_or_else(|| list.to_vec()),
-            Err(e) => return Box::new(std::iter::once(Err(BlockError::Sled(e)))),
-        };
-        let blocks = tree.range(start..end);
-        Box::new(
-            blocks
-                .map(move |b| b.map_err(BlockError::Sled).and_then(decode))
-                .flat_map(|b| match b {
-                    Ok(entries) => entries.into_iter().map(Ok).collect::<Vec<_>>(),
-                    Err(e) => vec![Err(e)],
-                })
-                .filter(move |e| e.as_ref().map_or(true, in_low))
-                .take_while(move |e| e.as_ref().map_or(true, in_high)),
-        )
-    }
+    // The first block read may hold entries before the side reading starts from (skipped);
+    // reading stops at the first entry past the other side.
+    let started = move |e: &Entry| if newest_first { in_high(e) } else { in_low(e) };
+    let going = move |e: &Entry| if newest_first { in_low(e) } else { in_high(e) };
+    Box::new(
+        blocks
+            .map(move |b| b.map_err(BlockError::Sled).and_then(decode))
+            .flat_map(|b| match b {
+                Ok(entries) => entries.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            })
+            .filter(move |e| e.as_ref().map_or(true, started))
+            .take_while(move |e| e.as_ref().map_or(true, going)),
+    )
 }
 
 /// What reading a list can meet; the store turns it into a [`super::StoreError`].
@@ -345,25 +341,18 @@ mod tests {
         for (n, batch) in order.chunks(37).enumerate() {
             let mut entries: Vec<Entry> = batch.iter().map(|&s| entry((s * 10) ^ SIGN, s)).collect();
             let mut others: Vec<Entry> = batch.iter().map(|&s| entry(s ^ SIGN, s + 5_000)).collect();
+            entries.sort_unstable();
+            others.sort_unstable();
             if n % 2 == 0 {
-                add(&tree, &tree, list, &mut entries).expect("add");
-                add(&tree, &tree, other, &mut others).expect("add other");
+                add(&tree, &tree, list, &entries).expect("add");
+                add(&tree, &tree, other, &others).expect("add other");
                 continue;
             }
-            let span = |e: &[Entry]| (e.iter().map(|e| e[..8].to_vec()).min(), e.iter().map(|e| e[..8].to_vec()).max());
-            let time = |t: Option<Vec<u8>>| u64::from_be_bytes(t.expect("time").try_into().expect("8 bytes"));
-            let spans: std::collections::BTreeMap<Vec<u8>, (u64, u64)> =
-                [(list.as_slice(), &entries), (other, &others)]
-                    .into_iter()
-                    .map(|(l, e)| {
-                        let (lo, hi) = span(e);
-                        (l.to_vec(), (time(lo), time(hi)))
-                    })
-                    .collect();
-            let known = Known::around(&tree, &spans, []).expect("known");
+            let lists = [(&list[..], &entries[..], false), (&other[..], &others[..], false)];
+            let known = Known::around(&tree, lists).expect("known");
             tree.transaction(|tx| {
-                add(&known, tx, list, &mut entries.clone())?;
-                add(&known, tx, other, &mut others.clone())?;
+                add(&known, tx, list, &entries)?;
+                add(&known, tx, other, &others)?;
                 Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
             })
             .expect("transaction");
@@ -397,14 +386,14 @@ mod tests {
         for (n, batch) in order.chunks(50).enumerate() {
             let mut entries: Vec<Entry> =
                 batch.iter().map(|&s| entry(s.wrapping_mul(0x9e37_79b9_7f4a_7c15), s)).collect();
+            entries.sort_unstable();
             if n % 2 == 0 {
-                add(&tree, &tree, list, &mut entries).expect("add");
+                add(&tree, &tree, list, &entries).expect("add");
                 continue;
             }
-            let points: Vec<(&[u8], &Entry)> = entries.iter().map(|e| (&list[..], e)).collect();
-            let known = Known::around(&tree, [], points).expect("known");
+            let known = Known::around(&tree, [(&list[..], &entries[..], true)]).expect("known");
             tree.transaction(|tx| {
-                add(&known, tx, list, &mut entries.clone())?;
+                add(&known, tx, list, &entries)?;
                 Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
             })
             .expect("transaction");
@@ -426,7 +415,7 @@ mod tests {
         let (_dir, tree) = tree();
         let list = b"T\0";
         for s in 0..640u64 {
-            add(&tree, &tree, list, &mut [entry(s ^ SIGN, s)]).expect("add");
+            add(&tree, &tree, list, &[entry(s ^ SIGN, s)]).expect("add");
         }
         assert_eq!(tree.scan_prefix(list).count(), 10);
         assert_eq!(all(&tree, list, None, None, false), (0..640).collect::<Vec<_>>());

@@ -237,17 +237,6 @@ mod tests {
         assert_eq!(store.count_by_type().expect("by type"), by_type, "{when}");
     }
 
-    /// sled lets go of its files in the background after a drop: retry the opens briefly.
-    fn retry<T>(mut open: impl FnMut() -> anyhow::Result<T>) -> T {
-        for _ in 0..100 {
-            if let Ok(v) = open() {
-                return v;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        open().expect("open")
-    }
-
     #[test]
     fn counters_are_right_after_every_commit_and_count_a_replayed_event_once() {
         let dir = tempfile::tempdir().expect("tmp");
@@ -297,7 +286,7 @@ mod tests {
         }
         // A store written before the counters existed: none of them, no `counts_at`.
         {
-            let db = retry(|| Ok(sled::open(dir.path())?));
+            let db = crate::store::retry_open(|| Ok(sled::open(dir.path())?));
             let meta = db.open_tree("meta").expect("meta");
             for key in meta.scan_prefix(COUNTER).keys() {
                 meta.remove(key.expect("key")).expect("remove");
@@ -306,20 +295,20 @@ mod tests {
             db.flush().expect("flush");
         }
         {
-            let store = retry(|| Store::open(dir.path()));
+            let store = crate::store::retry_open(|| Store::open(dir.path()));
             assert_counts(&store, &all[..40], "rebuilt for a store without counters");
             commit(&store, &all[40..45]).expect("commit");
             assert_counts(&store, &all[..45], "kept up after the rebuild");
         }
         // An older release stored events since: the counters lag behind the trail.
         {
-            let db = retry(|| Ok(sled::open(dir.path())?));
+            let db = crate::store::retry_open(|| Ok(sled::open(dir.path())?));
             let meta = db.open_tree("meta").expect("meta");
             meta.insert(counter_key(&prefix(PROJECT, "a/spp")), &3u64.to_be_bytes()).expect("stale");
             meta.insert(COUNTS_AT, &40u64.to_be_bytes()).expect("stale");
             db.flush().expect("flush");
         }
-        let store = retry(|| Store::open(dir.path()));
+        let store = crate::store::retry_open(|| Store::open(dir.path()));
         assert_counts(&store, &all[..45], "rebuilt when they lag behind the trail");
     }
 }

@@ -84,46 +84,52 @@ pub(super) fn entry_of(e: &AuditEvent, seq: u64) -> Result<Entry, String> {
 pub(super) struct Additions(BTreeMap<Vec<u8>, Vec<Entry>>);
 
 impl Additions {
+    /// The entries of `events` (each with the number it is stored as), every list sorted.
+    pub(super) fn of<'e>(events: impl IntoIterator<Item = (u64, &'e AuditEvent)>) -> Result<Additions, String> {
+        let mut additions = Additions::default();
+        for (seq, e) in events {
+            additions.add(e, seq)?;
+        }
+        Ok(additions.sorted())
+    }
+
     /// Event `e`, stored as number `seq`: its entry (`entry_of`) in its lists, and its id.
-    pub(super) fn add(&mut self, e: &AuditEvent, seq: u64, entry: Entry) {
+    pub(super) fn add(&mut self, e: &AuditEvent, seq: u64) -> Result<(), String> {
+        let entry = entry_of(e, seq)?;
         for list in lists_of(e) {
             self.0.entry(list).or_default().push(entry);
         }
         let (list, id) = id_entry(&e.id, seq);
         self.0.entry(list).or_default().push(id);
+        Ok(())
+    }
+
+    /// Every list sorted, as [`Additions::known`] and [`Additions::write`] need them.
+    pub(super) fn sorted(mut self) -> Additions {
+        self.0.values_mut().for_each(|entries| entries.sort_unstable());
+        self
+    }
+
+    /// Where their blocks lie, read before the storing transaction (which cannot range over a
+    /// tree). The id list is scattered: its entries are hashes.
+    pub(super) fn known(&self, tree: &sled::Tree) -> sled::Result<blocks::Known> {
+        let ids = prefix(ID, "");
+        blocks::Known::around(
+            tree,
+            self.0.iter().map(|(list, entries)| (list.as_slice(), entries.as_slice(), *list == ids)),
+        )
     }
 
     /// Writes them through `w` (see [`blocks::add`]).
-    pub(super) fn write<L: blocks::Locate, W: blocks::Writes>(self, blocks: &L, w: &W) -> Result<(), W::Error> {
-        for (list, mut entries) in self.0 {
-            blocks::add(blocks, w, &list, &mut entries)?;
+    pub(super) fn write<L: blocks::Locate, W: blocks::Writes>(&self, blocks: &L, w: &W) -> Result<(), W::Error> {
+        for (list, entries) in &self.0 {
+            blocks::add(blocks, w, list, entries)?;
         }
         Ok(())
     }
 
     pub(super) fn len(&self) -> usize {
         self.0.values().map(Vec::len).sum()
-    }
-}
-
-impl Store {
-    /// The index blocks that storing `events` can meet, read before the storing transaction
-    /// (which cannot range over a tree).
-    pub(super) fn known_blocks(&self, events: &[(u64, &AuditEvent)]) -> Result<blocks::Known, StoreError> {
-        let mut spans: BTreeMap<Vec<u8>, (u64, u64)> = BTreeMap::new();
-        let ids: Vec<(Vec<u8>, Entry)> = events.iter().map(|(seq, e)| id_entry(&e.id, *seq)).collect();
-        for (_, e) in events {
-            let time = blocks::time_of(&e.created_at).ok_or_else(|| StoreError::Transaction {
-                dir: self.dir.clone(),
-                message: format!("event {} has a created_at that is not a time: {:?}", e.id, e.created_at),
-            })?;
-            for list in lists_of(e) {
-                let span = spans.entry(list).or_insert((time, time));
-                *span = (span.0.min(time), span.1.max(time));
-            }
-        }
-        let points = ids.iter().map(|(list, entry)| (list.as_slice(), entry));
-        blocks::Known::around(&self.index, &spans, points).map_err(|e| self.sled(e))
     }
 }
 
@@ -197,19 +203,18 @@ impl Store {
             let (k, v) = item.map_err(|e| self.sled(e))?;
             let seq = self.decode_seq_key("events", &k)?;
             let e: AuditEvent = self.decode_event(seq, &v)?;
-            let entry = entry_of(&e, seq).map_err(|what| StoreError::Damaged {
+            additions.add(&e, seq).map_err(|what| StoreError::Damaged {
                 what,
                 location: format!("tree \"events\" in {}", self.dir.display()),
             })?;
-            additions.add(&e, seq, entry);
             if additions.len() >= 500_000 {
-                std::mem::take(&mut additions).write(&self.index, &self.index).map_err(|e| self.sled(e))?;
+                std::mem::take(&mut additions).sorted().write(&self.index, &self.index).map_err(|e| self.sled(e))?;
             }
             if done > 0 && done % 100_000 == 0 {
                 tracing::info!(indexed = done, of = total, "building the indexes");
             }
         }
-        additions.write(&self.index, &self.index).map_err(|e| self.sled(e))?;
+        additions.sorted().write(&self.index, &self.index).map_err(|e| self.sled(e))?;
         self.meta.insert(INDEX_VERSION, &1u32.to_be_bytes()).map_err(|e| self.sled(e))?;
         self.db.flush().map_err(|e| self.sled(e))?;
         for tree in OLD_TREES {
@@ -530,18 +535,8 @@ mod tests {
             assert_eq!(second.0, 2);
         }
         // A store written before the indexes existed: no entries, no version mark.
-        // sled lets go of its files in the background after a drop: retry the opens briefly.
-        fn retry<T>(mut open: impl FnMut() -> anyhow::Result<T>) -> T {
-            for _ in 0..100 {
-                if let Ok(v) = open() {
-                    return v;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            open().expect("open")
-        }
         {
-            let db = retry(|| Ok(sled::open(dir.path())?));
+            let db = crate::store::retry_open(|| Ok(sled::open(dir.path())?));
             db.open_tree("index").expect("tree").clear().expect("clear");
             let meta = db.open_tree("meta").expect("meta");
             meta.remove(INDEX_VERSION).expect("remove");
@@ -554,7 +549,7 @@ mod tests {
             }
             db.flush().expect("flush");
         }
-        let store = retry(|| Store::open(dir.path()));
+        let store = crate::store::retry_open(|| Store::open(dir.path()));
         for q in queries() {
             assert_eq!(paged(&store, &q), expected(&events, &q), "after the build: {q:?}");
             assert_eq!(store.count(&q, 1000).expect("count"), Some(expected(&events, &q).len()), "{q:?}");

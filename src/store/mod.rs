@@ -293,11 +293,13 @@ impl Store {
             })?;
             encoded.push((json, stored, destinations_for(e)));
         }
-        let known = self.known_blocks(&fresh)?;
+        let additions = index::Additions::of(fresh.iter().copied())
+            .map_err(|message| StoreError::Transaction { dir: self.dir.clone(), message })?;
+        let known = additions.known(&self.index).map_err(|e| self.sled(e))?;
         let trees = (&self.cursors, &self.events, &self.outbox, &self.meta, &self.chain, &self.index);
         let result = trees.transaction(|(cursors, tx_events, outbox, meta, links, index)| {
             let abort = ConflictableTransactionError::Abort;
-            let mut seq = match meta.get(NEXT_SEQ)? {
+            let seq = match meta.get(NEXT_SEQ)? {
                 Some(v) => {
                     decode_u64(&self.dir, "meta", &v, || "the event counter (next_seq)".into()).map_err(abort)?
                 }
@@ -319,13 +321,8 @@ impl Store {
                 }
                 None => chain::GENESIS,
             };
-            let mut stored = 0;
             let mut tally = counts::Tally::default();
-            let mut additions = index::Additions::default();
-            for ((_, event), (json, stored_body, dests)) in fresh.iter().zip(&encoded) {
-                let entry = index::entry_of(event, seq)
-                    .map_err(|message| abort(StoreError::Transaction { dir: self.dir.clone(), message }))?;
-                additions.add(event, seq, entry);
+            for (&(seq, event), (json, stored_body, dests)) in fresh.iter().zip(&encoded) {
                 tally.add(event);
                 head = chain::link(&head, json);
                 // The link travels in the body; a plain (too large to compress) body keeps its
@@ -344,13 +341,12 @@ impl Store {
                     })?;
                     outbox.insert(delivery_key(dest, seq), value)?;
                 }
-                seq += 1;
-                stored += 1;
             }
             additions.write(&known, index)?;
-            meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
+            let next_seq = first_seq + fresh.len() as u64;
+            meta.insert(NEXT_SEQ, &next_seq.to_be_bytes())?;
             meta.insert(CHAIN_HEAD, &head)?;
-            tally.write(self, meta, seq)?;
+            tally.write(self, meta, next_seq)?;
             match written {
                 Written::Cursor(project, cursor_bytes) => {
                     cursors.insert(project.as_bytes(), cursor_bytes)?;
@@ -359,7 +355,7 @@ impl Store {
                     meta.insert(REPLICA_POSITION, &position.to_be_bytes())?;
                 }
             }
-            Ok(stored)
+            Ok(fresh.len())
         });
         result.map_err(|e: TransactionError<StoreError>| match e {
             TransactionError::Abort(e) => e,
@@ -426,6 +422,19 @@ impl Store {
         self.db.flush().context("cannot flush the state database")?;
         Ok(())
     }
+}
+
+/// For tests that reopen a store: sled lets go of its files in the background after a drop,
+/// so the opens are retried briefly.
+#[cfg(test)]
+fn retry_open<T>(mut open: impl FnMut() -> anyhow::Result<T>) -> T {
+    for _ in 0..100 {
+        if let Ok(v) = open() {
+            return v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    open().expect("open")
 }
 
 /// Creates `dir` (and parents) readable by the owner only: it holds mirrors and the trail.
