@@ -42,15 +42,6 @@ fn assert_totals(port: u16, stored: &[Value], when: &str) {
     }
 }
 
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn totals_are_right_right_after_new_events_while_the_daemon_serves() {
     let ws = Workspace::new();
@@ -58,7 +49,7 @@ fn totals_are_right_right_after_new_events_while_the_daemon_serves() {
     let config = trail(&ws, port, "");
     let before = events_json(&ws, &config);
     let log = std::fs::File::create(ws.path("daemon.log")).expect("log file");
-    let _daemon = Killed(spawn_daemon(&config, log.into(), &[]));
+    let _daemon = crate::common::KillOnDrop(spawn_daemon(&config, log.into(), &[]));
     wait_until_up(port, Duration::from_secs(20));
     assert_totals(port, &before, "at start");
     // A merge that deletes two policies and adds one: three events of two types.

@@ -106,6 +106,16 @@ pub fn events_json(ws: &Workspace, config: &Path) -> Vec<serde_json::Value> {
     serde_json::from_slice(&out.stdout).expect("events --format json is a JSON array")
 }
 
+/// A process the test started, killed and reaped when the test ends, assertion failed or not.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `policy-audit --config <config> run` with info logs to `stderr`.
 pub fn spawn_daemon(config: &Path, stderr: std::process::Stdio, env: &[(&str, &str)]) -> std::process::Child {
     Command::new(BIN)

@@ -2,10 +2,10 @@
 //! The Audit events page, GitLab's audit events API (also through python-gitlab), `/metrics`
 //! through `promtool`, and the limits that keep a client from holding the server.
 
-use crate::common::{BIN, Workspace, commit, events_json, stderr};
+use crate::common::{BIN, KillOnDrop, Workspace, commit, events_json, stderr};
 use crate::http::{free_port, get, request, wait_until_up};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 pub const POLICY: &str = ".gitlab/security-policies/policy.yml";
@@ -14,15 +14,8 @@ pub const XSS_POLICY: &str = "<img src=x onerror=alert(1)>";
 
 /// A running `policy-audit serve`, stopped on drop.
 pub struct Served {
-    child: Child,
+    child: KillOnDrop,
     pub port: u16,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn policy_text(approvals: u32, xss_enabled: bool, with_dast: bool) -> String {
@@ -86,7 +79,7 @@ pub fn serve(ws: &Workspace, config: &Path, port: u16) -> Served {
         .spawn()
         .expect("start serve");
     wait_until_up(port, Duration::from_secs(20));
-    Served { child, port }
+    Served { child: KillOnDrop(child), port }
 }
 
 /// The trail reconciled and served: (workspace, server, stored events oldest first).
@@ -381,8 +374,8 @@ fn demo_serve_prints_a_login_link_that_opens_the_demo_trail_until_ctrl_c() {
         .spawn()
         .expect("start demo --serve");
     // Stopped even when an assertion fails first.
-    let mut served = Served { child, port };
-    let child = &mut served.child;
+    let mut served = Served { child: KillOnDrop(child), port };
+    let child = &mut served.child.0;
     let stdout = child.stdout.take().expect("stdout");
     let link = BufReader::new(stdout)
         .lines()

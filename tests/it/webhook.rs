@@ -2,28 +2,20 @@
 //! project, queued and coalesced; a wrong secret or an oversized body triggers nothing. The
 //! reconciles are counted on the daemon's own `/metrics`.
 
-use crate::common::{Workspace, commit, spawn_daemon, wait_for};
+use crate::common::{KillOnDrop, Workspace, commit, spawn_daemon, wait_for};
 use crate::http::{free_port, get, request, wait_until_up};
 use crate::receiver::Receiver;
 use crate::server::TOKEN;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::Duration;
 
 const POLICY: &str = ".gitlab/security-policies/policy.yml";
 const SECRET: &str = "hook-secret-81b2";
 
 struct Daemon {
-    child: Child,
+    _child: KillOnDrop,
     port: u16,
     log: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Daemon {
@@ -101,7 +93,7 @@ fn start(ws: &Workspace, receiver: &Receiver) -> (Daemon, PathBuf) {
     );
     let log = ws.path("daemon.log");
     let child = spawn_daemon(&config, std::fs::File::create(&log).expect("log").into(), &[]);
-    let daemon = Daemon { child, port, log };
+    let daemon = Daemon { _child: KillOnDrop(child), port, log };
     wait_until_up(port, Duration::from_secs(20));
     wait_for("the start-up reconcile", Duration::from_secs(20), || daemon.reconciles("schedule") == 1);
     wait_for("the first event", Duration::from_secs(20), || receiver.requests().len() == 1);
