@@ -31,12 +31,16 @@ impl State {
 /// - a valid file is diffed against the baseline (creates, updates, deletes) and becomes it;
 /// - a limit event is made only where the set of skipped policies of a type changes;
 /// - with `emit` false (the feature flag off) nothing is reported but the state advances.
-pub(super) fn apply(
+///
+/// The replaced baseline goes to `discard`: a long walk frees it on another thread (freeing a
+/// parsed file costs about as much as diffing it).
+pub(super) fn apply_then(
     mut state: State,
     loaded: Result<PolicySet, InvalidPolicyFile>,
     ctx: &StepContext,
     limits: &Limits,
     emit: bool,
+    discard: impl FnOnce(PolicySet),
 ) -> (State, Vec<AuditEvent>) {
     let mut events = Vec::new();
     match loaded {
@@ -58,10 +62,24 @@ pub(super) fn apply(
                 }
             }
             state.limits = breaches.into_iter().map(|b| (b.policy_type, b.skipped)).collect();
-            state.baseline = Some(set);
+            if let Some(replaced) = state.baseline.replace(set) {
+                discard(replaced);
+            }
         }
     }
     (state, events)
+}
+
+/// [`apply_then`], freeing the replaced baseline here.
+#[cfg(test)]
+pub(super) fn apply(
+    state: State,
+    loaded: Result<PolicySet, InvalidPolicyFile>,
+    ctx: &StepContext,
+    limits: &Limits,
+    emit: bool,
+) -> (State, Vec<AuditEvent>) {
+    apply_then(state, loaded, ctx, limits, emit, drop)
 }
 
 /// The skipped policies are a set: the same names in another order are no change.

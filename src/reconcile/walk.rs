@@ -2,7 +2,7 @@
 //! steps since the cursor, or one step to the tip after a rewrite), walked cheaply over trees,
 //! then step by step, stored in chunks through the sink.
 
-use super::policy_files::{PARSE_WINDOW, blob_key};
+use super::policy_files::{Ahead, PARSE_AHEAD, STEPS_AHEAD, blob_key};
 use super::step::{self, State, limit_map};
 use super::{CHUNK_EVENTS, Options, Sink, Summary, count_events, ms};
 use crate::config::{Config, Project};
@@ -13,7 +13,7 @@ use crate::stop::Stop;
 use crate::store::Cursor;
 use anyhow::Result;
 use gix::ObjectId;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Works out the steps since the cursor (or the baseline, or the rewrite) and their events.
@@ -77,8 +77,8 @@ pub(super) struct Walker<'a> {
     pub(super) path: PolicyPath,
     /// Parsed files by blob id: a reverted file is not parsed twice. Bounded.
     pub(super) parsed: HashMap<ObjectId, Result<PolicySet, InvalidPolicyFile>>,
-    /// Files of the current window, parsed ahead in parallel.
-    pub(super) ahead: HashMap<ObjectId, Result<PolicySet, InvalidPolicyFile>>,
+    /// Files of the coming steps, parsed on other threads (only during [`Walker::walk`]).
+    pub(super) ahead: Ahead,
     pub(super) progress: bool,
     /// Shutdown: a long walk stops between steps (what was stored is consistent).
     pub(super) stop: Stop,
@@ -99,7 +99,7 @@ impl<'a> Walker<'a> {
             summary,
             path: PolicyPath::new(&project.policy_file),
             parsed: HashMap::new(),
-            ahead: HashMap::new(),
+            ahead: Ahead::default(),
             progress: options.progress,
             stop: options.stop.clone(),
         }
@@ -133,6 +133,24 @@ impl<'a> Walker<'a> {
 
     fn walk(
         &mut self,
+        state: State,
+        steps: &[Link],
+        emit: bool,
+        now: jiff::Timestamp,
+        sink: &Sink<'_>,
+    ) -> Result<(State, Vec<AuditEvent>)> {
+        // This thread walks, diffs and stores: the other cores parse (on 2 cores, one parsing
+        // thread was as fast as two and steadier, docs/performance.md).
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let workers = cores.saturating_sub(1).clamp(1, 8);
+        Ahead::run(self, workers, |walker| walker.walk_steps(state, steps, emit, now, sink))
+    }
+
+    /// The steps in order: a cheap pass over trees finds the commits that change the file and
+    /// hands their files to the parsing threads, staying [`PARSE_AHEAD`] files ahead of the
+    /// steps, which load, diff and store them.
+    fn walk_steps(
+        &mut self,
         mut state: State,
         steps: &[Link],
         emit: bool,
@@ -143,51 +161,48 @@ impl<'a> Walker<'a> {
         let mut events = Vec::new();
         let walk_started = Instant::now();
         let mut stepping = Duration::ZERO;
-        // Which commits change the file: a cheap pass over trees only.
-        let mut changes: Vec<(Link, PolicyBlob)> = Vec::new();
+        let mut changes: VecDeque<(Link, PolicyBlob)> = VecDeque::new();
+        let mut looked = 0;
         let mut key = state.blob.clone();
-        for (i, link) in steps.iter().enumerate() {
-            if i % 4096 == 0 {
-                self.check_stop()?;
-            }
-            bar.inc(1);
-            self.summary.commits += 1;
-            let blob = self.path.lookup(self.mirror, link.tree)?;
-            let next = blob_key(&blob);
-            if next != key {
-                key = next;
-                changes.push((*link, blob));
-            }
-        }
-        // Then window by window: parse ahead on all cores, diff in order.
-        for window in changes.chunks(PARSE_WINDOW) {
-            let parse_started = Instant::now();
-            self.parse_ahead(window.iter().map(|(_, blob)| blob))?;
-            self.summary.timings.parse_ms += ms(parse_started.elapsed());
-            stepping += parse_started.elapsed();
-            for (link, blob) in window {
-                self.check_stop()?;
-                let step_started = Instant::now();
-                let commit = self.mirror.commit(link.id)?;
-                self.summary.steps += 1;
-                state.blob = blob_key(blob);
-                let previous = commit.first_parent.map(|p| p.to_string());
-                state = self.step(state, &commit, blob, previous.as_deref(), false, emit, now, &mut events)?;
-                stepping += step_started.elapsed();
-                if events.len() >= CHUNK_EVENTS {
-                    let stored_at = Instant::now();
-                    let at = Cursor {
-                        commit: link.id.to_string(),
-                        blob: state.blob.clone(),
-                        baseline: state.baseline.clone(),
-                        limits: state.limits.clone(),
-                    };
-                    self.summary.stored += sink(&at, &events)?;
-                    count_events(self.summary, &events);
-                    events.clear();
-                    self.summary.timings.store_ms += ms(stored_at.elapsed());
-                    stepping += stored_at.elapsed();
+        loop {
+            while looked < steps.len() && self.ahead.in_flight() < PARSE_AHEAD && changes.len() < STEPS_AHEAD {
+                if looked % 4096 == 0 {
+                    self.check_stop()?;
                 }
+                let link = steps[looked];
+                looked += 1;
+                bar.inc(1);
+                self.summary.commits += 1;
+                let blob = self.path.lookup(self.mirror, link.tree)?;
+                let next = blob_key(&blob);
+                if next != key {
+                    key = next;
+                    self.hand_over(&blob)?;
+                    changes.push_back((link, blob));
+                }
+            }
+            let Some((link, blob)) = changes.pop_front() else { break };
+            self.check_stop()?;
+            let step_started = Instant::now();
+            let commit = self.mirror.commit(link.id)?;
+            self.summary.steps += 1;
+            state.blob = blob_key(&blob);
+            let previous = commit.first_parent.map(|p| p.to_string());
+            state = self.step(state, &commit, &blob, previous.as_deref(), false, emit, now, &mut events)?;
+            stepping += step_started.elapsed();
+            if events.len() >= CHUNK_EVENTS {
+                let stored_at = Instant::now();
+                let at = Cursor {
+                    commit: link.id.to_string(),
+                    blob: state.blob.clone(),
+                    baseline: state.baseline.clone(),
+                    limits: state.limits.clone(),
+                };
+                self.summary.stored += sink(&at, &events)?;
+                count_events(self.summary, &events);
+                events.clear();
+                self.summary.timings.store_ms += ms(stored_at.elapsed());
+                stepping += stored_at.elapsed();
             }
         }
         // Parse and diff time is counted by `step`; the rest of the loop is walking.
@@ -249,7 +264,9 @@ impl<'a> Walker<'a> {
             detected_at: now,
             history_rewritten: rewritten,
         };
-        let (state, made) = step::apply(state, loaded, &ctx, &self.project.limits, emit);
+        let ahead = &mut self.ahead;
+        let (state, made) =
+            step::apply_then(state, loaded, &ctx, &self.project.limits, emit, |replaced| ahead.discard(replaced));
         events.extend(made);
         self.summary.timings.diff_ms += ms(diff_started.elapsed());
         Ok(state)

@@ -286,3 +286,73 @@ fn version_names_the_git_commit_it_was_built_from() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), format!("policy-audit {} (commit {commit})\n", env!("CARGO_PKG_VERSION")));
 }
+
+/// A long first sync parses the coming files on other threads while it walks. Whatever order
+/// the answers come in, it must report what syncing one commit at a time reports: files that
+/// come back (reverts, near and far), invalid files, a file over the size limit, and commits
+/// that leave the file alone, over more changes than are parsed ahead at once.
+#[test]
+fn a_backfill_reports_what_syncing_each_commit_reports() {
+    let ws = Workspace::new();
+    let repo = ws.init_repo("long");
+    let step_by_step = ws.write(
+        "each.toml",
+        &format!(
+            "state_dir = \"each\"\nmax_policy_file_bytes = 2000\n[[projects]]\npath = \"a/long\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+            repo.display()
+        ),
+    );
+    let oversized = format!("{}# {}\n", policy(1, ""), "x".repeat(2100));
+    for i in 0..150u32 {
+        let text = match i % 11 {
+            // An invalid file (a step the walk cannot parse), now and then.
+            3 => "approval_policy: [unclosed\n".to_string(),
+            7 if i % 2 == 0 => oversized.clone(),
+            // A version seen before: near (2 steps back) or far (over 60 steps back).
+            5 => policy(1 + (i / 2) % 3, ""),
+            9 => policy(1 + (i % 64) / 32, ""),
+            _ => policy(
+                1 + i % 5,
+                &format!(
+                    "- name: P{}\n  enabled: true\n  rules: [{{type: any_merge_request, branch_type: protected, commits: any}}]\n  actions: [{{type: require_approval, approvals_required: 1, role_approvers: [developer]}}]\n",
+                    i % 13
+                ),
+            ),
+        };
+        ws.write(&format!("long/{POLICY}"), &text);
+        if i % 17 == 0 {
+            ws.write("long/README.md", &format!("readme {i}\n"));
+        }
+        commit(
+            &repo,
+            "Alice",
+            "alice@example.com",
+            &format!("2024-02-01T10:{:02}:{:02}Z", i / 60, i % 60),
+            &format!("c{i}"),
+        );
+        let out = ws.run(&step_by_step, &["reconcile", "--no-deliver"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let at_once = ws.write(
+        "once.toml",
+        &format!(
+            "state_dir = \"once\"\nmax_policy_file_bytes = 2000\n[[projects]]\npath = \"a/long\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+            repo.display()
+        ),
+    );
+    let out = ws.run(&at_once, &["reconcile", "--no-deliver"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seen = |config: &Path| -> Vec<(String, String, String)> {
+        events_json(&ws, config)
+            .iter()
+            .map(|e| {
+                let d = &e["details"];
+                (e["id"].to_string(), d["event_name"].to_string(), format!("{} {}", d["policy_name"], d["commit_sha"]))
+            })
+            .collect()
+    };
+    let (each, once) = (seen(&step_by_step), seen(&at_once));
+    let invalidated = each.iter().filter(|(_, name, _)| name.contains("invalidated")).count();
+    assert!(each.len() > 150 && invalidated >= 15, "{} events, {invalidated} invalidated", each.len());
+    assert_eq!(once, each);
+}
