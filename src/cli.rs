@@ -83,7 +83,7 @@ pub struct ReconcileArgs {
     /// Print the summary as JSON
     #[arg(long)]
     pub json: bool,
-    /// Print time spent per phase (fetch, walk, parse, diff, store)
+    /// Print time spent per phase (fetch, walk, parse, diff, store) and the peak memory
     #[arg(long)]
     pub timings: bool,
     /// Start a new trail (a baseline) for projects whose state was lost although their mirror

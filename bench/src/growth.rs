@@ -35,7 +35,7 @@ impl Bench {
                 fmt_ms(b.ours),
                 format!("{per:.0} µs/commit"),
                 first.versus_first(per),
-                rss(b.ours),
+                format!("{:.1} MiB ({} with git's pack-objects)", mib(b.own_rss_kib), rss(b.ours)),
                 format!(
                     "{} git clone --mirror + git log ({:.2}x)",
                     fmt_ms(b.git),

@@ -118,11 +118,29 @@ pub fn render(config: &Config, req: &ReconcileRequest, report: Report) -> Output
         delivery.stdout.clear();
     }
     out.append(delivery);
+    let peak = req.timings.then(peak_memory_bytes).flatten();
     if req.json {
-        let summary = json!({"projects": json_rows, "deliveries": report.deliveries});
+        let mut summary = json!({"projects": json_rows, "deliveries": report.deliveries});
+        if let Some(peak) = peak {
+            summary["peak_memory_bytes"] = peak.into();
+        }
         out.out_line(serde_json::to_string_pretty(&summary).unwrap_or_default());
+    } else if let Some(peak) = peak {
+        out.out_line(format!(
+            "peak memory: {:.1} MiB (resident, this process; not the git programs a local fetch runs)",
+            peak as f64 / (1024.0 * 1024.0)
+        ));
     }
     out
+}
+
+/// The most memory this process has held resident so far (`VmHWM`): its own, not that of the
+/// programs it ran (a fetch from a local path runs `git upload-pack`, which on a real server
+/// runs there), nor that of the process that started it.
+fn peak_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim();
+    Some(kib.parse::<u64>().ok()? * 1024)
 }
 
 /// Reconciles and prints.

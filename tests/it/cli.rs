@@ -174,7 +174,13 @@ fn backfill_flag_adds_history_to_a_baselined_project() {
     for phase in ["fetch_ms", "walk_ms", "parse_ms", "diff_ms", "store_ms"] {
         assert!(project["timings"][phase].is_number(), "timings.{phase}");
     }
+    // This process's own peak: at least the binary's code, far below a gigabyte.
+    let peak = summary["peak_memory_bytes"].as_u64().expect("peak_memory_bytes with --timings");
+    assert!((1 << 20..1 << 30).contains(&peak), "{peak}");
     assert_eq!(events_json(&ws, &config).len(), 4);
+    let out = ws.run(&config, &["reconcile", "--json"]);
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("json summary");
+    assert!(summary.get("peak_memory_bytes").is_none(), "only with --timings: {summary}");
 }
 
 #[test]
@@ -191,6 +197,9 @@ fn timings_are_printed_per_phase() {
     let out = ws.run(&config, &["reconcile", "--timings"]);
     let text = stdout(&out);
     assert!(text.contains("timings: fetch ") && text.contains(" ms, store "), "{text}");
+    let peak = text.lines().find_map(|l| l.strip_prefix("peak memory: ")).expect("a peak memory line");
+    let mib: f64 = peak.split(' ').next().and_then(|n| n.parse().ok()).expect("MiB");
+    assert!(mib > 1.0 && mib < 1024.0, "{text}");
 }
 
 #[test]
