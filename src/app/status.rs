@@ -56,7 +56,7 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
     let chain = store.chain_head()?;
     let certificates = expiring_certificates(config, jiff::Timestamp::now().as_second());
     let mut report = json!({
-        "events": store.event_count(),
+        "events": store.event_count()?,
         "chain_head": chain.head,
         "chain_events": chain.events,
         "projects": projects,

@@ -95,9 +95,8 @@ impl Store {
         if head == hex(&GENESIS) {
             return Ok(Some(0));
         }
-        for entry in self.events.iter() {
-            let (key, stored) = entry?;
-            let seq = self.decode_seq_key("events", &key)?;
+        for entry in self.bodies_from(0) {
+            let (seq, stored) = entry?;
             if self.stored_link(seq, &stored)?.is_some_and(|link| hex(&link) == head) {
                 return Ok(Some(seq + 1));
             }
@@ -128,7 +127,7 @@ impl Store {
         // A body that no longer decodes was altered too: its link cannot match.
         let json = |seq: u64, stored: &[u8]| self.event_json(seq, stored).map(|j| j.into_owned()).unwrap_or_default();
         for seq in 0..recorded.events {
-            let Some(stored_body) = self.events.get(seq.to_be_bytes())? else {
+            let Some(stored_body) = self.stored_body(seq)? else {
                 return result(Some(Break::Removed { seq }));
             };
             let bytes = json(seq, &stored_body);
@@ -142,7 +141,7 @@ impl Store {
                     .unwrap_or_default();
                 // The next body chains on from here: with the link at this place (chain tree),
                 // or with the link it carries.
-                let swapped = match self.events.get((seq + 1).to_be_bytes())? {
+                let swapped = match self.stored_body(seq + 1)? {
                     Some(next) => {
                         let candidate = link(&previous, &json(seq + 1, &next));
                         candidate == stored || self.stored_link(seq + 1, &next).ok().flatten() == Some(candidate)
@@ -153,7 +152,7 @@ impl Store {
             }
             previous = stored;
         }
-        if self.events.get(recorded.events.to_be_bytes())?.is_some() {
+        if self.stored_body(recorded.events)?.is_some() {
             return result(Some(Break::Extra { seq: recorded.events }));
         }
         if hex(&previous) != recorded.head {

@@ -199,9 +199,8 @@ impl Store {
         }
         self.index.clear().map_err(|e| self.sled(e))?;
         let mut additions = Additions::default();
-        for (done, item) in self.events.iter().enumerate() {
-            let (k, v) = item.map_err(|e| self.sled(e))?;
-            let seq = self.decode_seq_key("events", &k)?;
+        for (done, item) in self.bodies_from(0).enumerate() {
+            let (seq, v) = item?;
             let e: AuditEvent = self.decode_event(seq, &v)?;
             additions.add(&e, seq).map_err(|what| StoreError::Damaged {
                 what,
@@ -432,7 +431,7 @@ impl Store {
     /// The chain link of event `seq` and of the one before it (genesis for the first), hex.
     pub fn chain_links(&self, seq: u64) -> anyhow::Result<(Option<String>, String)> {
         let link = |s: u64| -> anyhow::Result<Option<String>> {
-            let Some(stored) = self.events.get(s.to_be_bytes()).map_err(|e| self.sled(e))? else { return Ok(None) };
+            let Some(stored) = self.stored_body(s)? else { return Ok(None) };
             Ok(self.stored_link(s, &stored)?.map(|l| super::chain::hex(&l)))
         };
         let previous = match seq.checked_sub(1) {
@@ -444,12 +443,18 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::event::EventType;
     use crate::store::Cursor;
 
-    fn event(n: u32, project: &str, t: EventType, policy: Option<&str>, author: &str) -> AuditEvent {
+    pub(in crate::store) fn event(
+        n: u32,
+        project: &str,
+        t: EventType,
+        policy: Option<&str>,
+        author: &str,
+    ) -> AuditEvent {
         serde_json::from_value(serde_json::json!({
             "id": format!("ev-{n}"), "event_type": t, "entity_type": "Project", "entity_id": null,
             "entity_path": project, "target_type": "Security::Policy", "target_details": policy.unwrap_or(project),

@@ -11,6 +11,7 @@
 //!   as 0 or a chain head read as genesis would overwrite the trail at the next write.
 
 mod blocks;
+pub mod bodies;
 pub mod body;
 pub mod chain;
 mod counts;
@@ -121,7 +122,10 @@ pub struct Store {
     reconcile_run: std::sync::Mutex<()>,
     db: sled::Db,
     cursors: sled::Tree,
+    /// seq -> stored body, for events stored before `bodies` and bodies too large to group.
     events: sled::Tree,
+    /// seq / 16 -> the stored bodies of 16 consecutive events (see `bodies`).
+    bodies: sled::Tree,
     /// seq -> chain link, for events stored before links travelled in their bodies and for
     /// bodies too large to compress (see `chain`, `body`).
     chain: sled::Tree,
@@ -175,6 +179,7 @@ impl Store {
             _lock: lock,
             cursors: tree("cursors")?,
             events: tree("events")?,
+            bodies: tree("bodies")?,
             chain: tree("chain")?,
             outbox: tree("outbox")?,
             dead: tree("dead")?,
@@ -296,8 +301,8 @@ impl Store {
         let additions = index::Additions::of(fresh.iter().copied())
             .map_err(|message| StoreError::Transaction { dir: self.dir.clone(), message })?;
         let known = additions.known(&self.index).map_err(|e| self.sled(e))?;
-        let trees = (&self.cursors, &self.events, &self.outbox, &self.meta, &self.chain, &self.index);
-        let result = trees.transaction(|(cursors, tx_events, outbox, meta, links, index)| {
+        let trees = (&self.cursors, &self.events, &self.bodies, &self.outbox, &self.meta, &self.chain, &self.index);
+        let result = trees.transaction(|(cursors, tx_events, tx_bodies, outbox, meta, links, index)| {
             let abort = ConflictableTransactionError::Abort;
             let seq = match meta.get(NEXT_SEQ)? {
                 Some(v) => {
@@ -322,18 +327,35 @@ impl Store {
                 None => chain::GENESIS,
             };
             let mut tally = counts::Tally::default();
+            // The groups this batch appends to, as they grow (see `bodies`).
+            let mut groups: Vec<([u8; 8], Vec<u8>)> = Vec::new();
             for (&(seq, event), (json, stored_body, dests)) in fresh.iter().zip(&encoded) {
                 tally.add(event);
                 head = chain::link(&head, json);
                 // The link travels in the body; a plain (too large to compress) body keeps its
                 // link in the chain tree.
-                match body::with_link(stored_body, &head) {
-                    Some(linked) => tx_events.insert(&seq.to_be_bytes(), linked)?,
-                    None => {
-                        links.insert(&seq.to_be_bytes(), &head)?;
-                        tx_events.insert(&seq.to_be_bytes(), stored_body.as_slice())?
-                    }
-                };
+                let linked = body::with_link(stored_body, &head);
+                if linked.is_none() {
+                    links.insert(&seq.to_be_bytes(), &head)?;
+                }
+                let stored = linked.as_deref().unwrap_or(stored_body);
+                let grouped = (stored.len() <= bodies::GROUPED_MAX).then_some(stored);
+                if grouped.is_none() {
+                    tx_events.insert(&seq.to_be_bytes(), stored)?;
+                }
+                let key = bodies::group_key(seq);
+                if groups.last().is_none_or(|(k, _)| *k != key) {
+                    let existing = tx_bodies.get(key)?.map(|v| v.to_vec()).unwrap_or_default();
+                    groups.push((key, existing));
+                }
+                if let Some((_, group)) = groups.last_mut() {
+                    *group = bodies::with_slot(Some(group), bodies::slot_of(seq), grouped).map_err(|why| {
+                        abort(StoreError::Damaged {
+                            what: format!("the bodies of the events around #{seq} do not decode ({why})"),
+                            location: format!("tree \"bodies\" in {}", self.dir.display()),
+                        })
+                    })?;
+                }
                 for dest in dests {
                     let delivery = Delivery::queued(dest, seq, event, now_ms);
                     let value = serde_json::to_vec(&delivery).map_err(|e| {
@@ -341,6 +363,9 @@ impl Store {
                     })?;
                     outbox.insert(delivery_key(dest, seq), value)?;
                 }
+            }
+            for (key, group) in groups {
+                tx_bodies.insert(&key, group)?;
             }
             additions.write(&known, index)?;
             let next_seq = first_seq + fresh.len() as u64;
@@ -401,8 +426,9 @@ impl Store {
         self.cursors.iter().keys().map(|k| Ok(String::from_utf8_lossy(&k?).into_owned())).collect()
     }
 
-    pub fn event_count(&self) -> usize {
-        self.events.len()
+    /// The events stored, counted one by one (`chain_head` says how many there should be).
+    pub fn event_count(&self) -> Result<usize, StoreError> {
+        self.bodies_from(0).try_fold(0, |n, body| body.map(|_| n + 1))
     }
 
     pub fn pending(&self, destination: Option<&str>) -> Result<Vec<Delivery>> {

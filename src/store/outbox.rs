@@ -23,7 +23,7 @@ use std::borrow::Cow;
 impl Store {
     /// The canonical JSON of event `seq` (decompressed): the exact body that is streamed.
     pub fn event_bytes(&self, seq: u64) -> Result<Option<sled::IVec>> {
-        let Some(stored) = self.events.get(seq.to_be_bytes())? else { return Ok(None) };
+        let Some(stored) = self.stored_body(seq)? else { return Ok(None) };
         Ok(Some(self.event_json_ivec(seq, stored)?))
     }
 

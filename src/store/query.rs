@@ -17,11 +17,10 @@ impl Store {
     /// Event `seq` as its JSON: the bytes that are streamed and chained, which the API sends
     /// as they are. (How a body is kept on disk is this function's business.)
     pub(super) fn event_json_at(&self, seq: u64) -> Result<sled::IVec, StoreError> {
-        let stored =
-            self.events.get(seq.to_be_bytes()).map_err(|e| self.sled(e))?.ok_or_else(|| StoreError::Damaged {
-                what: format!("event #{seq} is listed in the time index but missing"),
-                location: format!("tree \"events\" in {}", self.dir.display()),
-            })?;
+        let stored = self.stored_body(seq)?.ok_or_else(|| StoreError::Damaged {
+            what: format!("event #{seq} is listed in the time index but missing"),
+            location: format!("tree \"bodies\" in {}", self.dir.display()),
+        })?;
         self.event_json_ivec(seq, stored)
     }
 

@@ -58,7 +58,7 @@ impl Store {
     /// reader of event bytes (queries, export, server, delivery, replica, verify) gets them.
     pub(super) fn event_json<'a>(&self, seq: u64, stored: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, StoreError> {
         super::body::decode(stored)
-            .map_err(|why| damaged(&self.dir, "events", format!("event #{seq} does not decode ({why})")))
+            .map_err(|why| damaged(&self.dir, self.body_tree(seq), format!("event #{seq} does not decode ({why})")))
     }
 
     /// [`Store::event_json`] of a body read from the tree, without a copy when it is plain JSON.
@@ -75,7 +75,7 @@ impl Store {
         seq: u64,
         stored: &[u8],
     ) -> Result<T, StoreError> {
-        decode(&self.dir, "events", &self.event_json(seq, stored)?, || format!("event #{seq}"))
+        decode(&self.dir, self.body_tree(seq), &self.event_json(seq, stored)?, || format!("event #{seq}"))
     }
 
     pub(super) fn decode_delivery(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<Delivery, StoreError> {

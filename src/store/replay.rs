@@ -23,9 +23,8 @@ impl Store {
     ) -> Result<usize> {
         let _round = self.lock_delivery();
         let mut queued = 0;
-        for item in self.events.iter() {
-            let (key, bytes) = item.map_err(|e| self.sled(e))?;
-            let seq = self.decode_seq_key("events", &key)?;
+        for item in self.bodies_from(0) {
+            let (seq, bytes) = item?;
             let event: AuditEvent = self.decode_event(seq, &bytes)?;
             if since.is_some_and(|s| event.created_at.as_str() < s) || !wants(&event) {
                 continue;

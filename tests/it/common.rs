@@ -177,3 +177,42 @@ pub fn wait_for(what: &str, limit: std::time::Duration, mut ready: impl FnMut() 
     }
     panic!("timed out after {limit:?} waiting for {what}");
 }
+
+/// The stored body of event `seq` in a store's sled database, wherever the store keeps it (in
+/// its group in `bodies`, or one key in `events`: see `policy_audit::store::bodies`).
+pub fn stored_body(db: &sled::Db, seq: u64) -> Option<Vec<u8>> {
+    use policy_audit::store::bodies;
+    let group = db.open_tree("bodies").expect("bodies").get(bodies::group_key(seq)).expect("get");
+    if let Some(group) = group {
+        let ranges = bodies::slots(&group).expect("a group");
+        if let Some(r) = ranges.get(bodies::slot_of(seq)).filter(|r| !r.is_empty()) {
+            return Some(group[r.clone()].to_vec());
+        }
+    }
+    db.open_tree("events").expect("events").get(seq.to_be_bytes()).expect("get").map(|v| v.to_vec())
+}
+
+/// Writes `body` (None: removes it) as event `seq`'s stored body, behind the store's back:
+/// in place, the other events of its group kept as they are.
+pub fn set_stored_body(db: &sled::Db, seq: u64, body: Option<&[u8]>) {
+    use policy_audit::store::bodies;
+    let tree = db.open_tree("bodies").expect("bodies");
+    let key = bodies::group_key(seq);
+    let group = tree.get(key).expect("get").map(|g| g.to_vec()).unwrap_or_default();
+    let ranges = bodies::slots(&group).expect("a group");
+    if ranges.get(bodies::slot_of(seq)).is_none_or(|r| r.is_empty()) {
+        let events = db.open_tree("events").expect("events");
+        match body {
+            Some(body) => events.insert(seq.to_be_bytes(), body).expect("insert"),
+            None => events.remove(seq.to_be_bytes()).expect("remove"),
+        };
+        return;
+    }
+    let mut rebuilt = Vec::new();
+    for (slot, r) in ranges.iter().enumerate() {
+        let kept = (!r.is_empty()).then(|| &group[r.clone()]);
+        let value = if slot == bodies::slot_of(seq) { body } else { kept };
+        rebuilt = bodies::with_slot(Some(&rebuilt), slot, value).expect("slot");
+    }
+    tree.insert(key, rebuilt).expect("insert");
+}

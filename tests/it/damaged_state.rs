@@ -12,7 +12,7 @@ const POLICY: &str = ".gitlab/security-policies/policy.yml";
 fn trail_bytes(ws: &Workspace) -> Vec<(Vec<u8>, Vec<u8>)> {
     let db = crate::common::open_sled(&ws.path("state/db"));
     let mut all = Vec::new();
-    for tree in ["events", "chain", "meta", "cursors"] {
+    for tree in ["events", "bodies", "chain", "meta", "cursors"] {
         for item in db.open_tree(tree).expect("tree").iter() {
             let (k, v) = item.expect("item");
             let mut key = tree.as_bytes().to_vec();
@@ -98,9 +98,23 @@ fn an_event_that_does_not_decode_is_named_by_events() {
     let ws = Workspace::new();
     let config = trail(&ws);
     tamper(&ws, |db| {
-        db.open_tree("events").expect("events").insert(2u64.to_be_bytes(), b"garbage").expect("insert");
+        crate::common::set_stored_body(db, 2, Some(b"garbage"));
     });
     refused(&ws, &config, &["events", "--format", "jsonl"], "event #2 does not decode");
+}
+
+#[test]
+fn a_group_of_events_that_does_not_decode_is_named() {
+    let ws = Workspace::new();
+    let config = trail(&ws);
+    tamper(&ws, |db| {
+        // The group of events 0 to 15 (all five), cut inside its first body's length.
+        let bodies = db.open_tree("bodies").expect("bodies");
+        bodies.insert(0u64.to_be_bytes(), &[0u8, 0]).expect("insert");
+    });
+    let what = "the bodies of events #0..#15 do not decode (a body's length is cut short at byte 0)";
+    refused(&ws, &config, &["events", "--format", "jsonl"], what);
+    refused(&ws, &config, &["verify"], what);
 }
 
 #[test]
@@ -108,13 +122,12 @@ fn a_compressed_event_that_does_not_decompress_is_damaged_for_readers_and_altere
     let ws = Workspace::new();
     let config = trail(&ws);
     tamper(&ws, |db| {
-        let events = db.open_tree("events").expect("events");
-        let mut value = events.get(2u64.to_be_bytes()).expect("get").expect("event 2").to_vec();
+        let mut value = crate::common::stored_body(db, 2).expect("event 2");
         assert_eq!(value[0], policy_audit::store::body::LINKED_V1, "stored compressed");
         // One byte of the compressed data, past the frame header.
         let at = value.len() - 6;
         value[at] ^= 0xff;
-        events.insert(2u64.to_be_bytes(), value).expect("insert");
+        crate::common::set_stored_body(db, 2, Some(&value));
     });
     refused(&ws, &config, &["events", "--format", "jsonl"], "event #2 does not decode");
     let out = ws.run(&config, &["verify"]);
@@ -130,7 +143,7 @@ fn a_chain_link_of_the_wrong_length_is_named_by_verify() {
     tamper(&ws, |db| {
         // The link travels at the start of the stored body: cut it to 5 bytes.
         let body = [policy_audit::store::body::LINKED_V1, 7, 7, 7, 7, 7];
-        db.open_tree("events").expect("events").insert(1u64.to_be_bytes(), &body).expect("insert");
+        crate::common::set_stored_body(db, 1, Some(&body));
     });
     refused(&ws, &config, &["verify"], "the chain link of event #1 is 5 bytes long, not 32");
 }

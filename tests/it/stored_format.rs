@@ -9,12 +9,21 @@ use crate::trail::{tamper, trail};
 use policy_audit::store::body;
 use sha2::{Digest, Sha256};
 
-/// Every stored event body in sequence order, as stored.
+/// Every stored event body in sequence order, as stored (wherever the store keeps it).
 fn stored_bodies(ws: &Workspace) -> Vec<Vec<u8>> {
     let db = crate::common::open_sled(&ws.path("state/db"));
-    let bodies = db.open_tree("events").expect("events").iter().values().map(|v| v.expect("value").to_vec()).collect();
+    let bodies = (0..).map_while(|seq| crate::common::stored_body(&db, seq)).collect();
     crate::common::close_sled(db, &ws.path("state/db"));
     bodies
+}
+
+/// How many keys the trees `bodies` (groups of events) and `events` (one event each) hold.
+fn body_keys(ws: &Workspace) -> (usize, usize) {
+    let db = crate::common::open_sled(&ws.path("state/db"));
+    let count = |tree: &str| db.open_tree(tree).expect("tree").len();
+    let keys = (count("bodies"), count("events"));
+    crate::common::close_sled(db, &ws.path("state/db"));
+    keys
 }
 
 fn chain_head(ws: &Workspace, config: &std::path::Path) -> String {
@@ -30,6 +39,7 @@ fn a_new_store_keeps_events_compressed_and_the_chain_over_their_plain_json() {
     let config = trail(&ws);
     let stored = stored_bodies(&ws);
     assert_eq!(stored.len(), 5);
+    assert_eq!(body_keys(&ws), (1, 0), "the 5 bodies are kept as one group");
     let listed = stdout(&ws.run(&config, &["events", "--format", "jsonl"]));
     let listed: Vec<&str> = listed.lines().collect();
     let mut head = [0u8; 32];
@@ -64,13 +74,15 @@ fn a_store_written_before_compression_opens_lists_verifies_and_delivers() {
     tamper(&ws, |db| {
         let events = db.open_tree("events").expect("events");
         let chain = db.open_tree("chain").expect("chain");
-        for item in events.iter() {
-            let (key, value) = item.expect("item");
+        for seq in 0..5u64 {
+            let value = crate::common::stored_body(db, seq).expect("an event");
             let link = body::link(&value).expect("a link").expect("32 bytes");
-            chain.insert(&key, &link).expect("insert link");
+            chain.insert(seq.to_be_bytes(), &link).expect("insert link");
             let json = body::decode(&value).expect("decodes").into_owned();
-            events.insert(key, json).expect("insert");
+            events.insert(seq.to_be_bytes(), json).expect("insert");
         }
+        // One key per event, no groups.
+        db.drop_tree("bodies").expect("drop");
         // Their ids in a tree of their own, one key each.
         let ids = db.open_tree("event_ids").expect("event_ids");
         for (seq, item) in events.iter().enumerate() {
@@ -113,4 +125,19 @@ fn a_store_written_before_compression_opens_lists_verifies_and_delivers() {
     assert_eq!(bodies, plain, "the stored JSON is delivered byte for byte");
     // Nothing was migrated: the old bodies stay as they were.
     assert_eq!(stored_bodies(&ws), plain);
+
+    // New events join the old ones: kept in a group, read, chained and verified with them.
+    let policy = ws.path("spp/.gitlab/security-policies/policy.yml");
+    let mut text = std::fs::read_to_string(&policy).expect("policy");
+    text.push_str("- {name: p-new, enabled: false, rules: [{type: any_merge_request, branch_type: protected, commits: any}], approval_settings: {block_branch_modification: true}}\n");
+    ws.write("spp/.gitlab/security-policies/policy.yml", &text);
+    crate::common::commit(&ws.path("spp"), "Bob", "bob@example.com", "2024-02-01T10:00:00Z", "p-new");
+    let out = ws.run(&config, &["reconcile", "--no-deliver"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = stdout(&ws.run(&config, &["events", "--format", "jsonl"]));
+    assert_eq!(listed.lines().count(), 6, "{listed}");
+    assert!(listed.starts_with(&listed_before) && listed.contains("p-new"), "{listed}");
+    assert_eq!(body_keys(&ws), (1, 5), "the old bodies stay one key each, the new one is in a group");
+    let out = ws.run(&config, &["verify"]);
+    assert!(stdout(&out).contains("trail verified: 6 events"), "{}{}", stdout(&out), stderr(&out));
 }

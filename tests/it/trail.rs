@@ -1,7 +1,7 @@
 //! The tamper-evident trail: `verify` finds an altered, removed or reordered event, and the
 //! removal of the newest ones, when the sled database is edited behind policy-audit's back.
 
-use crate::common::{Workspace, commit, stderr, stdout};
+use crate::common::{Workspace, commit, set_stored_body, stderr, stdout, stored_body};
 use std::path::PathBuf;
 
 const POLICY: &str = ".gitlab/security-policies/policy.yml";
@@ -62,8 +62,7 @@ fn an_altered_event_is_found() {
     let ws = Workspace::new();
     let config = trail(&ws);
     tamper(&ws, |db| {
-        let events = db.open_tree("events").expect("tree");
-        let stored = events.get(key(2)).expect("get").expect("event 2");
+        let stored = stored_body(db, 2).expect("event 2");
         // Stored compressed with its chain link: the editor writes back the JSON with one name
         // changed, compressed again, with the link it had.
         use policy_audit::store::body;
@@ -72,7 +71,7 @@ fn an_altered_event_is_found() {
         assert_ne!(altered.as_bytes(), bytes.as_slice());
         let link = body::link(&stored).expect("a link").expect("32 bytes");
         let rewritten = body::with_link(&body::encode(altered.as_bytes()).expect("encode"), &link).expect("linked");
-        events.insert(key(2), rewritten).expect("insert");
+        set_stored_body(db, 2, Some(&rewritten));
     });
     let (code, text) = verify(&ws, &config);
     assert_eq!(code, Some(1), "{text}");
@@ -84,11 +83,10 @@ fn an_event_written_back_without_its_chain_link_is_found() {
     let ws = Workspace::new();
     let config = trail(&ws);
     tamper(&ws, |db| {
-        let events = db.open_tree("events").expect("tree");
-        let stored = events.get(key(2)).expect("get").expect("event 2");
+        let stored = stored_body(db, 2).expect("event 2");
         // The editor writes back the plain JSON, unchanged: the link the body carried is gone.
         let bytes = policy_audit::store::body::decode(&stored).expect("decodes").into_owned();
-        events.insert(key(2), bytes).expect("insert");
+        set_stored_body(db, 2, Some(&bytes));
     });
     let (code, text) = verify(&ws, &config);
     assert_eq!(code, Some(1), "{text}");
@@ -100,7 +98,7 @@ fn a_removed_event_is_found() {
     let ws = Workspace::new();
     let config = trail(&ws);
     tamper(&ws, |db| {
-        db.open_tree("events").expect("tree").remove(key(1)).expect("remove");
+        set_stored_body(db, 1, None);
     });
     let (code, text) = verify(&ws, &config);
     assert_eq!(code, Some(1));
@@ -112,10 +110,9 @@ fn reordered_events_are_found() {
     let ws = Workspace::new();
     let config = trail(&ws);
     tamper(&ws, |db| {
-        let events = db.open_tree("events").expect("tree");
-        let (a, b) = (events.get(key(1)).expect("get").expect("1"), events.get(key(2)).expect("get").expect("2"));
-        events.insert(key(1), b).expect("insert");
-        events.insert(key(2), a).expect("insert");
+        let (a, b) = (stored_body(db, 1).expect("1"), stored_body(db, 2).expect("2"));
+        set_stored_body(db, 1, Some(&b));
+        set_stored_body(db, 2, Some(&a));
     });
     let (code, text) = verify(&ws, &config);
     assert_eq!(code, Some(1));
@@ -126,17 +123,19 @@ fn reordered_events_are_found() {
 fn reordered_events_are_found_in_the_layout_with_links_in_the_chain_tree_too() {
     let ws = Workspace::new();
     let config = trail(&ws);
-    // As stores written before links travelled in the bodies: plain JSON bodies, each link in
-    // the chain tree at its event's place. Then events 1 and 2 swapped (their links stay).
+    // As stores written before links travelled in the bodies: plain JSON bodies, one key each
+    // in the events tree, each link in the chain tree at its event's place. Then events 1 and 2
+    // swapped (their links stay).
     tamper(&ws, |db| {
         use policy_audit::store::body;
         let events = db.open_tree("events").expect("tree");
         let chain = db.open_tree("chain").expect("tree");
-        for item in events.iter() {
-            let (k, stored) = item.expect("item");
-            chain.insert(&k, &body::link(&stored).expect("a link").expect("32 bytes")).expect("link");
-            events.insert(&k, body::decode(&stored).expect("decodes").into_owned()).expect("plain");
+        for seq in 0..5 {
+            let stored = stored_body(db, seq).expect("an event");
+            chain.insert(key(seq), &body::link(&stored).expect("a link").expect("32 bytes")).expect("link");
+            events.insert(key(seq), body::decode(&stored).expect("decodes").into_owned()).expect("plain");
         }
+        db.open_tree("bodies").expect("tree").clear().expect("no groups");
         let (a, b) = (events.get(key(1)).expect("get").expect("1"), events.get(key(2)).expect("get").expect("2"));
         events.insert(key(1), b).expect("insert");
         events.insert(key(2), a).expect("insert");
@@ -154,7 +153,7 @@ fn removing_the_newest_events_changes_the_head_or_is_found() {
     // Only the events and their links: the recorded head no longer matches.
     tamper(&ws, |db| {
         // The event with its link (in its body).
-        db.open_tree("events").expect("tree").remove(key(4)).expect("remove");
+        set_stored_body(db, 4, None);
         db.open_tree("meta").expect("tree").insert("next_seq", &key(4)).expect("insert");
     });
     let (code, text) = verify(&ws, &config);
@@ -162,7 +161,7 @@ fn removing_the_newest_events_changes_the_head_or_is_found() {
     assert!(text.contains("newest events were removed"), "{text}");
     // Rewriting the head too passes `verify`, but the head differs from the one logged before.
     tamper(&ws, |db| {
-        let event_3 = db.open_tree("events").expect("tree").get(key(3)).expect("get").expect("event 3");
+        let event_3 = stored_body(db, 3).expect("event 3");
         let link = policy_audit::store::body::link(&event_3).expect("a link").expect("32 bytes");
         db.open_tree("meta").expect("tree").insert("chain_head", &link).expect("insert");
     });
