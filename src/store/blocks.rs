@@ -55,6 +55,11 @@ pub(super) fn seq_of(e: &Entry) -> u64 {
     u64::from_be_bytes(e[8..].try_into().unwrap_or_default())
 }
 
+/// The first half of an entry (the time, or the hash of an id), as [`entry`] took it.
+pub(super) fn head_of(e: &Entry) -> u64 {
+    u64::from_be_bytes(e[..8].try_into().unwrap_or_default())
+}
+
 /// The `created_at` an entry was made from, as events carry it.
 pub(super) fn created_at_of(e: &Entry) -> Option<String> {
     let time = u64::from_be_bytes(e[..8].try_into().ok()?);
@@ -199,7 +204,7 @@ impl Locate for Known {
     }
 }
 
-/// Adds `entries` (sorted, none already in it) to `list`: `blocks` says where its blocks lie,
+/// Adds `entries` (sorted; one already in it is kept once) to `list`: `blocks` says where its blocks lie,
 /// `w` takes the writes.
 pub(super) fn add<L: Locate, W: Writes>(blocks: &L, w: &W, list: &[u8], entries: &[Entry]) -> Result<(), W::Error> {
     let mut i = 0;
@@ -234,13 +239,17 @@ pub(super) fn add<L: Locate, W: Writes>(blocks: &L, w: &W, list: &[u8], entries:
     Ok(())
 }
 
-/// Two sorted runs of entries, merged.
+/// Two sorted runs of entries, merged; an entry in both is kept once (settling the young ids
+/// again after a crash adds entries that are there already, see `index`).
 fn merge(old: &[u8], new: &[Entry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(old.len() + new.len() * ENTRY_LEN);
     let mut old = old.chunks_exact(ENTRY_LEN).peekable();
     let mut new = new.iter().peekable();
     loop {
         match (old.peek(), new.peek()) {
+            (Some(a), Some(b)) if *a == &b[..] => {
+                new.next();
+            }
             (Some(a), Some(b)) if *a <= &b[..] => out.extend_from_slice(old.next().unwrap_or_default()),
             (_, Some(_)) => out.extend_from_slice(new.next().map(|e| &e[..]).unwrap_or_default()),
             (Some(_), None) => out.extend_from_slice(old.next().unwrap_or_default()),

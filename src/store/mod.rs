@@ -141,6 +141,11 @@ pub struct Store {
     index: sled::Tree,
     /// Held while an index write is planned and committed (see `blocks`).
     index_write: std::sync::Mutex<()>,
+    /// The ids of the newest events, (hash, seq), until they are settled in the id list (see
+    /// `index`).
+    young_ids: std::sync::Mutex<std::collections::BTreeSet<(u64, u64)>>,
+    /// How many young ids are settled at once ([`index::YOUNG_IDS`]; fewer in tests).
+    young_limit: usize,
 }
 
 const NEXT_SEQ: &[u8] = b"next_seq";
@@ -189,6 +194,8 @@ impl Store {
             gitlab_cache: tree("gitlab_cache")?,
             index: tree("index")?,
             index_write: std::sync::Mutex::new(()),
+            young_ids: Default::default(),
+            young_limit: index::YOUNG_IDS,
             delivery_round: std::sync::Mutex::new(()),
             reconcile_run: std::sync::Mutex::new(()),
             db,
@@ -197,6 +204,7 @@ impl Store {
         store.next_seq()?;
         store.recorded_head()?;
         store.build_index()?;
+        store.load_young_ids()?;
         store.build_counts()?;
         Ok(store)
     }
@@ -382,10 +390,16 @@ impl Store {
             }
             Ok(fresh.len())
         });
-        result.map_err(|e: TransactionError<StoreError>| match e {
+        let stored = result.map_err(|e: TransactionError<StoreError>| match e {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(source) => StoreError::Sled { dir: self.dir.clone(), source },
-        })
+        })?;
+        // The batch is stored whatever happens here: a pass that fails is made again with the
+        // next batch.
+        if let Err(e) = self.added_young_ids(additions.young_ids()) {
+            tracing::warn!(error = %e, "cannot settle the newest event ids into the id list yet");
+        }
+        Ok(stored)
     }
 
     /// Makes everything written so far durable; returns `stored` for the caller's convenience.
