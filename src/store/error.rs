@@ -23,6 +23,13 @@ pub enum StoreError {
     /// A query the indexes cannot answer as asked (a time bound that is not a time).
     #[error("{0}")]
     BadQuery(String),
+    /// The database was written by a newer policy-audit, in a layout this binary does not know:
+    /// reading it could take new events for missing ones.
+    #[error(
+        "the state database {} was written by a newer policy-audit (store format {found}; this binary reads formats up to {known}): run that release, or restore the backup taken before the upgrade (see docs/operations.md, \"Upgrading\")",
+        dir.display()
+    )]
+    TooNew { dir: PathBuf, found: u32, known: u32 },
     /// A transaction did not commit.
     #[error("state database {}: {message}", dir.display())]
     Transaction { dir: PathBuf, message: String },

@@ -287,6 +287,7 @@ impl Store {
         // Into the id list first, then out of the young list: sled keeps writes in order, so a
         // crash in between leaves them in both (lookups find the same event twice; the next
         // pass adds them again, and blocks keep an entry once).
+        let started = std::time::Instant::now();
         let settled: Vec<Entry> = self.young().iter().map(|&(hash, seq)| blocks::entry(hash, seq)).collect();
         blocks::add(&self.index, &self.index, &prefix(ID, ""), &settled).map_err(|e| self.sled(e))?;
         let young_list = prefix(YOUNG, "");
@@ -294,6 +295,8 @@ impl Store {
             self.index.remove(key.map_err(|e| self.sled(e))?).map_err(|e| self.sled(e))?;
         }
         self.young().clear();
+        let ms = started.elapsed().as_millis() as u64;
+        tracing::info!(ids = settled.len(), ms, "settled the newest event ids into the id index");
         Ok(())
     }
 

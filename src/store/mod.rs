@@ -149,6 +149,11 @@ pub struct Store {
 }
 
 const NEXT_SEQ: &[u8] = b"next_seq";
+/// The layout this binary writes, recorded at open; a binary refuses a store of a later one.
+/// 3: event bodies in groups and the newest ids gathered (issue 16). Releases before it do not
+/// check: they would read a store of format 3 as one whose events are missing.
+const STORE_FORMAT: &[u8] = b"store_format";
+const FORMAT: u32 = 3;
 /// sled's page cache (its default is 1 GiB): the daemon should stay small (≤ 64 MiB resident).
 /// 4 MiB: listing 1,000,000 events peaks at 63.6 MiB with it (74.2 with 16 MiB, 64.6 with 8)
 /// at the same speed (docs/performance.md); pages and API answers read few, recent nodes.
@@ -200,6 +205,7 @@ impl Store {
             reconcile_run: std::sync::Mutex::new(()),
             db,
         };
+        store.check_format()?;
         // The two records every write depends on are checked before anything else happens.
         store.next_seq()?;
         store.recorded_head()?;
@@ -207,6 +213,21 @@ impl Store {
         store.load_young_ids()?;
         store.build_counts()?;
         Ok(store)
+    }
+
+    /// Refuses a store written in a later layout; records this one's.
+    fn check_format(&self) -> Result<(), StoreError> {
+        let recorded = match self.meta.get(STORE_FORMAT).map_err(|e| self.sled(e))? {
+            Some(v) => decode_u64(&self.dir, "meta", &v, || "the store format (store_format)".into())?,
+            None => 0,
+        };
+        if recorded > u64::from(FORMAT) {
+            return Err(StoreError::TooNew { dir: self.dir.clone(), found: recorded as u32, known: FORMAT });
+        }
+        if recorded < u64::from(FORMAT) {
+            self.meta.insert(STORE_FORMAT, &u64::from(FORMAT).to_be_bytes()).map_err(|e| self.sled(e))?;
+        }
+        Ok(())
     }
 
     /// Serialises delivery rounds on this store.

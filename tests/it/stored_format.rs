@@ -141,3 +141,31 @@ fn a_store_written_before_compression_opens_lists_verifies_and_delivers() {
     let out = ws.run(&config, &["verify"]);
     assert!(stdout(&out).contains("trail verified: 6 events"), "{}{}", stdout(&out), stderr(&out));
 }
+
+/// A store written by a later release (a layout this binary does not know) is refused by every
+/// command, and left as it is; the format this binary writes is recorded when it opens one.
+#[test]
+fn a_store_from_a_newer_release_is_refused_and_left_alone() {
+    let ws = Workspace::new();
+    let config = trail(&ws);
+    let recorded = |ws: &Workspace| {
+        let db = crate::common::open_sled(&ws.path("state/db"));
+        let format = db.open_tree("meta").expect("meta").get("store_format").expect("get").map(|v| v.to_vec());
+        crate::common::close_sled(db, &ws.path("state/db"));
+        format
+    };
+    assert_eq!(recorded(&ws), Some(3u64.to_be_bytes().to_vec()));
+    tamper(&ws, |db| {
+        db.open_tree("meta").expect("meta").insert("store_format", &4u64.to_be_bytes()).expect("insert");
+    });
+    for args in [&["events"][..], &["verify"], &["reconcile"], &["status"]] {
+        let out = ws.run(&config, args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("was written by a newer policy-audit (store format 4; this binary reads formats up to 3)"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(recorded(&ws), Some(4u64.to_be_bytes().to_vec()));
+}
