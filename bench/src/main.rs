@@ -676,11 +676,14 @@ fn synthetic_events(config_path: &Path, n: usize, outbox: bool) -> Result<Vec<u8
     let destinations: Vec<String> =
         if outbox { config.destinations.iter().map(|d| d.name.clone()).collect() } else { Vec::new() };
     let mut batch = Vec::with_capacity(1000);
+    // How long each batch's write took: the slowest ones settle the newest ids (see the store).
+    let mut writes = Vec::new();
     for i in 0..n {
         batch.push(bench_event(&change, project.spp(), i, 1_700_000_000 + i as i64));
         if batch.len() == 1000 || i + 1 == n {
             let cursor =
                 Cursor { commit: format!("{i:040x}"), blob: String::new(), baseline: None, limits: Default::default() };
+            let started = std::time::Instant::now();
             store.commit_reconcile(
                 &project.path,
                 &cursor,
@@ -688,10 +691,20 @@ fn synthetic_events(config_path: &Path, n: usize, outbox: bool) -> Result<Vec<u8
                 &|_| destinations.clone(),
                 jiff::Timestamp::now().as_millisecond(),
             )?;
+            writes.push(started.elapsed());
             batch.clear();
         }
     }
     store.flush()?;
+    writes.sort();
+    if let (Some(median), Some(slowest)) = (writes.get(writes.len() / 2), writes.last()) {
+        eprintln!(
+            "  wrote {n} events in {} batches: median {:.1} ms, slowest {:.0} ms",
+            writes.len(),
+            ms(*median),
+            ms(*slowest)
+        );
+    }
     Ok(store.event_bytes(0)?.map(|b| b.to_vec()).unwrap_or_default())
 }
 
