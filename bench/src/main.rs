@@ -269,6 +269,24 @@ impl Bench {
     /// First sync with backfill of a 20,000-commit repository vs `git clone --mirror` plus
     /// `git log -- <policy file>`; then the walk phases alone vs `git log`.
     fn backfill(&mut self) -> Result<()> {
+        // A real repository too, when given: BENCH_REAL_REPO=<repository> BENCH_REAL_FILE=<a
+        // YAML file of it that changes often> (docs/performance.md: prometheus's history).
+        if let (Some(repo), Some(file)) = (std::env::var_os("BENCH_REAL_REPO"), std::env::var("BENCH_REAL_FILE").ok()) {
+            let repo = PathBuf::from(repo);
+            let packed = du(&repo);
+            let BackfillRun { ours, own_rss_kib, git, .. } = self.backfill_of(&repo, &file, "real", packed)?;
+            self.row(
+                &format!("backfill of {} following {file} ({:.0} MB)", repo.display(), packed as f64 / 1e6),
+                fmt_ms(ours),
+                format!("{} (git clone --no-local --mirror + git log)", fmt_ms(git)),
+                ratio(ours, git, "≤ 1.0"),
+                format!(
+                    "{:.1} MiB policy-audit; {:.1} MiB with the git pack-objects serving the local fetch",
+                    mib(own_rss_kib),
+                    mib(ours.max_rss_kib)
+                ),
+            );
+        }
         let commits = if self.quick { 5_000 } else { 20_000 };
         let BackfillRun { ours, own_rss_kib, git: git_total, packed, config, state, mirror } =
             self.backfill_run(commits)?;
@@ -323,16 +341,22 @@ impl Bench {
         eprintln!("building a {commits}-commit repository...");
         repos::long_history(&src, commits, 10, 480)?;
         let packed = du(&src.join(".git/objects"));
-        let config = self.work.join(format!("backfill-{commits}.toml"));
-        let state = self.work.join(format!("bf-state-{commits}"));
+        self.backfill_of(&src, repos::POLICY, &commits.to_string(), packed)
+    }
+
+    /// [`Bench::backfill_run`] of the repository at `src` (a work tree's or a bare one),
+    /// following `file`.
+    fn backfill_of(&mut self, src: &Path, file: &str, name: &str, packed: u64) -> Result<BackfillRun> {
+        let config = self.work.join(format!("backfill-{name}.toml"));
+        let state = self.work.join(format!("bf-state-{name}"));
         std::fs::write(
             &config,
             format!(
-                "state_dir = \"bf-state-{commits}\"\n[[projects]]\npath = \"acme/long\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+                "state_dir = \"bf-state-{name}\"\n[[projects]]\npath = \"acme/long\"\nurl = \"{}\"\npolicy_file = \"{file}\"\ninitial_sync = \"backfill\"\n",
                 src.display()
             ),
         )?;
-        let report = self.work.join(format!("bf-report-{commits}.json"));
+        let report = self.work.join(format!("bf-report-{name}.json"));
         let mut own_rss_kib = 0;
         let ours = measure::median(self.runs, || {
             let _ = std::fs::remove_dir_all(&state);
@@ -344,7 +368,7 @@ impl Bench {
             own_rss_kib = own_rss_kib.max(own / 1024);
             Ok(sample)
         })?;
-        let mirror = self.work.join(format!("git-mirror-{commits}.git"));
+        let mirror = self.work.join(format!("git-mirror-{name}.git"));
         let git_total = measure::median(self.runs, || {
             let _ = std::fs::remove_dir_all(&mirror);
             let script = format!(
@@ -353,7 +377,7 @@ impl Bench {
                 src.display(),
                 mirror.display(),
                 mirror.display(),
-                repos::POLICY
+                file
             );
             run(Command::new("bash").args(["-c", &script]).env("GIT_CONFIG_GLOBAL", "/dev/null"))
         })?;
