@@ -226,13 +226,16 @@ pub(super) fn add<L: Locate, W: Writes>(blocks: &L, w: &W, list: &[u8], entries:
         let len = merged.len() / ENTRY_LEN;
         let per_block = if appended { BLOCK_ENTRIES } else { len.div_ceil(len.div_ceil(SCATTERED_BLOCK_ENTRIES)) };
         // Every block is keyed by its first entry: a first block that took older entries
-        // moves to its new first entry.
-        for (n, piece) in merged.chunks(per_block * ENTRY_LEN).enumerate() {
+        // moves to its new first entry. The old key goes last, so that a reader outside a
+        // transaction (a lookup while the young ids are settled) never misses an entry.
+        let mut old_key_kept = old.is_empty();
+        for piece in merged.chunks(per_block * ENTRY_LEN) {
             let piece_key = key_of(list, &piece[..ENTRY_LEN]);
-            if n == 0 && piece_key != key && !old.is_empty() {
-                w.remove(&key)?;
-            }
+            old_key_kept |= piece_key == key;
             w.insert(&piece_key, piece)?;
+        }
+        if !old_key_kept {
+            w.remove(&key)?;
         }
         i = upto;
     }
