@@ -23,6 +23,7 @@ mod records;
 
 pub use outbox::{PendingEntry, Schedule};
 pub(crate) use outbox::{delivery_key, destination_prefix};
+mod recent;
 mod replay;
 mod replica;
 
@@ -144,6 +145,8 @@ pub struct Store {
     /// The ids of the newest events, (hash, seq), until they are settled in the id list (see
     /// `index`).
     young_ids: std::sync::Mutex<std::collections::BTreeSet<(u64, u64)>>,
+    /// The JSON of recently read events (see `recent`).
+    recent: recent::Recent,
     /// How many young ids are settled at once ([`index::YOUNG_IDS`]; fewer in tests).
     young_limit: usize,
 }
@@ -201,6 +204,7 @@ impl Store {
             index_write: std::sync::Mutex::new(()),
             young_ids: Default::default(),
             young_limit: index::YOUNG_IDS,
+            recent: Default::default(),
             delivery_round: std::sync::Mutex::new(()),
             reconcile_run: std::sync::Mutex::new(()),
             db,

@@ -17,11 +17,16 @@ impl Store {
     /// Event `seq` as its JSON: the bytes that are streamed and chained, which the API sends
     /// as they are. (How a body is kept on disk is this function's business.)
     pub(super) fn event_json_at(&self, seq: u64) -> Result<sled::IVec, StoreError> {
+        if let Some(json) = self.recent.get(seq) {
+            return Ok(json);
+        }
         let stored = self.stored_body(seq)?.ok_or_else(|| StoreError::Damaged {
             what: format!("event #{seq} is listed in the time index but missing"),
             location: format!("tree \"bodies\" in {}", self.dir.display()),
         })?;
-        self.event_json_ivec(seq, stored)
+        let json = self.event_json_ivec(seq, stored)?;
+        self.recent.put(seq, &json);
+        Ok(json)
     }
 
     /// Calls `each` with every matching event, oldest first (by `created_at`, then by storage
