@@ -143,6 +143,11 @@ impl<'a> Walker<'a> {
         // thread was as fast as two and steadier, docs/performance.md).
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let workers = cores.saturating_sub(1).clamp(1, 8);
+        // A short walk (the usual run: a commit or a few) parses its files itself: starting the
+        // threads would cost more than they save.
+        if steps.len() < PARSE_AHEAD {
+            return self.walk_steps(state, steps, emit, now, sink);
+        }
         Ahead::run(self, workers, |walker| walker.walk_steps(state, steps, emit, now, sink))
     }
 
