@@ -83,18 +83,29 @@ pub fn with_slot(group: Option<&[u8]>, slot: usize, body: Option<&[u8]>) -> Resu
 impl Store {
     /// The stored body of event `seq` (see `body`), wherever it is kept; None when there is none.
     pub(super) fn stored_body(&self, seq: u64) -> Result<Option<sled::IVec>, StoreError> {
-        if let Some(group) = self.bodies.get(group_key(seq)).map_err(|e| self.sled(e))? {
-            let ranges = slots(&group).map_err(|why| self.damaged_group(seq / GROUP, why))?;
-            if let Some(r) = ranges.get(slot_of(seq)).filter(|r| !r.is_empty()) {
-                return Ok(Some(group.subslice(r.start, r.len())));
-            }
+        match self.grouped_body(seq)? {
+            Some(body) => Ok(Some(body)),
+            None => self.events.get(seq.to_be_bytes()).map_err(|e| self.sled(e)),
         }
-        self.events.get(seq.to_be_bytes()).map_err(|e| self.sled(e))
+    }
+
+    /// The body of event `seq` in its group; None when its slot is empty or missing.
+    fn grouped_body(&self, seq: u64) -> Result<Option<sled::IVec>, StoreError> {
+        let Some(group) = self.bodies.get(group_key(seq)).map_err(|e| self.sled(e))? else { return Ok(None) };
+        let ranges = slots(&group).map_err(|why| self.damaged_group(seq / GROUP, why))?;
+        Ok(ranges.get(slot_of(seq)).filter(|r| !r.is_empty()).map(|r| group.subslice(r.start, r.len())))
     }
 
     /// Every stored body from event `from` on, in sequence order, wherever each is kept.
     pub(super) fn bodies_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> + '_ {
-        let mut single = self.events.range(from.to_be_bytes()..).peekable();
+        let mut single = self
+            .events
+            .range(from.to_be_bytes()..)
+            .map(|item| {
+                let (key, body) = item.map_err(|e| self.sled(e))?;
+                Ok((self.decode_seq_key("events", &key)?, body))
+            })
+            .peekable();
         let mut groups = self.bodies.range(group_key(from)..);
         let mut grouped: std::collections::VecDeque<(u64, sled::IVec)> = Default::default();
         let mut failed = false;
@@ -115,20 +126,13 @@ impl Store {
                         }
                     }
                 }
-                let single_seq = match single.peek() {
-                    Some(Ok((key, _))) => Some(self.decode_seq_key("events", key)?),
-                    Some(Err(_)) => match single.next() {
-                        Some(Err(e)) => return Err(self.sled(e)),
-                        _ => None,
-                    },
-                    None => None,
+                // The smaller of the next grouped and the next single body (or an error).
+                let single_first = match (single.peek(), grouped.front()) {
+                    (Some(Err(_)), _) | (Some(Ok(_)), None) => true,
+                    (Some(Ok((s, _))), Some((g, _))) => s < g,
+                    (None, _) => false,
                 };
-                match (grouped.front().map(|(seq, _)| *seq), single_seq) {
-                    (Some(g), Some(s)) if s < g => Ok(single.next().and_then(Result::ok).map(|(_, v)| (s, v))),
-                    (Some(_), _) => Ok(grouped.pop_front()),
-                    (None, Some(s)) => Ok(single.next().and_then(Result::ok).map(|(_, v)| (s, v))),
-                    (None, None) => Ok(None),
-                }
+                if single_first { single.next().transpose() } else { Ok(grouped.pop_front()) }
             };
             let item = next().transpose();
             failed = matches!(item, Some(Err(_)));
@@ -136,15 +140,18 @@ impl Store {
         })
     }
 
-    /// The tree event `seq`'s body is in, for error messages.
-    pub(super) fn body_tree(&self, seq: u64) -> &'static str {
-        let grouped = self.bodies.get(group_key(seq)).ok().flatten().is_some_and(|group| {
-            slots(&group).ok().and_then(|ranges| ranges.get(slot_of(seq)).map(|r| !r.is_empty())).unwrap_or(true)
-        });
-        if grouped { "bodies" } else { "events" }
+    /// Event `seq`'s stored body is damaged (`what`), located in the tree that holds it.
+    pub(super) fn damaged_body(&self, seq: u64, what: String) -> StoreError {
+        StoreError::Damaged { what, location: format!("tree {:?} in {}", self.body_tree(seq), self.dir.display()) }
     }
 
-    fn damaged_group(&self, number: u64, why: String) -> StoreError {
+    /// The tree event `seq`'s body is in, for error messages.
+    pub(super) fn body_tree(&self, seq: u64) -> &'static str {
+        // A group that does not decode is where the damage is.
+        if self.grouped_body(seq).map_or(true, |body| body.is_some()) { "bodies" } else { "events" }
+    }
+
+    pub(super) fn damaged_group(&self, number: u64, why: String) -> StoreError {
         StoreError::Damaged {
             what: format!(
                 "the bodies of events #{}..#{} do not decode ({why})",

@@ -110,7 +110,7 @@ impl Store {
         let what = || format!("the chain link of event #{seq}");
         match super::body::link(stored) {
             Some(Ok(link)) => Ok(Some(link)),
-            Some(Err(cut)) => decode_link(&self.dir, "events", cut, what).map(Some),
+            Some(Err(cut)) => decode_link(&self.dir, self.body_tree(seq), cut, what).map(Some),
             None => match self.chain.get(seq.to_be_bytes()).map_err(|e| self.sled(e))? {
                 Some(link) => decode_link(&self.dir, "chain", &link, what).map(Some),
                 None => Ok(None),

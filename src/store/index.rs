@@ -233,10 +233,7 @@ impl Store {
         for (done, item) in self.bodies_from(0).enumerate() {
             let (seq, v) = item?;
             let e: AuditEvent = self.decode_event(seq, &v)?;
-            additions.add_settled(&e, seq).map_err(|what| StoreError::Damaged {
-                what,
-                location: format!("tree \"events\" in {}", self.dir.display()),
-            })?;
+            additions.add_settled(&e, seq).map_err(|what| self.damaged_body(seq, what))?;
             if additions.len() >= 500_000 {
                 std::mem::take(&mut additions).sorted().write(&self.index, &self.index).map_err(|e| self.sled(e))?;
             }
@@ -373,10 +370,7 @@ impl Store {
 
     /// The fields `T` names of a stored event, borrowed from its JSON where they can be.
     pub fn read_stored<'a, T: serde::Deserialize<'a>>(&self, seq: u64, e: &'a StoredEvent) -> Result<T, StoreError> {
-        serde_json::from_slice(&e.json).map_err(|err| StoreError::Damaged {
-            what: format!("event #{seq} does not decode ({err})"),
-            location: format!("tree \"events\" in {}", self.dir.display()),
-        })
+        self.decode_json(seq, &e.json)
     }
 
     fn stored_event_at(&self, seq: u64) -> Result<StoredEvent, StoreError> {

@@ -321,7 +321,7 @@ impl Store {
             }
         }
         let encode = |e: serde_json::Error| StoreError::Transaction { dir: self.dir.clone(), message: e.to_string() };
-        // The chain links over the canonical JSON; the `events` tree holds it compressed.
+        // The chain links over the canonical JSON; the store keeps it compressed (`body`).
         let mut encoded: Vec<(Vec<u8>, Vec<u8>, Vec<String>)> = Vec::with_capacity(fresh.len());
         for (_, e) in &fresh {
             let json = serde_json::to_vec(e).map_err(encode)?;
@@ -382,12 +382,8 @@ impl Store {
                     groups.push((key, existing));
                 }
                 if let Some((_, group)) = groups.last_mut() {
-                    *group = bodies::with_slot(Some(group), bodies::slot_of(seq), grouped).map_err(|why| {
-                        abort(StoreError::Damaged {
-                            what: format!("the bodies of the events around #{seq} do not decode ({why})"),
-                            location: format!("tree \"bodies\" in {}", self.dir.display()),
-                        })
-                    })?;
+                    *group = bodies::with_slot(Some(group), bodies::slot_of(seq), grouped)
+                        .map_err(|why| abort(self.damaged_group(seq / bodies::GROUP, why)))?;
                 }
                 for dest in dests {
                     let delivery = Delivery::queued(dest, seq, event, now_ms);

@@ -10,8 +10,7 @@ use std::ops::ControlFlow;
 impl Store {
     /// Event `seq`, decoded.
     pub(super) fn event_at(&self, seq: u64) -> Result<AuditEvent, StoreError> {
-        let bytes = self.event_json_at(seq)?;
-        super::decode(&self.dir, "events", &bytes, || format!("event #{seq}"))
+        self.decode_json(seq, &self.event_json_at(seq)?)
     }
 
     /// Event `seq` as its JSON: the bytes that are streamed and chained, which the API sends

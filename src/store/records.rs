@@ -58,7 +58,7 @@ impl Store {
     /// reader of event bytes (queries, export, server, delivery, replica, verify) gets them.
     pub(super) fn event_json<'a>(&self, seq: u64, stored: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, StoreError> {
         super::body::decode(stored)
-            .map_err(|why| damaged(&self.dir, self.body_tree(seq), format!("event #{seq} does not decode ({why})")))
+            .map_err(|why| self.damaged_body(seq, format!("event #{seq} does not decode ({why})")))
     }
 
     /// [`Store::event_json`] of a body read from the tree, without a copy when it is plain JSON.
@@ -75,7 +75,13 @@ impl Store {
         seq: u64,
         stored: &[u8],
     ) -> Result<T, StoreError> {
-        decode(&self.dir, self.body_tree(seq), &self.event_json(seq, stored)?, || format!("event #{seq}"))
+        self.decode_json(seq, &self.event_json(seq, stored)?)
+    }
+
+    /// Event `seq` (or the part of it `T` reads) from its JSON; where it is kept is looked up
+    /// only for the error.
+    pub(super) fn decode_json<'a, T: serde::Deserialize<'a>>(&self, seq: u64, json: &'a [u8]) -> Result<T, StoreError> {
+        serde_json::from_slice(json).map_err(|e| self.damaged_body(seq, format!("event #{seq} does not decode ({e})")))
     }
 
     pub(super) fn decode_delivery(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<Delivery, StoreError> {
