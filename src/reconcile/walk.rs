@@ -139,15 +139,15 @@ impl<'a> Walker<'a> {
         now: jiff::Timestamp,
         sink: &Sink<'_>,
     ) -> Result<(State, Vec<AuditEvent>)> {
-        // This thread walks, diffs and stores: the other cores parse (on 2 cores, one parsing
-        // thread was as fast as two and steadier, docs/performance.md).
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let workers = cores.saturating_sub(1).clamp(1, 8);
         // A short walk (the usual run: a commit or a few) parses its files itself: starting the
         // threads would cost more than they save.
         if steps.len() < PARSE_AHEAD {
             return self.walk_steps(state, steps, emit, now, sink);
         }
+        // This thread walks, diffs and stores: the other cores parse (on 2 cores, one parsing
+        // thread was as fast as two and steadier, docs/performance.md).
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let workers = cores.saturating_sub(1).clamp(1, 8);
         Ahead::run(self, workers, |walker| walker.walk_steps(state, steps, emit, now, sink))
     }
 
