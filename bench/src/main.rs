@@ -274,34 +274,13 @@ impl Bench {
         if let (Some(repo), Some(file)) = (std::env::var_os("BENCH_REAL_REPO"), std::env::var("BENCH_REAL_FILE").ok()) {
             let repo = PathBuf::from(repo);
             let packed = du(&repo);
-            let BackfillRun { ours, own_rss_kib, git, .. } = self.backfill_of(&repo, &file, "real", packed)?;
-            self.row(
-                &format!("backfill of {} following {file} ({:.0} MB)", repo.display(), packed as f64 / 1e6),
-                fmt_ms(ours),
-                format!("{} (git clone --no-local --mirror + git log)", fmt_ms(git)),
-                ratio(ours, git, "≤ 1.0"),
-                format!(
-                    "{:.1} MiB policy-audit; {:.1} MiB with the git pack-objects serving the local fetch",
-                    mib(own_rss_kib),
-                    mib(ours.max_rss_kib)
-                ),
-            );
+            let real = self.backfill_of(&repo, &file, "real", packed)?;
+            self.backfill_row(&format!("backfill of {} following {file}", repo.display()), &real);
         }
         let commits = if self.quick { 5_000 } else { 20_000 };
-        let BackfillRun { ours, own_rss_kib, git: git_total, packed, config, state, mirror } =
-            self.backfill_run(commits)?;
-        let what = format!("backfill, {commits} commits ({:.1} MB packed)", packed as f64 / 1e6);
-        self.row(
-            &what,
-            fmt_ms(ours),
-            format!("{} (git clone --no-local --mirror + git log)", fmt_ms(git_total)),
-            ratio(ours, git_total, "≤ 1.0"),
-            format!(
-                "{:.1} MiB policy-audit (target ≤ 64); {:.1} MiB with the git pack-objects serving the local fetch",
-                mib(own_rss_kib),
-                mib(ours.max_rss_kib)
-            ),
-        );
+        let synthetic = self.backfill_run(commits)?;
+        self.backfill_row(&format!("backfill, {commits} commits"), &synthetic);
+        let BackfillRun { config, state, mirror, .. } = synthetic;
 
         // Walk alone: our walk+parse+diff phases (from --timings) vs git log on the mirror.
         let _ = std::fs::remove_dir_all(&state);
@@ -332,6 +311,22 @@ impl Bench {
             "-".into(),
         );
         Ok(())
+    }
+
+    /// A backfill's row: its time next to git's, and its peak RSS, policy-audit's own and the
+    /// process tree's (with the `git pack-objects` serving a local fetch).
+    fn backfill_row(&mut self, what: &str, run: &BackfillRun) {
+        self.row(
+            &format!("{what} ({:.1} MB packed)", run.packed as f64 / 1e6),
+            fmt_ms(run.ours),
+            format!("{} (git clone --no-local --mirror + git log)", fmt_ms(run.git)),
+            ratio(run.ours, run.git, "≤ 1.0"),
+            format!(
+                "{:.1} MiB policy-audit (target ≤ 64); {:.1} MiB with the git pack-objects serving the local fetch",
+                mib(run.own_rss_kib),
+                mib(run.ours.max_rss_kib)
+            ),
+        );
     }
 
     /// A first sync with backfill of a `commits`-commit repository (every 10th commit changes
