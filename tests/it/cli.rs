@@ -304,13 +304,17 @@ fn version_names_the_git_commit_it_was_built_from() {
 fn a_backfill_reports_what_syncing_each_commit_reports() {
     let ws = Workspace::new();
     let repo = ws.init_repo("long");
-    let step_by_step = ws.write(
-        "each.toml",
-        &format!(
-            "state_dir = \"each\"\nmax_policy_file_bytes = 2000\n[[projects]]\npath = \"a/long\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
-            repo.display()
-        ),
-    );
+    // Two stores of the same project: one synced commit by commit, one in one backfill.
+    let config = |state: &str| {
+        ws.write(
+            &format!("{state}.toml"),
+            &format!(
+                "state_dir = \"{state}\"\nmax_policy_file_bytes = 2000\n[[projects]]\npath = \"a/long\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+                repo.display()
+            ),
+        )
+    };
+    let step_by_step = config("each");
     let oversized = format!("{}# {}\n", policy(1, ""), "x".repeat(2100));
     for i in 0..150u32 {
         let text = match i % 11 {
@@ -342,13 +346,7 @@ fn a_backfill_reports_what_syncing_each_commit_reports() {
         let out = ws.run(&step_by_step, &["reconcile", "--no-deliver"]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
-    let at_once = ws.write(
-        "once.toml",
-        &format!(
-            "state_dir = \"once\"\nmax_policy_file_bytes = 2000\n[[projects]]\npath = \"a/long\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
-            repo.display()
-        ),
-    );
+    let at_once = config("once");
     let out = ws.run(&at_once, &["reconcile", "--no-deliver"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let seen = |config: &Path| -> Vec<(String, String, String)> {
