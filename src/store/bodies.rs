@@ -59,6 +59,11 @@ pub fn slots(group: &[u8]) -> Result<Vec<Range<usize>>, String> {
     Ok(out)
 }
 
+/// Where event `seq`'s body lies in `group` (its group): None when its slot is empty or missing.
+pub fn slot_in(group: &[u8], seq: u64) -> Result<Option<Range<usize>>, String> {
+    Ok(slots(group)?.get(slot_of(seq)).filter(|r| !r.is_empty()).cloned())
+}
+
 /// `group` (None: a new one) with `body` in `slot` (None: empty). The slots before it that
 /// the group lacks are added empty; the ones after it are dropped (a write only appends).
 pub fn with_slot(group: Option<&[u8]>, slot: usize, body: Option<&[u8]>) -> Result<Vec<u8>, String> {
@@ -92,8 +97,8 @@ impl Store {
     /// The body of event `seq` in its group; None when its slot is empty or missing.
     fn grouped_body(&self, seq: u64) -> Result<Option<sled::IVec>, StoreError> {
         let Some(group) = self.bodies.get(group_key(seq)).map_err(|e| self.sled(e))? else { return Ok(None) };
-        let ranges = slots(&group).map_err(|why| self.damaged_group(seq / GROUP, why))?;
-        Ok(ranges.get(slot_of(seq)).filter(|r| !r.is_empty()).map(|r| group.subslice(r.start, r.len())))
+        let range = slot_in(&group, seq).map_err(|why| self.damaged_group(seq / GROUP, why))?;
+        Ok(range.map(|r| group.subslice(r.start, r.len())))
     }
 
     /// Every stored body from event `from` on, in sequence order, wherever each is kept.

@@ -183,11 +183,10 @@ pub fn wait_for(what: &str, limit: std::time::Duration, mut ready: impl FnMut() 
 pub fn stored_body(db: &sled::Db, seq: u64) -> Option<Vec<u8>> {
     use policy_audit::store::bodies;
     let group = db.open_tree("bodies").expect("bodies").get(bodies::group_key(seq)).expect("get");
-    if let Some(group) = group {
-        let ranges = bodies::slots(&group).expect("a group");
-        if let Some(r) = ranges.get(bodies::slot_of(seq)).filter(|r| !r.is_empty()) {
-            return Some(group[r.clone()].to_vec());
-        }
+    if let Some(group) = group
+        && let Some(r) = bodies::slot_in(&group, seq).expect("a group")
+    {
+        return Some(group[r].to_vec());
     }
     db.open_tree("events").expect("events").get(seq.to_be_bytes()).expect("get").map(|v| v.to_vec())
 }
@@ -199,8 +198,7 @@ pub fn set_stored_body(db: &sled::Db, seq: u64, body: Option<&[u8]>) {
     let tree = db.open_tree("bodies").expect("bodies");
     let key = bodies::group_key(seq);
     let group = tree.get(key).expect("get").map(|g| g.to_vec()).unwrap_or_default();
-    let ranges = bodies::slots(&group).expect("a group");
-    if ranges.get(bodies::slot_of(seq)).is_none_or(|r| r.is_empty()) {
+    if bodies::slot_in(&group, seq).expect("a group").is_none() {
         let events = db.open_tree("events").expect("events");
         match body {
             Some(body) => events.insert(seq.to_be_bytes(), body).expect("insert"),
@@ -209,7 +207,7 @@ pub fn set_stored_body(db: &sled::Db, seq: u64, body: Option<&[u8]>) {
         return;
     }
     let mut rebuilt = Vec::new();
-    for (slot, r) in ranges.iter().enumerate() {
+    for (slot, r) in bodies::slots(&group).expect("a group").iter().enumerate() {
         let kept = (!r.is_empty()).then(|| &group[r.clone()]);
         let value = if slot == bodies::slot_of(seq) { body } else { kept };
         rebuilt = bodies::with_slot(Some(&rebuilt), slot, value).expect("slot");
