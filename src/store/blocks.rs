@@ -30,9 +30,10 @@ pub(super) const ENTRY_LEN: usize = 16;
 /// entries takes N / 64 keys (half that at worst, for entries added out of time order).
 pub(super) const BLOCK_ENTRIES: usize = 64;
 /// Blocks that take entries anywhere (the id list: hashes) are split smaller: each addition
-/// rewrites one, and in a random order every addition lands in a different block. 32: at
-/// 1,000,000 events the store takes 1,357 bytes per event (1,752 with 64, 1,227 with 16) and
-/// opening it for a listing 63.4 MiB (62.2 with 64, 67.8 with 16; `bench growth`).
+/// rewrites one, and in a random order every addition lands in a different block. 32 was
+/// measured when every event went into the id list on its own (before the newest ids were
+/// gathered, see `index`): at 1,000,000 events 1,357 bytes per event (1,752 with 64, 1,227 with
+/// 16) and a listing's 63.4 MiB (62.2 with 64, 67.8 with 16; `bench growth`).
 pub(super) const SCATTERED_BLOCK_ENTRIES: usize = 32;
 
 const SIGN: u64 = 1 << 63;
@@ -157,25 +158,16 @@ pub(super) struct Known(BTreeSet<Vec<u8>>);
 
 impl Known {
     /// For each list with the entries to add to it (sorted): the keys from the block holding
-    /// the first to the first block past the last; for a `scattered` list (entries spread over
-    /// it: the id list), the block holding each entry and the next.
+    /// the first to the first block past the last. (The transactions add to the time-ordered
+    /// lists, where a batch meets a few blocks; the id list, whose entries fall anywhere, is
+    /// written outside them, see `index`.)
     pub(super) fn around<'a>(
         tree: &sled::Tree,
-        lists: impl IntoIterator<Item = (&'a [u8], &'a [Entry], bool)>,
+        lists: impl IntoIterator<Item = (&'a [u8], &'a [Entry])>,
     ) -> sled::Result<Known> {
         let mut known = BTreeSet::new();
-        for (list, entries, scattered) in lists {
+        for (list, entries) in lists {
             let (Some(first), Some(last)) = (entries.first(), entries.last()) else { continue };
-            if scattered {
-                for e in entries {
-                    let Some(key) = tree.holding(list, &key_of(list, e))? else { continue };
-                    if let Some(next) = tree.after(list, &key)? {
-                        known.insert(next);
-                    }
-                    known.insert(key);
-                }
-                continue;
-            }
             let start = tree.floor(list, &key_of(list, first))?.unwrap_or_else(|| list.to_vec());
             let last = key_of(list, last);
             for key in tree.range(start..end_of(list)).keys() {
@@ -360,7 +352,7 @@ mod tests {
                 add(&tree, &tree, other, &others).expect("add other");
                 continue;
             }
-            let lists = [(&list[..], &entries[..], false), (&other[..], &others[..], false)];
+            let lists = [(&list[..], &entries[..]), (&other[..], &others[..])];
             let known = Known::around(&tree, lists).expect("known");
             tree.transaction(|tx| {
                 add(&known, tx, list, &entries)?;
@@ -403,7 +395,7 @@ mod tests {
                 add(&tree, &tree, list, &entries).expect("add");
                 continue;
             }
-            let known = Known::around(&tree, [(&list[..], &entries[..], true)]).expect("known");
+            let known = Known::around(&tree, [(&list[..], &entries[..])]).expect("known");
             tree.transaction(|tx| {
                 add(&known, tx, list, &entries)?;
                 Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())

@@ -142,13 +142,9 @@ impl Additions {
     }
 
     /// Where their blocks lie, read before the storing transaction (which cannot range over a
-    /// tree). The id list is scattered: its entries are hashes.
+    /// tree).
     pub(super) fn known(&self, tree: &sled::Tree) -> sled::Result<blocks::Known> {
-        let ids = prefix(ID, "");
-        blocks::Known::around(
-            tree,
-            self.0.iter().map(|(list, entries)| (list.as_slice(), entries.as_slice(), *list == ids)),
-        )
+        blocks::Known::around(tree, self.0.iter().map(|(list, entries)| (list.as_slice(), entries.as_slice())))
     }
 
     /// Writes them through `w` (see [`blocks::add`]).
