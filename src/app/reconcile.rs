@@ -127,7 +127,7 @@ pub fn render(config: &Config, req: &ReconcileRequest, report: Report) -> Output
         out.out_line(serde_json::to_string_pretty(&summary).unwrap_or_default());
     } else if let Some(peak) = peak {
         out.out_line(format!(
-            "peak memory: {:.1} MiB (resident, this process; not the git programs a local fetch runs)",
+            "peak memory: {:.1} MiB (resident, of the process that ran the reconcile since it started: the daemon's when one runs; not the git programs a local fetch runs)",
             peak as f64 / (1024.0 * 1024.0)
         ));
     }
@@ -136,7 +136,8 @@ pub fn render(config: &Config, req: &ReconcileRequest, report: Report) -> Output
 
 /// The most memory this process has held resident so far (`VmHWM`): its own, not that of the
 /// programs it ran (a fetch from a local path runs `git upload-pack`, which on a real server
-/// runs there), nor that of the process that started it.
+/// runs there), nor that of the process that started it. A reconcile asked of the daemon is
+/// rendered there: then it is the daemon's, since it started.
 fn peak_memory_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim();
