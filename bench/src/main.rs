@@ -2,6 +2,7 @@
 //! builds its own repositories and prints one table (`growth`: a table of how each figure grows), each figure measured in the same run next to a
 //! baseline (git itself, or wrk). Figures, never assertions: see docs/performance.md.
 
+mod cgroup;
 mod githttp;
 mod growth;
 mod measure;
@@ -276,6 +277,7 @@ impl Bench {
             let packed = du(&repo);
             let real = self.backfill_of(&repo, &file, "real", packed)?;
             self.backfill_row(&format!("backfill of {} following {file}", repo.display()), &real);
+            self.backfill_limited(&repo, &file)?;
         }
         let commits = if self.quick { 5_000 } else { 20_000 };
         let synthetic = self.backfill_run(commits)?;
@@ -377,6 +379,72 @@ impl Bench {
             run(Command::new("bash").args(["-c", &script]).env("GIT_CONFIG_GLOBAL", "/dev/null"))
         })?;
         Ok(BackfillRun { ours, own_rss_kib, git: git_total, packed, config, state, mirror })
+    }
+
+    /// The backfill of `repo` within 64 MiB of memory, as systemd's `MemoryMax=64M` sets it (a
+    /// memory cgroup, swap included), next to `git clone --mirror` + `git log` in the same
+    /// limit. Both fetch over smart HTTP, so the git serving the fetch runs outside the limit.
+    /// The kernel reclaims the pages of the pack that the fetch maps when the limit is reached:
+    /// peak RSS counts them, the limit shows whether the work needs them.
+    fn backfill_limited(&mut self, repo: &Path, file: &str) -> Result<()> {
+        const LIMIT: u64 = 64 << 20;
+        let what = format!("the same backfill within a {} MiB memory cgroup, over smart HTTP", LIMIT >> 20);
+        let group = match cgroup::MemoryCgroup::create("policy-audit-bench", LIMIT) {
+            Ok(group) => group,
+            Err(e) => {
+                self.row(&what, format!("not measured: {e:#}"), "-".into(), "-".into(), "-".into());
+                return Ok(());
+            }
+        };
+        let (root, name) = (repo.parent().context("repository's folder")?, repo.file_name().context("repository")?);
+        let server = githttp::GitHttp::start(&self.work.join("nginx-limited"), root, 2)?;
+        let url = format!("{}/{}", server.base, name.to_string_lossy());
+        let config = self.work.join("backfill-limited.toml");
+        let state = self.work.join("bf-state-limited");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"bf-state-limited\"\n[[projects]]\npath = \"acme/long\"\nurl = \"{url}\"\npolicy_file = \"{file}\"\ninitial_sync = \"backfill\"\n"
+            ),
+        )?;
+        // Each run in the group, with the group's peak charge (page cache included; largest over
+        // the runs) kept in `peak`.
+        let in_group = |cmd: &mut Command, peak: &mut u64| -> Result<Sample> {
+            group.reset();
+            group.enter(cmd)?;
+            let sample = run(cmd)?;
+            *peak = (*peak).max(group.peak().unwrap_or(0));
+            Ok(sample)
+        };
+        let (mut our_peak, mut git_peak) = (0, 0);
+        let ours = median(self.runs, || {
+            let _ = std::fs::remove_dir_all(&state);
+            in_group(&mut self.policy_audit(&config, &["reconcile", "--no-deliver"]), &mut our_peak)
+        })?;
+        let mirror = self.work.join("git-mirror-limited.git");
+        let git = median(self.runs, || {
+            let _ = std::fs::remove_dir_all(&mirror);
+            let script = format!(
+                "git clone -q --mirror {url} {m} && git -C {m} log --format=%H -- {file} > /dev/null",
+                m = mirror.display()
+            );
+            in_group(Command::new("bash").args(["-c", &script]).env("GIT_CONFIG_GLOBAL", "/dev/null"), &mut git_peak)
+        })?;
+        drop(server);
+        self.row(
+            &what,
+            fmt_ms(ours),
+            format!("{} (git clone --mirror + git log, same limit)", fmt_ms(git)),
+            ratio(ours, git, "≤ 1.0"),
+            format!(
+                "completed; the group's peak {:.1} MiB, page cache included (git's {:.1}); \
+                 peak RSS {:.1} MiB, with pages of files charged elsewhere",
+                mib(our_peak / 1024),
+                mib(git_peak / 1024),
+                mib(ours.max_rss_kib)
+            ),
+        );
+        Ok(())
     }
 
     /// 1,000 projects on this machine (local paths): an idle reconcile vs a shell loop of
