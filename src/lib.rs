@@ -19,6 +19,7 @@ pub mod event;
 pub mod gitlab;
 pub mod logging;
 pub mod policy;
+pub mod recent;
 pub mod reconcile;
 pub mod repo;
 pub mod server;

@@ -101,6 +101,8 @@ pub fn router(source: Shared) -> Router {
         .layer(axum::middleware::from_fn(security_headers))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        // The events page's rendered rows, kept for this server (`web::Rows`).
+        .layer(axum::Extension(Arc::new(web::Rows::default())))
         .with_state(source)
 }
 

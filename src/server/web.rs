@@ -13,17 +13,20 @@ mod rows;
 
 pub use export::export_csv;
 pub use login::{login, login_form, login_page, logout};
+pub use rows::Rows;
 
 use super::{SESSION_COOKIE, Shared, blocking, secret_matches, session_value};
 use crate::app::events::time_bound;
 use crate::event::{AuditEvent, EventType};
-use crate::store::{EventQuery, Position};
+use crate::store::{EventQuery, Position, StoreError};
+use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{DOCTYPE, Markup, html};
 use serde::Deserialize;
+use std::sync::Arc;
 
 const PAGE_SIZE: usize = 50;
 /// A policy's history is shown whole up to this many events.
@@ -221,7 +224,11 @@ fn filter_form(f: &Filters, projects: &[String]) -> Markup {
     }
 }
 
-pub async fn index(State(s): State<Shared>, Query(f): Query<Filters>) -> Response {
+pub async fn index(
+    State(s): State<Shared>,
+    Extension(kept): Extension<Arc<Rows>>,
+    Query(f): Query<Filters>,
+) -> Response {
     let query = match f.query() {
         Ok(q) => q,
         Err(why) => return bad_request(&why),
@@ -242,8 +249,18 @@ pub async fn index(State(s): State<Shared>, Query(f): Query<Filters>) -> Respons
             }
         }
         let page = src.store().page_stored(&query, before.as_ref(), 0, PAGE_SIZE)?;
-        let rows: Vec<rows::Row> =
-            page.events.iter().map(|(seq, e)| src.store().read_stored(*seq, e)).collect::<Result<_, _>>()?;
+        let rows = page
+            .events
+            .iter()
+            .map(|(seq, e)| match kept.get(*seq) {
+                Some(row) => Ok(row),
+                None => {
+                    let row = Arc::new(rows::Rendered::of(&src.store().read_stored(*seq, e)?));
+                    kept.put(*seq, &row);
+                    Ok(row)
+                }
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let table = (!rows.is_empty()).then(|| rows::table(&rows, &filters));
         Ok((table, page.next, projects))
     })

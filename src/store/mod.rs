@@ -23,7 +23,6 @@ mod records;
 
 pub use outbox::{PendingEntry, Schedule};
 pub(crate) use outbox::{delivery_key, destination_prefix};
-mod recent;
 mod replay;
 mod replica;
 
@@ -145,8 +144,8 @@ pub struct Store {
     /// The ids of the newest events, (hash, seq), until they are settled in the id list (see
     /// `index`).
     young_ids: std::sync::Mutex<std::collections::BTreeSet<(u64, u64)>>,
-    /// The JSON of recently read events (see `recent`).
-    recent: recent::Recent,
+    /// The JSON of recently read events (see `crate::recent`).
+    recent: crate::recent::Recent<sled::IVec>,
     /// How many young ids are settled at once ([`index::YOUNG_IDS`]; fewer in tests).
     young_limit: usize,
 }
