@@ -16,10 +16,18 @@ const PROJECTS: usize = 10;
 
 /// `wrk -t2 -c8 -d10s --latency`: (p50 ms, p99 ms, requests/s).
 fn wrk(url: &str, token: Option<&str>) -> Result<(f64, f64, f64)> {
+    wrk_with(url, token, None)
+}
+
+/// wrk, with a Lua `script` choosing the requests when given.
+fn wrk_with(url: &str, token: Option<&str>, script: Option<&Path>) -> Result<(f64, f64, f64)> {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t2", "-c8", "-d10s", "--latency"]);
     if let Some(t) = token {
         cmd.args(["-H", &format!("PRIVATE-TOKEN: {t}")]);
+    }
+    if let Some(script) = script {
+        cmd.arg("-s").arg(script);
     }
     let out = cmd.arg(url).output().context("cannot run wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -110,6 +118,42 @@ const CASES: [(&str, &str); 5] = [
     ("API, one project, offset (counts to 10,000)", "/api/v4/projects/4/audit_events"),
 ];
 
+/// Older pages taken in turn: more rows than the server keeps rendered, so each request renders
+/// its rows again.
+const OLDER_PAGES: usize = 200;
+
+/// A wrk script requesting `paths` in turn; wrk's two threads start half the list apart, so a
+/// page comes back only after about `paths.len() / 2` others.
+fn pages_in_turn(dir: &Path, paths: &[String]) -> Result<std::path::PathBuf> {
+    let list: Vec<String> = paths.iter().map(|p| format!("{p:?}")).collect();
+    let script = format!(
+        "local paths = {{ {} }}\nlocal threads = 0\n\
+         function setup(thread) thread:set(\"start\", threads * {}); threads = threads + 1 end\n\
+         function init(args) i = start or 0 end\n\
+         function request() i = i + 1; return wrk.format(\"GET\", paths[(i % #paths) + 1]) end\n",
+        list.join(", "),
+        paths.len() / 2
+    );
+    let path = dir.join("older-pages.lua");
+    std::fs::write(&path, script)?;
+    Ok(path)
+}
+
+/// The first `n` pages of the events page, following its "Older" links.
+fn older_pages(base: &str, n: usize) -> Result<Vec<String>> {
+    let mut paths = vec!["/".to_string()];
+    while paths.len() < n {
+        let last = paths.last().context("a page")?;
+        let page =
+            ureq::get(&format!("{base}{last}")).header("PRIVATE-TOKEN", TOKEN).call()?.into_body().read_to_string()?;
+        let Some(next) = page.split("rel=\"next\" href=\"").nth(1).and_then(|rest| rest.split('"').next()) else {
+            break;
+        };
+        paths.push(next.replace("&amp;", "&"));
+    }
+    Ok(paths)
+}
+
 /// How many events the store of `config_path` holds (0 when it does not exist yet).
 fn stored_events(config_path: &Path) -> Result<u64> {
     let config = policy_audit::config::Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -190,8 +234,10 @@ impl Bench {
             servers.push((format!("before ({})", Path::new(&other).display()), other.into()));
         }
         let base = format!("http://127.0.0.1:{port}");
+        // One more case after CASES: older pages in turn.
         let mut figures: Vec<Vec<Figures>> =
-            servers.iter().map(|_| CASES.iter().map(|_| Figures::default()).collect()).collect();
+            servers.iter().map(|_| (0..=CASES.len()).map(|_| Figures::default()).collect()).collect();
+        let mut older_script = None;
         let mut nginx_figures = Figures::default();
         let root = self.work.join("static");
         let mut body_len = 0;
@@ -227,6 +273,10 @@ impl Bench {
                 for (c, (_, path)) in CASES.iter().enumerate() {
                     figures[s][c].add(wrk(&format!("{base}{path}"), Some(TOKEN))?);
                 }
+                if older_script.is_none() {
+                    older_script = Some(pages_in_turn(&self.work, &older_pages(&base, OLDER_PAGES)?)?);
+                }
+                figures[s][CASES.len()].add(wrk_with(&base, Some(TOKEN), older_script.as_deref())?);
                 let rss = vm_hwm_mib(server.0.id());
                 for f in &mut figures[s] {
                     f.rss_mib = f.rss_mib.max(rss);
@@ -239,7 +289,8 @@ impl Bench {
         }
         let (np50, np99, nrate) = nginx_figures.medians();
         for (s, (name, _)) in servers.iter().enumerate() {
-            for (c, (what, _)) in CASES.iter().enumerate() {
+            let older = format!("page, {OLDER_PAGES} older pages in turn (each row rendered again)");
+            for (c, what) in CASES.iter().map(|(what, _)| *what).chain([older.as_str()]).enumerate() {
                 let (p50, p99, rate) = figures[s][c].medians();
                 let label = if s == 0 { String::new() } else { format!(", {name}") };
                 self.row(
