@@ -300,6 +300,64 @@ fn version_names_the_git_commit_it_was_built_from() {
 /// the answers come in, it must report what syncing one commit at a time reports: files that
 /// come back (reverts, near and far), invalid files, a file over the size limit, and commits
 /// that leave the file alone, over more changes than are parsed ahead at once.
+/// A pack larger than policy-audit keeps mapped (16 MiB; vendor/README.md): while it is indexed
+/// and while the walk reads it, its pages are released from the process every 8 MiB read, also
+/// under slices being read. Every commit is still read as it is.
+#[test]
+fn a_pack_larger_than_what_is_kept_mapped_is_read_exactly() {
+    let ws = Workspace::new();
+    let repo = ws.init_repo("big");
+    // 18 MiB that do not compress (xorshift), then the same with a tail: a delta on a large base.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let large: Vec<u8> = (0..18 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut expected = Vec::new();
+    for i in 0..40u32 {
+        if i == 0 || i == 20 {
+            let mut data = large.clone();
+            data.extend_from_slice(format!("version {i}\n").as_bytes());
+            std::fs::write(repo.join("large.bin"), data).expect("write the large file");
+        }
+        ws.write(&format!("big/{POLICY}"), &policy(1 + i % 4, ""));
+        let sha = commit(&repo, "Alice", "alice@example.com", &format!("2024-03-01T10:00:{i:02}Z"), &format!("c{i}"));
+        let name = if i == 0 { "security_policy_create" } else { "security_policy_update" };
+        expected.push((name.to_string(), sha.trim().to_string()));
+    }
+    let config = ws.write(
+        "big.toml",
+        &format!(
+            "state_dir = \"state\"\n[[projects]]\npath = \"a/big\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+            repo.display()
+        ),
+    );
+    let out = ws.run(&config, &["reconcile", "--no-deliver"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pack: u64 = std::fs::read_dir(ws.path("state/mirrors"))
+        .expect("mirrors")
+        .flatten()
+        .flat_map(|mirror| std::fs::read_dir(mirror.path().join("objects/pack")).expect("packs").flatten())
+        .filter(|f| f.path().extension().is_some_and(|e| e == "pack"))
+        .map(|f| f.metadata().expect("pack").len())
+        .sum();
+    assert!(pack > 16 << 20, "the pack is {pack} bytes: too small to be released while read");
+    let seen: Vec<(String, String)> = events_json(&ws, &config)
+        .iter()
+        .map(|e| {
+            let name = e["details"]["event_name"].as_str().unwrap_or_default().to_string();
+            (name, e["details"]["security_policy_project_commit_sha"].as_str().unwrap_or_default().to_string())
+        })
+        .collect();
+    assert_eq!(seen, expected);
+    let out = ws.run(&config, &["verify"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+}
+
 #[test]
 fn a_backfill_reports_what_syncing_each_commit_reports() {
     let ws = Workspace::new();
@@ -354,7 +412,11 @@ fn a_backfill_reports_what_syncing_each_commit_reports() {
             .iter()
             .map(|e| {
                 let d = &e["details"];
-                (e["id"].to_string(), d["event_name"].to_string(), format!("{} {}", d["policy_name"], d["commit_sha"]))
+                (
+                    e["id"].to_string(),
+                    d["event_name"].to_string(),
+                    format!("{} {}", d["policy_name"], d["security_policy_project_commit_sha"]),
+                )
             })
             .collect()
     };

@@ -61,6 +61,65 @@ pub mod verify;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+/// policy-audit's patch (vendor/README.md): the pages of a pack map that are read are released
+/// from the process every [`RELEASE_AFTER_BYTES`], counted as the kernel maps them. The pages stay
+/// in the page cache; a page used again is mapped again by a minor fault, with the same bytes
+/// (the maps are private and read-only, of files no longer written).
+pub(crate) mod release {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// How much may be mapped by reads before the map's pages are released.
+    pub const RELEASE_AFTER_BYTES: usize = 8 << 20;
+    /// A map this small is never released: all of it costs little more.
+    const SMALL_MAP: usize = 16 << 20;
+    /// What one read maps at least: the kernel maps 16 pages around each fault ("fault-around"),
+    /// with or without `MADV_RANDOM`.
+    const REGION: usize = 64 << 10;
+
+    /// What reads of one map have mapped since its pages were last released.
+    #[derive(Default)]
+    pub struct Reads {
+        mapped: AtomicUsize,
+        /// The region of the last read (+1; 0 for none): a read in the same region maps nothing
+        /// new, which is how commits, stored side by side, are read.
+        last_region: AtomicUsize,
+    }
+
+    impl Reads {
+        /// Counts a read of `start..end` in a map of `len` bytes; true when the map's pages are
+        /// due to be released.
+        pub fn due(&self, len: usize, start: usize, end: usize) -> bool {
+            if len <= SMALL_MAP {
+                return false;
+            }
+            let (first, last) = (start / REGION, end.saturating_sub(1).max(start) / REGION);
+            let new = if self.last_region.swap(last + 1, Ordering::Relaxed) == first + 1 { last - first } else { last - first + 1 };
+            let mapped = new * REGION;
+            if mapped == 0 {
+                return false;
+            }
+            if self.mapped.fetch_add(mapped, Ordering::Relaxed) + mapped >= RELEASE_AFTER_BYTES {
+                self.mapped.store(0, Ordering::Relaxed);
+                self.last_region.store(0, Ordering::Relaxed);
+                return true;
+            }
+            false
+        }
+    }
+
+    /// Releases the pages of `map` from the process.
+    pub fn pages_of(map: &memmap2::Mmap) {
+        // SAFETY: the map is private and read-only, of a file no longer written: a released page
+        // that is read again, here or through a slice another thread holds, is mapped again with
+        // the same bytes from the file.
+        #[cfg(unix)]
+        #[expect(unsafe_code)]
+        let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        #[cfg(not(unix))]
+        let _ = map;
+    }
+}
+
 mod mmap {
     use std::path::Path;
 

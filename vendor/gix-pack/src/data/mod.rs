@@ -98,6 +98,10 @@ pub struct File<T = MMap> {
     ///
     /// If `None`, no additional limit is enforced.
     pub alloc_limit_bytes: Option<usize>,
+    /// policy-audit's patch (vendor/README.md): what reads have mapped since the pages of `data`
+    /// were last released, and how to release them (for a map; None for data in memory).
+    read_since_release: crate::release::Reads,
+    release: Option<fn(&T)>,
 }
 
 /// Information about the pack data file itself

@@ -380,12 +380,6 @@ impl crate::Bundle {
     }
 }
 
-/// policy-audit's patch (vendor/README.md): how many bytes of pages of the pack may be read
-/// through its map before they are released from this process. The pages stay in the page cache, and
-/// a page used again is mapped again by a minor fault, without reading the disk.
-#[cfg(unix)]
-const RELEASE_AFTER_BYTES: usize = 8 << 20;
-
 #[expect(clippy::type_complexity)] // cannot typedef impl Fn
 fn new_pack_file_resolver(
     data_file: SharedTempFile,
@@ -404,24 +398,12 @@ fn new_pack_file_resolver(
     mapped_file.advise(memmap2::Advice::Random)?;
     // policy-audit's patch, continued: every page read stayed mapped until the whole pack was
     // resolved, so the process's resident memory grew to the size of the pack (164 MiB of a
-    // 480 MB one). Every RELEASE_AFTER_BYTES read, the map's pages are released.
-    let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // 480 MB one). They are released as they are read (`crate::release`).
+    let read = std::sync::Arc::new(crate::release::Reads::default());
     let resolve = for_any_map(move |range: data::EntryRange, mapped_file: &memmap2::Mmap| -> Option<&[u8]> {
         let entry = mapped_file.get(range.start as usize..range.end as usize)?;
-        #[cfg(unix)]
-        {
-            use std::sync::atomic::Ordering;
-            // The pages it touches, which is what is mapped: a small entry costs a whole page.
-            const PAGE: usize = 4096;
-            let touched = (range.end as usize).div_ceil(PAGE).saturating_sub(range.start as usize / PAGE) * PAGE;
-            if read.fetch_add(touched, Ordering::Relaxed) + touched >= RELEASE_AFTER_BYTES {
-                read.store(0, Ordering::Relaxed);
-                // SAFETY: the map is private and read-only, of a file that is complete and no
-                // longer written: a released page that is read again, here or by a slice another
-                // thread holds, is mapped again with the same bytes from the file.
-                #[expect(unsafe_code)]
-                let _ = unsafe { mapped_file.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
-            }
+        if read.due(mapped_file.len(), range.start as usize, range.end as usize) {
+            crate::release::pages_of(mapped_file);
         }
         Some(entry)
     });

@@ -22,7 +22,10 @@ impl data::File<crate::MMap> {
     fn at_inner(path: &Path, object_hash: gix_hash::Kind) -> Result<Self> {
         let data = crate::mmap::read_only(path)
             .or_raise(|| message!("Could not open pack data file at \"{}\"", path.display()))?;
-        Self::from_data(data, path.to_owned(), object_hash)
+        let mut file = Self::from_data(data, path.to_owned(), object_hash)?;
+        // policy-audit's patch (vendor/README.md).
+        file.release = Some(crate::release::pages_of);
+        Ok(file)
     }
 }
 
@@ -56,6 +59,8 @@ where
             num_objects,
             object_hash,
             alloc_limit_bytes: None,
+            read_since_release: Default::default(),
+            release: None,
         })
     }
 

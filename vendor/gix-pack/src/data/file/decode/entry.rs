@@ -115,6 +115,7 @@ where
             ));
         }
 
+        self.note_read(pack_offset);
         let object_data = &self.data[pack_offset..];
         data::Entry::from_bytes(object_data, offset, self.object_hash)
     }
@@ -186,7 +187,18 @@ where
                 "Pack entry is truncated: an entry data offset pointing beyond pack data"
             ));
         }
+        self.note_read(offset);
         Ok(&self.data[offset..])
+    }
+
+    /// policy-audit's patch (vendor/README.md): counts a read at `offset`, and releases the
+    /// pages of a map when they are due.
+    fn note_read(&self, offset: usize) {
+        if let Some(release) = self.release
+            && self.read_since_release.due(self.data.len(), offset, offset + 1)
+        {
+            release(&self.data);
+        }
     }
 
     /// Decode an entry, resolving delta's as needed, while growing the `out` vector if there is not enough
