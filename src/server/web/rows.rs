@@ -4,7 +4,7 @@
 //!
 //! A row is rendered once and kept ([`Rows`]): events never change, and the only part of a row
 //! that depends on the page is its author link, which keeps the page's filters. A kept row is
-//! its markup before and after that link's URL.
+//! its markup and where that link's URL goes in it.
 
 use super::{Filters, date, event_href, kind_class, kind_label, policy_href};
 use crate::event::EventType;
@@ -46,12 +46,12 @@ struct RowDetails<'a> {
     policy_name: Option<Cow<'a, str>>,
 }
 
-/// A row as rendered once: the markup before and after the author link's URL.
+/// A row as rendered once: its markup, where the author link's URL goes in it, and who that
+/// link filters by.
 #[derive(Debug)]
 pub struct Rendered {
-    head: String,
-    tail: String,
-    /// Who the author link filters by.
+    markup: String,
+    href_at: usize,
     author: String,
 }
 
@@ -62,9 +62,15 @@ const AUTHOR_HREF: &str = "policy-audit-author-href";
 
 impl Rendered {
     pub fn of(e: &Row<'_>) -> Rendered {
-        let markup = row(e, AUTHOR_HREF).into_string();
-        let (head, tail) = markup.split_once(AUTHOR_HREF).unwrap_or((&markup, ""));
-        Rendered { head: head.to_string(), tail: tail.to_string(), author: e.author_name.to_string() }
+        let mut markup = row(e, AUTHOR_HREF).into_string();
+        let href_at = markup.find(AUTHOR_HREF).unwrap_or(markup.len());
+        markup.replace_range(href_at..(href_at + AUTHOR_HREF.len()).min(markup.len()), "");
+        Rendered { markup, href_at, author: e.author_name.to_string() }
+    }
+
+    /// The markup before and after the author link's URL.
+    fn parts(&self) -> (&str, &str) {
+        self.markup.split_at(self.href_at)
     }
 }
 
@@ -93,12 +99,13 @@ fn row(e: &Row<'_>, author_href: &str) -> Markup {
 
 /// The events table of the page with filters `f`.
 pub fn table(rows: &[Arc<Rendered>], f: &Filters) -> Markup {
-    let mut body = String::with_capacity(rows.iter().map(|r| r.head.len() + r.tail.len() + 200).sum());
+    let mut body = String::with_capacity(rows.iter().map(|r| r.markup.len() + 200).sum());
     for r in rows {
-        body.push_str(&r.head);
+        let (head, tail) = r.parts();
+        body.push_str(head);
         // Writing to a String cannot fail.
         let _ = Escaper::new(&mut body).write_str(&f.url_with_author("/", &r.author));
-        body.push_str(&r.tail);
+        body.push_str(tail);
     }
     html! {
         table.events {
