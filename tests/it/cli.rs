@@ -12,6 +12,17 @@ fn policy(approvals: u32, extra: &str) -> String {
     )
 }
 
+/// A config in `file` that backfills `repo` as project `path`, its state in `state`.
+fn backfill_config(ws: &Workspace, file: &str, state: &str, path: &str, repo: &Path) -> PathBuf {
+    ws.write(
+        file,
+        &format!(
+            "state_dir = \"{state}\"\n[[projects]]\npath = \"{path}\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+            repo.display()
+        ),
+    )
+}
+
 /// A repository with three policy commits by two authors, and a config that backfills it.
 fn backfilled(ws: &Workspace) -> (PathBuf, PathBuf) {
     let repo = ws.init_repo("spp");
@@ -187,13 +198,7 @@ fn backfill_flag_adds_history_to_a_baselined_project() {
 fn timings_are_printed_per_phase() {
     let ws = Workspace::new();
     let (repo, _) = backfilled(&ws);
-    let config = ws.write(
-        "t.toml",
-        &format!(
-            "state_dir = \"t\"\n[[projects]]\npath = \"acme/spp\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
-            repo.display()
-        ),
-    );
+    let config = backfill_config(&ws, "t.toml", "t", "acme/spp", &repo);
     let out = ws.run(&config, &["reconcile", "--timings"]);
     let text = stdout(&out);
     assert!(text.contains("timings: fetch ") && text.contains(" ms, store "), "{text}");
@@ -252,13 +257,7 @@ fn a_backfill_larger_than_one_store_chunk_is_stored_whole_and_in_order() {
             &format!("round {round}"),
         );
     }
-    let config = ws.write(
-        "big.toml",
-        &format!(
-            "state_dir = \"big-state\"\n[[projects]]\npath = \"a/big\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
-            repo.display()
-        ),
-    );
+    let config = backfill_config(&ws, "big.toml", "big-state", "a/big", &repo);
     let out = ws.run(&config, &["reconcile"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("1800 event(s) stored"), "{}", stdout(&out));
@@ -296,10 +295,6 @@ fn version_names_the_git_commit_it_was_built_from() {
     assert_eq!(stdout(&out), format!("policy-audit {} (commit {commit})\n", env!("CARGO_PKG_VERSION")));
 }
 
-/// A long first sync parses the coming files on other threads while it walks. Whatever order
-/// the answers come in, it must report what syncing one commit at a time reports: files that
-/// come back (reverts, near and far), invalid files, a file over the size limit, and commits
-/// that leave the file alone, over more changes than are parsed ahead at once.
 /// A pack larger than policy-audit keeps mapped (16 MiB; vendor/README.md): while it is indexed
 /// and while the walk reads it, its pages are released from the process every 8 MiB read, also
 /// under slices being read. Every commit is still read as it is.
@@ -329,13 +324,7 @@ fn a_pack_larger_than_what_is_kept_mapped_is_read_exactly() {
         let name = if i == 0 { "security_policy_create" } else { "security_policy_update" };
         expected.push((name.to_string(), sha.trim().to_string()));
     }
-    let config = ws.write(
-        "big.toml",
-        &format!(
-            "state_dir = \"state\"\n[[projects]]\npath = \"a/big\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
-            repo.display()
-        ),
-    );
+    let config = backfill_config(&ws, "big.toml", "state", "a/big", &repo);
     let out = ws.run(&config, &["reconcile", "--no-deliver"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let pack: u64 = std::fs::read_dir(ws.path("state/mirrors"))
@@ -358,6 +347,10 @@ fn a_pack_larger_than_what_is_kept_mapped_is_read_exactly() {
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
 }
 
+/// A long first sync parses the coming files on other threads while it walks. Whatever order
+/// the answers come in, it must report what syncing one commit at a time reports: files that
+/// come back (reverts, near and far), invalid files, a file over the size limit, and commits
+/// that leave the file alone, over more changes than are parsed ahead at once.
 #[test]
 fn a_backfill_reports_what_syncing_each_commit_reports() {
     let ws = Workspace::new();
