@@ -50,13 +50,7 @@ fn wrk_with(url: &str, token: Option<&str>, script: Option<&Path>) -> Result<(f6
 }
 
 fn vm_hwm_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| v.trim().trim_end_matches("kB").trim().to_string())
-        })
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
+    policy_audit::app::reconcile::peak_memory_bytes(Some(pid)).map_or(0.0, |bytes| bytes as f64 / 1048576.0)
 }
 
 struct Killed(Child);

@@ -103,13 +103,8 @@ pub fn open_sled(dir: &Path) -> Result<()> {
     for name in db.tree_names() {
         db.open_tree(name)?;
     }
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let peak = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .context("no VmHWM in /proc/self/status")?;
-    println!("{peak}");
+    let peak = policy_audit::app::reconcile::peak_memory_bytes(None).context("no VmHWM in /proc/self/status")?;
+    println!("{}", peak / 1024);
     Ok(())
 }
 

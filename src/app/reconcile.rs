@@ -118,7 +118,7 @@ pub fn render(config: &Config, req: &ReconcileRequest, report: Report) -> Output
         delivery.stdout.clear();
     }
     out.append(delivery);
-    let peak = req.timings.then(peak_memory_bytes).flatten();
+    let peak = req.timings.then(|| peak_memory_bytes(None)).flatten();
     if req.json {
         let mut summary = json!({"projects": json_rows, "deliveries": report.deliveries});
         if let Some(peak) = peak {
@@ -134,12 +134,14 @@ pub fn render(config: &Config, req: &ReconcileRequest, report: Report) -> Output
     out
 }
 
-/// The most memory this process has held resident so far (`VmHWM`): its own, not that of the
-/// programs it ran (a fetch from a local path runs `git upload-pack`, which on a real server
-/// runs there), nor that of the process that started it. A reconcile asked of the daemon is
-/// rendered there: then it is the daemon's, since it started.
-fn peak_memory_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+/// The most memory process `pid` (None: this one) has held resident so far (`VmHWM`), bytes:
+/// its own, not that of the programs it ran (a fetch from a local path runs `git upload-pack`,
+/// which on a real server runs there), nor that of the process that started it. A reconcile
+/// asked of the daemon is rendered there: then it is the daemon's, since it started. (The
+/// benchmark harness reads its servers' peaks with it too.)
+pub fn peak_memory_bytes(pid: Option<u32>) -> Option<u64> {
+    let path = pid.map_or_else(|| "/proc/self/status".to_string(), |pid| format!("/proc/{pid}/status"));
+    let status = std::fs::read_to_string(path).ok()?;
     let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim();
     Some(kib.parse::<u64>().ok()? * 1024)
 }
