@@ -80,6 +80,11 @@ pub(super) fn id_hash(id: &str) -> u64 {
     u64::from_be_bytes(digest[..8].try_into().unwrap_or_default())
 }
 
+/// A young id's (hash, seq): its entry in [`YOUNG`] is the other way round, (seq, hash).
+fn young_id(e: &Entry) -> (u64, u64) {
+    (blocks::seq_of(e), blocks::head_of(e))
+}
+
 /// The list of ids, and the entry of `id` (of event `seq`) in it.
 pub(super) fn id_entry(id: &str, seq: u64) -> (Vec<u8>, Entry) {
     (prefix(ID, ""), blocks::entry(id_hash(id), seq))
@@ -132,7 +137,7 @@ impl Additions {
 
     /// The young ids added: (hash, seq).
     pub(super) fn young_ids(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.0.get(&prefix(YOUNG, "")).into_iter().flatten().map(|e| (blocks::seq_of(e), blocks::head_of(e)))
+        self.0.get(&prefix(YOUNG, "")).into_iter().flatten().map(young_id)
     }
 
     /// Every list sorted, as [`Additions::known`] and [`Additions::write`] need them.
@@ -259,8 +264,7 @@ impl Store {
     pub(super) fn load_young_ids(&self) -> Result<(), StoreError> {
         let mut young = std::collections::BTreeSet::new();
         for entry in self.list_range(&prefix(YOUNG, ""), (None, None), false) {
-            let entry = entry?;
-            young.insert((blocks::seq_of(&entry), blocks::head_of(&entry)));
+            young.insert(young_id(&entry?));
         }
         *self.young() = young;
         Ok(())
