@@ -344,15 +344,7 @@ impl Bench {
     /// [`Bench::backfill_run`] of the repository at `src` (a work tree's or a bare one),
     /// following `file`.
     fn backfill_of(&mut self, src: &Path, file: &str, name: &str, packed: u64) -> Result<BackfillRun> {
-        let config = self.work.join(format!("backfill-{name}.toml"));
-        let state = self.work.join(format!("bf-state-{name}"));
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir = \"bf-state-{name}\"\n[[projects]]\npath = \"acme/long\"\nurl = \"{}\"\npolicy_file = \"{file}\"\ninitial_sync = \"backfill\"\n",
-                src.display()
-            ),
-        )?;
+        let (config, state) = self.backfill_config(name, &src.display().to_string(), file)?;
         let report = self.work.join(format!("bf-report-{name}.json"));
         let mut own_rss_kib = 0;
         let ours = measure::median(self.runs, || {
@@ -366,19 +358,22 @@ impl Bench {
             Ok(sample)
         })?;
         let mirror = self.work.join(format!("git-mirror-{name}.git"));
-        let git_total = measure::median(self.runs, || {
-            let _ = std::fs::remove_dir_all(&mirror);
-            let script = format!(
-                // --no-local: transfer a pack like any remote clone (a local clone hardlinks).
-                "git clone -q --no-local --mirror {} {} && git -C {} log --format=%H -- {} > /dev/null",
-                src.display(),
-                mirror.display(),
-                mirror.display(),
-                file
-            );
-            run(Command::new("bash").args(["-c", &script]).env("GIT_CONFIG_GLOBAL", "/dev/null"))
-        })?;
+        let git_total =
+            measure::median(self.runs, || run(&mut git_backfill(&src.display().to_string(), &mirror, file)))?;
         Ok(BackfillRun { ours, own_rss_kib, git: git_total, packed, config, state, mirror })
+    }
+
+    /// A config backfilling `url`'s `file` as one project, its state in a folder of its own:
+    /// (config, state folder), named after `name`.
+    fn backfill_config(&self, name: &str, url: &str, file: &str) -> Result<(PathBuf, PathBuf)> {
+        let config = self.work.join(format!("backfill-{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"bf-state-{name}\"\n[[projects]]\npath = \"acme/long\"\nurl = \"{url}\"\npolicy_file = \"{file}\"\ninitial_sync = \"backfill\"\n"
+            ),
+        )?;
+        Ok((config, self.work.join(format!("bf-state-{name}"))))
     }
 
     /// The backfill of `repo` within 64 MiB of memory, as systemd's `MemoryMax=64M` sets it (a
@@ -399,14 +394,7 @@ impl Bench {
         let (root, name) = (repo.parent().context("repository's folder")?, repo.file_name().context("repository")?);
         let server = githttp::GitHttp::start(&self.work.join("nginx-limited"), root, 2)?;
         let url = format!("{}/{}", server.base, name.to_string_lossy());
-        let config = self.work.join("backfill-limited.toml");
-        let state = self.work.join("bf-state-limited");
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir = \"bf-state-limited\"\n[[projects]]\npath = \"acme/long\"\nurl = \"{url}\"\npolicy_file = \"{file}\"\ninitial_sync = \"backfill\"\n"
-            ),
-        )?;
+        let (config, state) = self.backfill_config("limited", &url, file)?;
         // Each run in the group, with the group's peak charge (page cache included; largest over
         // the runs) kept in `peak`.
         let in_group = |cmd: &mut Command, peak: &mut u64| -> Result<Sample> {
@@ -422,14 +410,7 @@ impl Bench {
             in_group(&mut self.policy_audit(&config, &["reconcile", "--no-deliver"]), &mut our_peak)
         })?;
         let mirror = self.work.join("git-mirror-limited.git");
-        let git = median(self.runs, || {
-            let _ = std::fs::remove_dir_all(&mirror);
-            let script = format!(
-                "git clone -q --mirror {url} {m} && git -C {m} log --format=%H -- {file} > /dev/null",
-                m = mirror.display()
-            );
-            in_group(Command::new("bash").args(["-c", &script]).env("GIT_CONFIG_GLOBAL", "/dev/null"), &mut git_peak)
-        })?;
+        let git = median(self.runs, || in_group(&mut git_backfill(&url, &mirror, file), &mut git_peak))?;
         drop(server);
         self.row(
             &what,
@@ -737,6 +718,20 @@ fn fmt_ms(s: Sample) -> String {
 
 fn fmt_rss(s: Sample) -> String {
     format!("{:.1} MiB (target ≤ 64)", mib(s.max_rss_kib))
+}
+
+/// git's backfill, the baseline: `git clone --mirror` of `source` into `mirror` (made anew), then
+/// `git log -- file` on it. `--no-local`: a local path transfers a pack like any remote clone
+/// (a local clone hardlinks); a URL is not affected.
+fn git_backfill(source: &str, mirror: &Path, file: &str) -> Command {
+    let _ = std::fs::remove_dir_all(mirror);
+    let script = format!(
+        "git clone -q --no-local --mirror {source} {m} && git -C {m} log --format=%H -- {file} > /dev/null",
+        m = mirror.display()
+    );
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", &script]).env("GIT_CONFIG_GLOBAL", "/dev/null");
+    cmd
 }
 
 fn ratio(ours: Sample, base: Sample, target: &str) -> String {
