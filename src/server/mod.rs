@@ -8,13 +8,15 @@
 //!   or the login cookie; tokens are compared in constant time (as SHA-256 digests, so the
 //!   comparison does not even leak the length);
 //! - a client cannot hold the server: headers must arrive within [`HEADER_READ_TIMEOUT`] and fit
-//!   in [`MAX_HEADER_BYTES`], bodies are capped at [`MAX_BODY_BYTES`] (413) and a whole request
-//!   must be answered within [`REQUEST_TIMEOUT`] (408), slow bodies included;
+//!   in [`MAX_HEADER_BYTES`], bodies are capped at [`MAX_BODY_BYTES`] (413, read to the client
+//!   through a bounded lingering close: [`linger`]) and a whole request must be answered within
+//!   [`REQUEST_TIMEOUT`] (408), slow bodies included;
 //! - the server only reads the store (the webhook only queues a reconcile): it never writes the
 //!   trail.
 
 pub mod api;
 pub mod hooks;
+pub mod linger;
 pub mod metrics;
 pub mod web;
 
@@ -125,6 +127,13 @@ pub async fn serve(source: Shared, listener: tokio::net::TcpListener, stop: crat
             },
             _ = stop.cancelled() => break,
         };
+        let (stream, kept) = match linger::split(stream) {
+            Ok(split) => split,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot serve an http connection");
+                continue;
+            }
+        };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -135,6 +144,9 @@ pub async fn serve(source: Shared, listener: tokio::net::TcpListener, stop: crat
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "http connection ended with an error");
+            }
+            if let Some(kept) = kept {
+                linger::linger(kept).await;
             }
         });
     }

@@ -317,6 +317,51 @@ fn oversized_or_slow_requests_are_cut_off() {
     assert!(took < Duration::from_secs(25), "the slow client was cut off (after {took:?})");
 }
 
+/// A client that sends its whole oversized body before it reads (as Python's urllib, curl and
+/// most HTTP libraries do) still reads the 413: the server answers, then reads and discards the
+/// rest for a bounded time ("lingering close", as nginx does) instead of resetting the connection
+/// under the client's feet.
+#[test]
+fn an_oversized_body_sent_whole_before_reading_gets_a_readable_413() {
+    use std::io::Write;
+    let (_ws, s, _) = served_trail();
+    let big = vec![b' '; 2 * 1024 * 1024];
+    for path in ["/hooks/gitlab", "/api/v4/audit_events"] {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+        stream.set_write_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            big.len()
+        );
+        stream.write_all(head.as_bytes()).expect("send head");
+        stream.write_all(&big).unwrap_or_else(|e| panic!("{path}: the whole body could be sent before reading: {e}"));
+        let r = crate::http::read_response(stream);
+        assert_eq!(r.status, 413, "{path}");
+    }
+
+    // Python's standard client, which sends the body whole, then reads.
+    let script = r#"
+import sys, urllib.request, urllib.error
+for path in ("/hooks/gitlab", "/api/v4/audit_events"):
+    req = urllib.request.Request(sys.argv[1] + path, data=b" " * (2 * 1024 * 1024), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(req, timeout=30)
+        print(path, "no error")
+    except urllib.error.HTTPError as e:
+        print(path, e.code)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &format!("http://127.0.0.1:{}", s.port)])
+        .output()
+        .expect("python3 must be installed (scripts/install-deps.sh)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "urllib failed: {}{}", stdout, String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout, "/hooks/gitlab 413\n/api/v4/audit_events 413\n");
+    assert_eq!(get(s.port, "/healthz", &[]).status, 200, "the server goes on answering");
+}
+
 #[test]
 fn pages_escape_repository_text_and_send_strict_headers() {
     let (_ws, s, stored) = served_trail();
