@@ -83,6 +83,19 @@ pub struct Verification {
 }
 
 impl Store {
+    /// The chain link of event `seq` and of the one before it (genesis for the first), hex.
+    pub fn chain_links(&self, seq: u64) -> anyhow::Result<(Option<String>, String)> {
+        let link = |s: u64| -> anyhow::Result<Option<String>> {
+            let Some(stored) = self.stored_body(s)? else { return Ok(None) };
+            Ok(self.stored_link(s, &stored)?.map(|l| hex(&l)))
+        };
+        let previous = match seq.checked_sub(1) {
+            Some(p) => link(p)?.unwrap_or_default(),
+            None => hex(&GENESIS),
+        };
+        Ok((link(seq)?, previous))
+    }
+
     pub fn chain_head(&self) -> Result<ChainHead> {
         Ok(ChainHead { events: self.next_seq()?, head: hex(&self.recorded_head()?) })
     }
