@@ -103,6 +103,13 @@ fn fetch_blocking(
     without_negotiation: bool,
 ) -> Result<FetchOutcome> {
     let Remote { url, branch, token, tls } = *remote;
+    // Nothing new, told in one request (http(s) only; anything else is the fetch's to say).
+    if !without_negotiation
+        && let Some(tip) = super::probe::advertised_tip(url, branch, token, tls, deadline)
+        && local_tip(&repo, branch) == Some(tip)
+    {
+        return Ok(FetchOutcome { tip });
+    }
     let secs = deadline.as_secs().max(1);
     {
         // In memory only: a slow HTTP transfer is abandoned like a stalled one.

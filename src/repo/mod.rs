@@ -11,6 +11,7 @@
 mod commit;
 mod fetch;
 mod history;
+mod probe;
 
 pub use fetch::{FetchOutcome, fetch, redact_url};
 

@@ -15,6 +15,8 @@ pub struct GitHttpServer {
     pub refused: Arc<AtomicUsize>,
     /// Authorization header values seen (to prove what was sent).
     pub seen_auth: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Every request as `METHOD /path?query`, in order.
+    pub requests: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl GitHttpServer {
@@ -26,25 +28,30 @@ impl GitHttpServer {
         let stop = Arc::new(AtomicBool::new(false));
         let refused = Arc::new(AtomicUsize::new(0));
         let seen_auth = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (root, token) = (root.to_path_buf(), token.map(str::to_string));
-        let (stop2, refused2, seen2) = (stop.clone(), refused.clone(), seen_auth.clone());
+        let (stop2, refused2, seen2, requests2) = (stop.clone(), refused.clone(), seen_auth.clone(), requests.clone());
         std::thread::spawn(move || {
             // Bounded: the server lives at most 120 s even if a test forgets to stop it.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
             while !stop2.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let (root, token, refused, seen) =
-                            (root.clone(), token.clone(), refused2.clone(), seen2.clone());
+                        let (root, token, refused, seen, requests) =
+                            (root.clone(), token.clone(), refused2.clone(), seen2.clone(), requests2.clone());
                         std::thread::spawn(move || {
-                            let _ = serve(stream, &root, token.as_deref(), &refused, &seen);
+                            let _ = serve(stream, &root, token.as_deref(), &refused, &seen, &requests);
                         });
                     }
                     Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
                 }
             }
         });
-        GitHttpServer { port, stop, refused, seen_auth }
+        GitHttpServer { port, stop, refused, seen_auth, requests }
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     pub fn url(&self, name: &str) -> String {
@@ -64,6 +71,7 @@ fn serve(
     token: Option<&str>,
     refused: &AtomicUsize,
     seen: &std::sync::Mutex<Vec<String>>,
+    requests: &std::sync::Mutex<Vec<String>>,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
@@ -85,6 +93,7 @@ fn serve(
         }
     }
     let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    requests.lock().map(|mut r| r.push(format!("{method} {target}"))).ok();
     let body = if let Some(len) = header("content-length").and_then(|l| l.parse::<usize>().ok()) {
         let mut body = vec![0; len];
         reader.read_exact(&mut body)?;
