@@ -105,7 +105,7 @@ fn fetch_blocking(
     let Remote { url, branch, token, tls } = *remote;
     // Nothing new, told in one request (http(s) only; anything else is the fetch's to say).
     if !without_negotiation
-        && let Some(tip) = super::probe::advertised_tip(url, branch, token, tls, deadline)
+        && let Some(tip) = super::probe::advertised_tip(url, branch, token, tls, deadline)?
         && local_tip(&repo, branch) == Some(tip)
     {
         return Ok(FetchOutcome { tip });

@@ -24,6 +24,12 @@ use std::time::Duration;
 /// An `ls-refs` answer for one branch is one line and a flush; more means it is not that.
 const MAX_ANSWER_BYTES: u64 = 64 * 1024;
 
+/// The server did not answer the probe within the fetch's deadline: a stalled server, reported
+/// as the fetch's deadline (a fetch after it would only wait again).
+#[derive(Debug, thiserror::Error)]
+#[error("ls-refs did not finish within {}", humantime::format_duration(*.0))]
+pub struct Stalled(pub Duration);
+
 /// The tip of `refs/heads/<branch>` as the server's `ls-refs` reports it, or None when it cannot
 /// be told this way (see the module's invariants).
 pub fn advertised_tip(
@@ -32,9 +38,9 @@ pub fn advertised_tip(
     token: Option<&str>,
     tls: &TlsSettings,
     deadline: Duration,
-) -> Option<ObjectId> {
-    let endpoint = endpoint(url)?;
-    let config = tls.load().ok()?.ureq_config().ok()?;
+) -> Result<Option<ObjectId>, Stalled> {
+    let Some(endpoint) = endpoint(url) else { return Ok(None) };
+    let Some(config) = tls.load().ok().and_then(|t| t.ureq_config().ok()) else { return Ok(None) };
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .tls_config(config)
         .timeout_global(Some(deadline))
@@ -45,7 +51,7 @@ pub fn advertised_tip(
         .build()
         .into();
     let mut request = agent
-        .post(&endpoint)
+        .post(endpoint)
         .header("Content-Type", "application/x-git-upload-pack-request")
         .header("Accept", "application/x-git-upload-pack-result")
         .header("Git-Protocol", "version=2");
@@ -54,20 +60,25 @@ pub fn advertised_tip(
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("oauth2:{token}"));
         request = request.header("Authorization", format!("Basic {basic}"));
     }
-    let response = request.send(&ls_refs_request(branch)[..]).ok()?;
-    if response.status() != 200 {
-        return None;
-    }
-    let content_type = response.headers().get("content-type")?.to_str().ok()?;
-    if !content_type.starts_with("application/x-git-upload-pack-result") {
-        return None;
+    let response = match request.send(&ls_refs_request(branch)[..]) {
+        Ok(response) => response,
+        Err(ureq::Error::Timeout(_)) => return Err(Stalled(deadline)),
+        Err(_) => return Ok(None),
+    };
+    let result_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|t| t.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/x-git-upload-pack-result"));
+    if response.status() != 200 || !result_type {
+        return Ok(None);
     }
     let mut answer = Vec::new();
-    response.into_body().into_reader().take(MAX_ANSWER_BYTES + 1).read_to_end(&mut answer).ok()?;
-    if answer.len() as u64 > MAX_ANSWER_BYTES {
-        return None;
+    match response.into_body().into_reader().take(MAX_ANSWER_BYTES + 1).read_to_end(&mut answer) {
+        Ok(_) if answer.len() as u64 <= MAX_ANSWER_BYTES => Ok(tip_in(&answer, &format!("refs/heads/{branch}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(Stalled(deadline)),
+        _ => Ok(None),
     }
-    tip_in(&answer, &format!("refs/heads/{branch}"))
 }
 
 /// `<url>/git-upload-pack`, for plain http(s) URLs without credentials, query or fragment.

@@ -94,7 +94,8 @@ fn an_unreachable_repository_fails_alone() {
 fn a_stalled_server_hits_the_fetch_deadline() {
     let ws = Workspace::new();
     let good = spp(&ws, "good", &["a"]);
-    let staller = Receiver::start(vec![Reply::Stall(Duration::from_secs(30))]);
+    // Every request stalls, as on a server that hangs (the first is the one-request probe).
+    let staller = Receiver::start(vec![Reply::Stall(Duration::from_secs(30)); 4]);
     let url = format!("http://127.0.0.1:{}/stall.git", staller.port);
     let config =
         write_config(&ws, &[project("acme/stalled", &url), project("acme/good", &good.to_string_lossy())].concat());
