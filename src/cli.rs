@@ -40,6 +40,8 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Validate the config (and that secrets resolve) without touching state
     CheckConfig,
+    /// Show which SPPs GitLab reports and where they are linked ([gitlab] discover), changing nothing
+    Discover(StatusArgs),
     /// Self-contained walkthrough on a sample policy project in a temporary folder
     Demo(DemoArgs),
     /// Daemon: reconcile on the schedule, deliver continuously, serve the control socket
@@ -217,6 +219,14 @@ pub fn run(cli: Cli, stdout: &mut dyn std::io::Write) -> Output {
             crate::logging::init(None);
             check_config(&cli)
         }
+        Command::Discover(args) => {
+            let config = match load_config(&cli) {
+                Ok(c) => c,
+                Err(out) => return out,
+            };
+            crate::logging::init(config.log_level.as_deref());
+            app::discover::run(&config, args.json)
+        }
         Command::ClusterImport => {
             let config = match load_config(&cli) {
                 Ok(c) => c,
@@ -345,6 +355,7 @@ fn request_of(command: &Command) -> Option<Request> {
         }),
         Command::Verify(a) => Request::Verify { json: a.json, expect_head: a.expect_head.clone() },
         Command::CheckConfig
+        | Command::Discover(_)
         | Command::Demo(_)
         | Command::Run
         | Command::Serve

@@ -23,11 +23,21 @@ pub enum EventType {
     YamlInvalidated,
     #[serde(rename = "security_policy_limit_exceeded")]
     LimitExceeded,
+    /// A namespace linked to, unlinked from or re-linked between SPPs: GitLab's own type for
+    /// it (`ee/config/audit_events/types/policy_project_updated.yml`), seen by discovery.
+    #[serde(rename = "policy_project_updated")]
+    PolicyProjectUpdated,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 5] =
-        [EventType::Create, EventType::Update, EventType::Delete, EventType::YamlInvalidated, EventType::LimitExceeded];
+    pub const ALL: [EventType; 6] = [
+        EventType::Create,
+        EventType::Update,
+        EventType::Delete,
+        EventType::YamlInvalidated,
+        EventType::LimitExceeded,
+        EventType::PolicyProjectUpdated,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -36,6 +46,7 @@ impl EventType {
             EventType::Delete => "security_policy_delete",
             EventType::YamlInvalidated => "security_policy_yaml_invalidated",
             EventType::LimitExceeded => "security_policy_limit_exceeded",
+            EventType::PolicyProjectUpdated => "policy_project_updated",
         }
     }
 
@@ -119,6 +130,116 @@ pub struct Details {
     /// is in play: a private commit email, or `[gitlab]` configured).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub attribution: Option<Attribution>,
+    /// `policy_project_updated` events: the link that changed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub security_policy_project_link: Option<LinkDetails>,
+}
+
+/// A link between a namespace and an SPP that changed (`details.security_policy_project_link`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkDetails {
+    /// `linked`, `unlinked` or `changed` (from `previous_security_policy_project`).
+    pub action: String,
+    pub namespace_path: String,
+    /// `Group` or `Project`.
+    pub namespace_type: String,
+    pub namespace_id: i64,
+    /// The SPP's full path (the event's entity).
+    pub security_policy_project: String,
+    /// `changed`: the SPP the namespace was linked to before.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub previous_security_policy_project: Option<String>,
+}
+
+/// Who the events of a link change name as author: discovery sees the link, not who made it.
+pub const DISCOVERY_AUTHOR: &str = "policy-audit discovery";
+
+/// A link change as discovery saw it (see `crate::discovery`).
+#[derive(Debug, Clone)]
+pub struct LinkChange<'a> {
+    /// The SPP the event is about: the one linked now (`linked`, `changed`), or the one that
+    /// was linked (`unlinked`).
+    pub project: Spp<'a>,
+    /// Its GitLab name (GitLab's messages use it).
+    pub project_name: &'a str,
+    /// `changed`: the path and name of the SPP linked before.
+    pub previous: Option<(&'a str, &'a str)>,
+    pub linked: bool,
+    pub namespace_path: &'a str,
+    pub namespace_type: &'a str,
+    pub namespace_id: i64,
+    pub detected_at: jiff::Timestamp,
+}
+
+impl LinkChange<'_> {
+    /// GitLab's `policy_project_updated` event, scoped to the SPP (the trail is the SPP's),
+    /// with the namespace as target and GitLab's messages.
+    pub fn event(&self) -> AuditEvent {
+        let (action, message) = match (self.linked, self.previous) {
+            (true, None) => ("linked", format!("Linked {} as the security policy project", self.project_name)),
+            (true, Some((_, before))) => (
+                "changed",
+                format!("Changed the linked security policy project from {before} to {}", self.project_name),
+            ),
+            (false, _) => ("unlinked", format!("Unlinked {} as the security policy project", self.project_name)),
+        };
+        let p = self.project;
+        let event_type = EventType::PolicyProjectUpdated;
+        let detected_at = rfc3339_millis(self.detected_at);
+        let when = format!("discovery {detected_at}");
+        AuditEvent {
+            id: event_id(p.path, &when, event_type, action, self.namespace_path, "0"),
+            event_type,
+            entity_type: "Project".into(),
+            entity_id: p.id,
+            entity_path: p.path.to_string(),
+            target_type: self.namespace_type.into(),
+            target_details: self.namespace_path.into(),
+            author_name: DISCOVERY_AUTHOR.into(),
+            author_id: UNKNOWN_AUTHOR_ID,
+            created_at: detected_at.clone(),
+            ip_address: String::new(),
+            details: Details {
+                event_name: event_type.name().into(),
+                custom_message: message,
+                policy_name: None,
+                policy_type: None,
+                security_policy_project_commit_sha: String::new(),
+                author_name: DISCOVERY_AUTHOR.into(),
+                author_email: String::new(),
+                target_type: self.namespace_type.into(),
+                target_details: self.namespace_path.into(),
+                entity_path: p.path.to_string(),
+                branch: p.branch.to_string(),
+                policy_file: p.policy_file.to_string(),
+                previous_commit_sha: None,
+                detected_at,
+                merge_request: None,
+                linked_namespaces: p.linked.to_vec(),
+                policy_scope: None,
+                enabled: None,
+                changes: None,
+                changes_truncated: false,
+                history_rewritten: false,
+                invalid_reason: None,
+                validation_errors: None,
+                policy_type_limit: None,
+                policies_count: None,
+                active_policies_names: None,
+                active_skipped_policies_names: None,
+                gitlab_user: None,
+                attribution: None,
+                security_policy_project_link: Some(LinkDetails {
+                    action: action.into(),
+                    namespace_path: self.namespace_path.into(),
+                    namespace_type: self.namespace_type.into(),
+                    namespace_id: self.namespace_id,
+                    security_policy_project: p.path.to_string(),
+                    previous_security_policy_project: self.previous.map(|(path, _)| path.to_string()),
+                }),
+            },
+        }
+    }
 }
 
 /// A GitLab user as the API names one.
@@ -294,6 +415,7 @@ impl StepContext<'_> {
                 active_skipped_policies_names: None,
                 gitlab_user: None,
                 attribution: None,
+                security_policy_project_link: None,
             },
         }
     }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod demo;
+pub mod discovery;
 pub mod event;
 pub mod gitlab;
 pub mod logging;

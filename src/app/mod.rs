@@ -11,6 +11,7 @@
 //! are produced; everything else a request prints comes back in its [`Output`].
 
 pub mod deliveries;
+pub mod discover;
 pub mod events;
 pub mod reconcile;
 pub mod status;

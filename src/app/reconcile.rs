@@ -155,8 +155,22 @@ pub fn run(config: &Config, store: &Store, req: &ReconcileRequest, stop: &Stop) 
             "in cluster mode projects are reconciled by the daemons holding their leases: start `policy-audit run` (the command is then passed to it)",
         );
     }
+    // Without a daemon: discover here when due, and run on the merged list.
+    let discovered = crate::discovery::refresh(config, store, false, stop);
+    let config = &crate::discovery::effective(config, store);
     let report = reconcile(config, store, req, stop);
-    render(config, req, report)
+    let mut out = discovery_warning(&discovered);
+    out.append(render(config, req, report));
+    out
+}
+
+/// A failed discovery is said, not fatal: the projects are reconciled on the last list.
+pub fn discovery_warning(outcome: &crate::discovery::Outcome) -> Output {
+    let mut out = Output::default();
+    if let Some(why) = &outcome.error {
+        out.err_line(format!("warning: discovery from GitLab failed ({why}); the last discovered list is used"));
+    }
+    out
 }
 
 fn short(sha: &str) -> &str {

@@ -17,6 +17,9 @@ pub fn run(config: &Config, store: &Store, json: bool) -> Output {
 }
 
 fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> {
+    // The discovered SPPs are projects too (a daemon's config has them merged already).
+    let merged = crate::discovery::effective(config, store);
+    let config = &merged;
     // In cluster mode the cursors live in the cluster's bucket, not in this replica.
     let node = config.cluster.as_ref().map(|_| crate::cluster::Node::observe(config));
     let mut projects = Vec::new();
@@ -30,6 +33,7 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
         projects.push(json!({
             "path": p.path,
             "branch": p.branch,
+            "source": p.source.name(),
             "cursor": cursor.as_ref().map(|c| c.commit.clone()),
             "policies": cursor.as_ref().and_then(|c| c.baseline.as_ref()).map(|b| b.len()),
             "last_run_at": status.last_run_at,
@@ -68,7 +72,39 @@ fn collect(config: &Config, store: &Store) -> anyhow::Result<serde_json::Value> 
     if let Some(node) = node {
         report["cluster"] = cluster_view(config, node);
     }
+    if let Some(gitlab) = config.gitlab.as_ref().filter(|g| !g.discover.is_empty()) {
+        report["discovery"] = discovery_view(config, gitlab, store)?;
+    }
     Ok(report)
+}
+
+/// Discovery: when it last ran and how, what it found, what cannot be polled.
+fn discovery_view(config: &Config, gitlab: &crate::config::GitLab, store: &Store) -> anyhow::Result<serde_json::Value> {
+    let st = crate::discovery::status(store);
+    let list = crate::discovery::stored(store)?;
+    let unusable = crate::discovery::merge::effective(config, list.as_ref()).1;
+    let missing: Vec<serde_json::Value> = list
+        .iter()
+        .flat_map(|l| &l.links)
+        .filter_map(|(ns, l)| {
+            l.missing_since.as_ref().map(|since| json!({"namespace": ns, "spp": l.spp, "missing_since": since}))
+        })
+        .collect();
+    Ok(json!({
+        "roots": gitlab.discover,
+        "interval_seconds": gitlab.discover_interval.as_secs(),
+        "last_attempt_at": st.last_attempt_at,
+        "last_success_at": st.last_success_at,
+        "last_error": st.last_error,
+        "last_error_at": st.last_error_at,
+        "failures": st.failures,
+        "calls": st.calls,
+        "namespaces": st.namespaces,
+        "spps": list.as_ref().map_or(0, |l| l.spps.len()),
+        "links": list.as_ref().map_or(0, |l| l.links.len()),
+        "missing_namespaces": missing,
+        "unusable_spps": unusable,
+    }))
 }
 
 /// Days before expiry from which `status` points a configured certificate out.
@@ -154,7 +190,12 @@ fn text(report: &serde_json::Value) -> String {
     ));
     for p in report["projects"].as_array().into_iter().flatten() {
         let cursor = p["cursor"].as_str().map(|c| c.get(..12).unwrap_or(c).to_string());
-        s.push_str(&format!("project {} ({})\n", str_of(&p["path"]), str_of(&p["branch"])));
+        s.push_str(&format!(
+            "project {} ({}, from {})\n",
+            str_of(&p["path"]),
+            str_of(&p["branch"]),
+            str_of(&p["source"])
+        ));
         s.push_str(&format!("  cursor:        {}\n", cursor.unwrap_or_else(|| "never synced".into())));
         s.push_str(&format!("  last success:  {}\n", str_of(&p["last_success_at"])));
         if !p["last_error"].is_null() {
@@ -193,6 +234,36 @@ fn text(report: &serde_json::Value) -> String {
                 "certificate {path} ({owner} `{key}`, {subject}) expires on {} (in {days} days): renew it\n",
                 str_of(&c["not_after"])
             ));
+        }
+    }
+    if let Some(d) = report["discovery"].as_object() {
+        let roots: Vec<String> = d["roots"].as_array().into_iter().flatten().map(str_of).collect();
+        s.push_str(&format!("discovery from GitLab ({}):\n", roots.join(", ")));
+        s.push_str(&format!(
+            "  last success:  {} ({} SPPs, {} links; {} namespaces read in {} calls)\n",
+            str_of(&d["last_success_at"]),
+            d["spps"],
+            d["links"],
+            d["namespaces"],
+            d["calls"]
+        ));
+        if !d["last_error"].is_null() {
+            s.push_str(&format!(
+                "  last error:    {} ({}; the last discovered list stays in use)\n",
+                str_of(&d["last_error"]),
+                str_of(&d["last_error_at"])
+            ));
+        }
+        for m in d["missing_namespaces"].as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "  {} (linked to {}) is not shown by GitLab since {}: deleted, or the token lost access; its link is kept\n",
+                str_of(&m["namespace"]),
+                str_of(&m["spp"]),
+                str_of(&m["missing_since"])
+            ));
+        }
+        for u in d["unusable_spps"].as_array().into_iter().flatten() {
+            s.push_str(&format!("  SPP {} is not polled: {}\n", str_of(&u["path"]), str_of(&u["reason"])));
         }
     }
     if let Some(c) = report["cluster"].as_object() {

@@ -86,5 +86,13 @@ pub(super) fn check_config(cli: &Cli) -> Output {
         config.timezone,
         config.state_dir.display()
     ));
+    if let Some(g) = config.gitlab.as_ref().filter(|g| !g.discover.is_empty()) {
+        out.out_line(format!(
+            "discovery: the SPPs linked under {} are read from {} at most every {} (`policy-audit discover` shows them)",
+            g.discover.join(", "),
+            g.url,
+            humantime::format_duration(g.discover_interval)
+        ));
+    }
     out
 }

@@ -24,9 +24,10 @@ mod tls;
 
 pub use destinations::{Destination, MAX_CUSTOM_HEADERS, path_has_prefix};
 pub use flag::FeatureFlag;
-pub use gitlab::GitLab;
+pub use gitlab::{DEFAULT_DISCOVER_INTERVAL, DISCOVER_ALL, GitLab};
 pub use nats::{Cluster, DEFAULT_CLUSTER_NAME, DEFAULT_LEASE_TTL, DestinationKind, NatsAuth, NatsTarget};
-pub use projects::Project;
+pub(crate) use projects::repo_key;
+pub use projects::{Project, ProjectSource};
 pub use raw::InitialSync;
 pub use schedule::{DEFAULT_SCHEDULE, normalize_cron};
 pub use secret::Secret;
@@ -221,8 +222,15 @@ impl Checker<'_> {
         let authors = raw.authors.iter().map(|(email, id)| (email.to_lowercase(), *id.get_ref())).collect();
         let projects = self.projects(raw.projects, &base);
         let destinations = self.destinations(raw.destinations, &base);
+        let discover_at = raw.gitlab.as_ref().and_then(|g| g.discover.first().cloned());
         let gitlab = self.gitlab(raw.gitlab, &base);
         let cluster = self.cluster(raw.cluster, &base);
+        if let (Some(at), Some(_)) = (&discover_at, &cluster) {
+            self.error_at(
+                at,
+                "`gitlab.discover` is not supported with [cluster] yet: list the SPPs as [[projects]] in cluster mode",
+            );
+        }
         let server = self.server(raw.server, &base);
         if let Some(level) = &raw.log_level
             && tracing_subscriber::EnvFilter::try_new(level.get_ref()).is_err()

@@ -25,6 +25,30 @@ pub struct Project {
     pub limits: Limits,
     /// `ca_file` and client certificate for an https fetch.
     pub tls: TlsSettings,
+    /// Where the entry comes from: `[[projects]]`, discovery from GitLab, or both (merged).
+    pub source: ProjectSource,
+}
+
+/// Where a project entry comes from (`status`, the page and `/metrics` show it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProjectSource {
+    /// A `[[projects]]` entry.
+    Config,
+    /// Discovered from GitLab (`[gitlab] discover`).
+    Discovery,
+    /// A `[[projects]]` entry GitLab reports too: the entry wins, the links are merged.
+    ConfigAndDiscovery,
+}
+
+impl ProjectSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProjectSource::Config => "config",
+            ProjectSource::Discovery => "discovery",
+            ProjectSource::ConfigAndDiscovery => "config+discovery",
+        }
+    }
 }
 
 impl Project {
@@ -148,6 +172,7 @@ impl Checker<'_> {
             initial_sync: raw.initial_sync.unwrap_or_default(),
             limits,
             tls,
+            source: ProjectSource::Config,
         })
     }
 
@@ -207,6 +232,6 @@ fn limits_of(raw: &RawLimits) -> Limits {
 }
 
 /// Same repository: normalised URLs or canonical paths (see `same_repo`), same branch.
-fn repo_key(url: &str, branch: &str) -> (String, String) {
+pub(crate) fn repo_key(url: &str, branch: &str) -> (String, String) {
     (same_repo::repo_identity(url), branch.to_string())
 }

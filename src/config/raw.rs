@@ -43,6 +43,10 @@ pub struct RawGitLab {
     pub ca_file: Option<Spanned<String>>,
     pub client_cert_file: Option<Spanned<String>>,
     pub client_key_file: Option<Spanned<String>>,
+    /// Group full paths (or `"*"`) whose SPP links are read from GitLab.
+    #[serde(default)]
+    pub discover: Vec<Spanned<String>>,
+    pub discover_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -35,6 +35,9 @@ const IDLE_DELIVERY_CHECK: Duration = Duration::from_secs(30);
 
 struct Daemon {
     config_path: PathBuf,
+    /// As read from the file.
+    file_config: RwLock<Arc<Config>>,
+    /// What everything runs on: the file's config with the discovered SPPs merged in.
     config: RwLock<Arc<Config>>,
     store: Store,
     /// Cancelled once, on SIGTERM/SIGINT: synchronous work polls it, tasks await it.
@@ -70,6 +73,31 @@ type Forced = (ReconcileRequest, oneshot::Sender<Output>);
 impl Daemon {
     fn config(&self) -> Arc<Config> {
         self.config.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn file_config(&self) -> Arc<Config> {
+        self.file_config.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Runs a discovery when one is due and puts the merged config in place (blocking).
+    fn discover(&self) -> crate::discovery::Outcome {
+        let file = self.file_config();
+        if file.gitlab.as_ref().is_none_or(|g| g.discover.is_empty()) {
+            return crate::discovery::Outcome::default();
+        }
+        let outcome = crate::discovery::refresh(&file, &self.store, false, &self.stop);
+        if outcome.ran {
+            self.use_config(&file);
+        }
+        outcome
+    }
+
+    /// `file` with the stored discovered list merged in becomes the running config.
+    fn use_config(&self, file: &Config) {
+        let merged = Arc::new(crate::discovery::effective(file, &self.store));
+        if let Ok(mut c) = self.config.write() {
+            *c = merged;
+        }
     }
 }
 
@@ -127,9 +155,12 @@ async fn serve(config_path: &Path, config: Config) -> Result<u8> {
         None => None,
     };
     let (hooks, hook_rx) = crate::server::HookQueue::new();
+    // The last discovered list is used from the start, whether GitLab answers or not.
+    let merged = crate::discovery::effective(&config, &store);
     let daemon = Arc::new(Daemon {
         config_path: config_path.to_path_buf(),
-        config: RwLock::new(Arc::new(config)),
+        file_config: RwLock::new(Arc::new(config)),
+        config: RwLock::new(Arc::new(merged)),
         store,
         stop: Stop::new(),
         wake_delivery: Notify::new(),
@@ -240,7 +271,8 @@ fn reload(daemon: &Daemon) -> Option<Config> {
     }
     let restart = (new.schedule != old.schedule || new.timezone != old.timezone).then(|| new.clone());
     tracing::info!(projects = new.projects.len(), destinations = new.destinations.len(), "config reloaded");
-    if let Ok(mut c) = daemon.config.write() {
+    daemon.use_config(&new);
+    if let Ok(mut c) = daemon.file_config.write() {
         *c = Arc::new(new);
     }
     daemon.wake_delivery.notify_one();
@@ -308,8 +340,9 @@ async fn worker(
         }
         let d = daemon.clone();
         let output = tokio::task::spawn_blocking(move || {
-            let config = d.config();
             let started = std::time::Instant::now();
+            let discovered = if d.node.is_none() { d.discover() } else { Default::default() };
+            let config = d.config();
             let report = match &d.node {
                 None => app::reconcile::reconcile(&config, &d.store, &args, &d.stop),
                 Some(node) => cluster::reconcile_leased(&d, node, &config, args.clone()),
@@ -317,7 +350,8 @@ async fn worker(
             log_reconcile(&report, started.elapsed(), trigger);
             let outcomes: Vec<(String, bool)> = report.projects.iter().map(|(p, r)| (p.clone(), r.is_ok())).collect();
             d.activity.record(trigger, started.elapsed(), &outcomes);
-            let out = app::reconcile::render(&config, &args, report);
+            let mut out = app::reconcile::discovery_warning(&discovered);
+            out.append(app::reconcile::render(&config, &args, report));
             // Logged after every reconcile so that removing the newest events, or rewriting the
             // chain, is visible from outside the state directory.
             match d.store.chain_head() {

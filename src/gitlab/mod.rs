@@ -1,5 +1,6 @@
-//! GitLab's REST API, for attribution only (SPEC §10): the Users API (who is this commit email?),
-//! the Merge Requests API (who merged?) and the Approvals API (who approved?).
+//! GitLab's API: for attribution (SPEC §10) the Users API (who is this commit email?), the Merge
+//! Requests API (who merged?) and the Approvals API (who approved?); for discovery (SPEC §12,
+//! `crate::discovery`) the GraphQL API ([`Client::graphql`]).
 //!
 //! Invariants:
 //! - the API can never fail or stall a reconcile: every call has a deadline (`gitlab.timeout`),
@@ -8,7 +9,8 @@
 //!   `Retry-After` beyond the deadline) the client answers "unresolved" at once for the rest of
 //!   its life (one reconcile run): the events are stored with what is known;
 //! - `429` is honoured: the call waits `Retry-After` (when it fits in the deadline) and tries again;
-//! - the token is sent as `PRIVATE-TOKEN` and never appears in a message or a log line.
+//! - the token is sent as `PRIVATE-TOKEN` (REST) or `Authorization: Bearer` (GraphQL, as GitLab
+//!   documents it) and never appears in a message or a log line.
 
 pub mod attribution;
 
@@ -172,15 +174,39 @@ impl Client {
         Lookup::Found(MergeRequestPeople { merged_by, approved_by })
     }
 
+    /// A GraphQL query (`POST /api/graphql`): its `data`, or why not. GraphQL `errors` fail
+    /// the call (a partial answer is not an answer); the first error's message is kept.
+    pub fn graphql(&self, query: &str, variables: serde_json::Value) -> Result<serde_json::Value, String> {
+        let body = serde_json::json!({"query": query, "variables": variables}).to_string();
+        let answer = match self.request("/api/graphql", Some(&body))? {
+            Some(v) => v,
+            None => return Err("the GitLab GraphQL API is not there (HTTP 404 on /api/graphql)".into()),
+        };
+        if let Some(errors) = answer.get("errors").and_then(|e| e.as_array()).filter(|e| !e.is_empty()) {
+            let first = errors[0].get("message").and_then(|m| m.as_str()).unwrap_or("no message");
+            return Err(format!("the GitLab GraphQL API answered with {} error(s): {first}", errors.len()));
+        }
+        match answer.get("data") {
+            Some(data) if data.is_object() => Ok(data.clone()),
+            _ => Err("the GitLab GraphQL API's answer has no `data`".into()),
+        }
+    }
+
     /// `GET` with the deadline, the slot, `429` handling and the circuit breaker. Ok(None) is
     /// a 404.
     fn get(&self, path: &str) -> Result<Option<serde_json::Value>, String> {
+        self.request(path, None)
+    }
+
+    /// `GET`, or `POST` of a JSON `body`, with the deadline, the slot, `429` handling and the
+    /// circuit breaker. Ok(None) is a 404.
+    fn request(&self, path: &str, body: Option<&str>) -> Result<Option<serde_json::Value>, String> {
         if let Some(why) = self.down.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Err(why);
         }
         let _slot = self.slots.take();
         let deadline = Instant::now() + self.timeout;
-        let mut reply = self.call(path);
+        let mut reply = self.call(path, body);
         // 429: wait as asked when that fits in the deadline, then ask again.
         while let Reply::RateLimited(wait) = reply {
             if Instant::now() + wait >= deadline {
@@ -192,7 +218,7 @@ impl Client {
                 break;
             }
             std::thread::sleep(wait);
-            reply = self.call(path);
+            reply = self.call(path, body);
         }
         match reply {
             Reply::Json(v) => Ok(Some(v)),
@@ -207,9 +233,17 @@ impl Client {
         }
     }
 
-    fn call(&self, path: &str) -> Reply {
+    fn call(&self, path: &str, body: Option<&str>) -> Reply {
         let url = format!("{}{path}", self.base);
-        let answer = self.agent.get(&url).header("PRIVATE-TOKEN", self.token.expose()).call();
+        let answer = match body {
+            None => self.agent.get(&url).header("PRIVATE-TOKEN", self.token.expose()).call(),
+            Some(body) => self
+                .agent
+                .post(&url)
+                .header("Authorization", format!("Bearer {}", self.token.expose()))
+                .header("Content-Type", "application/json")
+                .send(body),
+        };
         let mut response = match answer {
             Ok(r) => r,
             Err(ureq::Error::Timeout(_)) => {

@@ -97,12 +97,14 @@ fn project_path(config: &Config, store: &Store, id: &str) -> anyhow::Result<Opti
     Ok(None)
 }
 
-/// The SPPs linked to group `path` or to a group or project under it.
+/// The SPPs whose policies apply in group `path`: linked to it, to a group or project under
+/// it, or to a group above it (a group's link applies to its subgroups and projects, as in
+/// GitLab).
 fn group_projects(config: &Config, path: &str) -> Vec<String> {
     config
         .projects
         .iter()
-        .filter(|p| p.linked.iter().any(|ns| path_has_prefix(ns, path)))
+        .filter(|p| p.linked.iter().any(|ns| path_has_prefix(ns, path) || path_has_prefix(path, ns)))
         .map(|p| p.path.clone())
         .collect()
 }

@@ -168,6 +168,23 @@ fn render(src: &dyn super::Source) -> anyhow::Result<String> {
             u8::from(*failed)
         );
     }
+    family(
+        &mut out,
+        "policy_audit_project_info",
+        "gauge",
+        "Each project polled, by where its entry comes from (config, discovery, config+discovery).",
+    );
+    for p in &config.projects {
+        let _ = writeln!(
+            out,
+            "policy_audit_project_info{{project=\"{}\",source=\"{}\"}} 1",
+            label(&p.path),
+            p.source.name()
+        );
+    }
+    if config.gitlab.as_ref().is_some_and(|g| !g.discover.is_empty()) {
+        discovery(&mut out, store)?;
+    }
     if let Some(activity) = src.activity() {
         let c = activity.inner.lock().unwrap_or_else(|p| p.into_inner());
         family(
@@ -202,4 +219,55 @@ fn render(src: &dyn super::Source) -> anyhow::Result<String> {
         let _ = writeln!(out, "policy_audit_reconcile_duration_seconds_count {}", c.count);
     }
     Ok(out)
+}
+
+/// Discovery from GitLab: when it last worked, how often it failed, what it holds.
+fn discovery(out: &mut String, store: &crate::store::Store) -> anyhow::Result<()> {
+    let st = crate::discovery::status(store);
+    let list = crate::discovery::stored(store)?;
+    family(
+        out,
+        "policy_audit_discovery_last_success_timestamp_seconds",
+        "gauge",
+        "When discovery from GitLab last succeeded (unix seconds).",
+    );
+    if let Some(at) = st.last_success_at.as_deref().and_then(|t| t.parse::<jiff::Timestamp>().ok()) {
+        let _ = writeln!(
+            out,
+            "policy_audit_discovery_last_success_timestamp_seconds {}",
+            at.as_millisecond() as f64 / 1000.0
+        );
+    }
+    family(
+        out,
+        "policy_audit_discovery_last_failed",
+        "gauge",
+        "1 when the last discovery from GitLab failed (the last list stays in use).",
+    );
+    let _ = writeln!(out, "policy_audit_discovery_last_failed {}", u8::from(st.last_error.is_some()));
+    family(
+        out,
+        "policy_audit_discovery_failures_total",
+        "counter",
+        "Failed discoveries from GitLab, as recorded in the store.",
+    );
+    let _ = writeln!(out, "policy_audit_discovery_failures_total {}", st.failures);
+    family(out, "policy_audit_discovery_spps", "gauge", "SPPs in the discovered list.");
+    let _ = writeln!(out, "policy_audit_discovery_spps {}", list.as_ref().map_or(0, |l| l.spps.len()));
+    family(
+        out,
+        "policy_audit_discovery_links",
+        "gauge",
+        "Direct links in the discovered list (missing namespaces included).",
+    );
+    let _ = writeln!(out, "policy_audit_discovery_links {}", list.as_ref().map_or(0, |l| l.links.len()));
+    family(
+        out,
+        "policy_audit_discovery_missing_namespaces",
+        "gauge",
+        "Linked namespaces GitLab no longer shows (kept, not unlinked).",
+    );
+    let missing = list.as_ref().map_or(0, |l| l.links.values().filter(|l| l.missing_since.is_some()).count());
+    let _ = writeln!(out, "policy_audit_discovery_missing_namespaces {missing}");
+    Ok(())
 }

@@ -307,7 +307,8 @@ pub fn serve_until_signal(
         let listener = bind(&server).await?;
         started(listener.local_addr()?);
         let stop = crate::stop::Stop::new();
-        let source: Shared = Arc::new(Standalone { config: Arc::new(config), store });
+        let source: Shared =
+            Arc::new(Standalone { config: Arc::new(crate::discovery::effective(&config, &store)), store });
         let serving = tokio::spawn(serve(source, listener, stop.clone()));
         tokio::select! {
             _ = term.recv() => {}

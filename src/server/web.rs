@@ -175,6 +175,7 @@ fn kind_label(t: EventType) -> &'static str {
         EventType::Delete => "deleted",
         EventType::YamlInvalidated => "invalid YAML",
         EventType::LimitExceeded => "limit exceeded",
+        EventType::PolicyProjectUpdated => "link changed",
     }
 }
 
@@ -184,6 +185,7 @@ fn kind_class(t: EventType) -> &'static str {
         EventType::Update => "badge update",
         EventType::Delete => "badge delete",
         EventType::YamlInvalidated | EventType::LimitExceeded => "badge warn",
+        EventType::PolicyProjectUpdated => "badge link",
     }
 }
 
@@ -331,7 +333,12 @@ pub async fn event(State(s): State<Shared>, Path(id): Path<String>) -> Response 
                 dt { "Policy" } dd { a href=(policy_href(&e.entity_path, name)) { (name) } " · history" @if let Some(t) = &d.policy_type { span.muted { " (" (t) ")" } } }
             }
             @if let Some(enabled) = d.enabled { dt { "Enabled" } dd { (if enabled { "yes" } else { "no" }) } }
-            dt { "Commit" } dd { code { (link_or_text(gitlab, &format!("{}/-/commit/{sha}", e.entity_path), sha)) } }
+            @if !sha.is_empty() { dt { "Commit" } dd { code { (link_or_text(gitlab, &format!("{}/-/commit/{sha}", e.entity_path), sha)) } } }
+            @if let Some(link) = &d.security_policy_project_link {
+                dt { "Link" } dd { (link.action) " · " (link.namespace_type) " " (link_or_text(gitlab, &link.namespace_path, &link.namespace_path)) span.muted { " (id " (link.namespace_id) ")" } }
+                @if let Some(before) = &link.previous_security_policy_project { dt { "Linked before to" } dd { (link_or_text(gitlab, before, before)) } }
+                dt { "Seen by" } dd.muted { "discovery from GitLab: the time is when policy-audit saw the change, GitLab's own audit event names who made it" }
+            }
             @if let Some(prev) = &d.previous_commit_sha { dt { "Previous commit" } dd { code { (link_or_text(gitlab, &format!("{}/-/commit/{prev}", e.entity_path), prev)) } } }
             @if let Some(mr) = &d.merge_request {
                 dt { "Merge request" } dd { (link_or_text(gitlab, &format!("{}/-/merge_requests/{}", mr.project, mr.iid), &format!("{}!{}", mr.project, mr.iid))) }

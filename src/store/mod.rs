@@ -161,6 +161,10 @@ const FORMAT: u32 = 3;
 /// at the same speed (docs/performance.md); pages and API answers read few, recent nodes.
 const CACHE_BYTES: u64 = 4 * 1024 * 1024;
 const CHAIN_HEAD: &[u8] = b"chain_head";
+/// The SPPs and links the last successful discovery found (see `crate::discovery`).
+const DISCOVERY: &[u8] = b"discovery";
+/// When discovery last ran and how it went: bookkeeping, not the trail.
+const DISCOVERY_STATUS: &[u8] = b"discovery_status";
 /// In cluster mode: the last sequence of the cluster's stream applied to this replica.
 const REPLICA_POSITION: &[u8] = b"replica_position";
 
@@ -171,6 +175,8 @@ enum Written<'a> {
     Cursor(&'a str, &'a [u8]),
     /// The cluster stream's sequence the batch ends at (a replica).
     ReplicaPosition(u64),
+    /// The list of SPPs and links discovery found, which the batch's link events lead to.
+    Discovery(&'a [u8]),
 }
 
 impl Store {
@@ -407,6 +413,9 @@ impl Store {
                 Written::ReplicaPosition(position) => {
                     meta.insert(REPLICA_POSITION, &position.to_be_bytes())?;
                 }
+                Written::Discovery(list) => {
+                    meta.insert(DISCOVERY, list)?;
+                }
             }
             Ok(fresh.len())
         });
@@ -426,6 +435,36 @@ impl Store {
     fn flush_now(&self, stored: usize) -> Result<usize, StoreError> {
         self.db.flush().map_err(|source| StoreError::Sled { dir: self.dir.clone(), source })?;
         Ok(stored)
+    }
+
+    /// Stores the link events of a discovery with the list they lead to, in one transaction,
+    /// flushed: a crash keeps both or neither, so the next discovery compares with the list
+    /// the stored events describe. Returns how many events were new.
+    pub fn commit_discovery(
+        &self,
+        list: &[u8],
+        events: &[AuditEvent],
+        destinations_for: &dyn Fn(&AuditEvent) -> Vec<String>,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let stored = self.store_events(Written::Discovery(list), events, destinations_for, now_ms)?;
+        self.flush_now(stored)
+    }
+
+    /// The list the last successful discovery stored (the caller decodes it).
+    pub fn discovery(&self) -> Result<Option<Vec<u8>>> {
+        Ok(self.meta.get(DISCOVERY).map_err(|e| self.sled(e))?.map(|v| v.to_vec()))
+    }
+
+    /// Discovery's bookkeeping (the caller decodes it).
+    pub fn discovery_status(&self) -> Result<Option<Vec<u8>>> {
+        Ok(self.meta.get(DISCOVERY_STATUS).map_err(|e| self.sled(e))?.map(|v| v.to_vec()))
+    }
+
+    /// Flushed: the interval between discoveries counts from it across restarts.
+    pub fn set_discovery_status(&self, value: &[u8]) -> Result<()> {
+        self.meta.insert(DISCOVERY_STATUS, value).map_err(|e| self.sled(e))?;
+        self.flush()
     }
 
     /// A cached GitLab API answer (the caller decodes it and decides whether it is fresh).

@@ -11,6 +11,7 @@ mod corpus;
 mod crash;
 mod daemon;
 mod damaged_state;
+mod discovery;
 mod faults;
 mod fixtures;
 mod fuzz_regressions;

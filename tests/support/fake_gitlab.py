@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""A scripted GitLab for discovery tests and the discovery benchmark: answers POST /api/graphql
+in the shapes of GitLab's schema (`group(fullPath:)` with `securityPolicyProject`,
+`descendantGroups(includeParentDescendants:, first:, after:)`, `projects(includeSubgroups:,
+first:, after:)`, the instance's `groups` / `projects`; connections with `nodes` and
+`pageInfo { hasNextPage endCursor }`; global ids `gid://gitlab/Group/N`), from a world file it
+re-reads on every request, so a test changes links between two discoveries by rewriting it.
+
+Usage: fake_gitlab.py WORLD.json CALLS.log   (prints the port it listens on, on 127.0.0.1)
+
+World: {"token": "...", "mode": "up" | {"status": 503} | {"stall": 30},
+        "groups": [{"path": "acme", "id": 1, "spp": "acme/policies" | null}, ...],
+        "projects": [{"path": "acme/policies", "id": 9, "name": "Policies", "spp": null,
+                      "http_url_to_repo": "...", "default_branch": "main" | null}, ...]}
+Every request is logged to CALLS.log as one JSON line {"path", "auth_ok", "query_kind"}.
+"""
+
+import base64
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+WORLD, CALLS = sys.argv[1], sys.argv[2]
+LOCK = threading.Lock()
+PAGE_MAX = 100
+
+
+def load():
+    with open(WORLD) as f:
+        return json.load(f)
+
+
+def log(entry):
+    with LOCK, open(CALLS, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def cursor(n):
+    return base64.b64encode(json.dumps({"id": str(n)}).encode()).decode()
+
+
+def offset(after):
+    if not after:
+        return 0
+    return int(json.loads(base64.b64decode(after))["id"])
+
+
+def spp_node(world, path):
+    if not path:
+        return None
+    for p in world["projects"]:
+        if p["path"] == path:
+            # GitLab answers `repository: null` to a token that may not download the code.
+            repo = None if p.get("no_access") else {"rootRef": p.get("default_branch", "main")}
+            return {"id": "gid://gitlab/Project/%d" % p["id"], "name": p.get("name", path.rsplit("/", 1)[-1]),
+                    "fullPath": path, "httpUrlToRepo": p.get("http_url_to_repo"), "repository": repo}
+    return None
+
+
+def node(world, kind, n):
+    return {"id": "gid://gitlab/%s/%d" % (kind, n["id"]), "fullPath": n["path"],
+            "securityPolicyProject": spp_node(world, n.get("spp"))}
+
+
+def connection(world, kind, items, first, after):
+    start = offset(after)
+    page = items[start:start + min(first or PAGE_MAX, PAGE_MAX)]
+    end = start + len(page)
+    return {"nodes": [node(world, kind, n) for n in page],
+            "pageInfo": {"hasNextPage": end < len(items), "endCursor": cursor(end) if page else None}}
+
+
+def under(path, root):
+    return path.startswith(root + "/")
+
+
+def answer(world, query, variables):
+    after = variables.get("after")
+    if "descendantGroups" in query:
+        root = variables["path"]
+        group = next((g for g in world["groups"] if g["path"] == root), None)
+        if group is None:
+            return "group_tree", {"data": {"group": None}}
+        subgroups = sorted((g for g in world["groups"] if under(g["path"], root)), key=lambda g: g["path"])
+        out = node(world, "Group", group)
+        out["descendantGroups"] = connection(world, "Group", subgroups, 100, after)
+        return "group_tree", {"data": {"group": out}}
+    if "projects(includeSubgroups" in query:
+        root = variables["path"]
+        group = next((g for g in world["groups"] if g["path"] == root), None)
+        if group is None:
+            return "group_projects", {"data": {"group": None}}
+        projects = sorted((p for p in world["projects"] if under(p["path"], root)), key=lambda p: p["path"])
+        return "group_projects", {"data": {"group": {"projects": connection(world, "Project", projects, 100, after)}}}
+    if query.lstrip().startswith("query($after: String) { groups"):
+        groups = sorted(world["groups"], key=lambda g: g["path"])
+        return "instance_groups", {"data": {"groups": connection(world, "Group", groups, 100, after)}}
+    if query.lstrip().startswith("query($after: String) { projects"):
+        projects = sorted(world["projects"], key=lambda p: p["path"])
+        return "instance_projects", {"data": {"projects": connection(world, "Project", projects, 100, after)}}
+    return "unknown", {"errors": [{"message": "Field 'nope' doesn't exist on type 'Query'"}]}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        world = load()
+        auth_ok = self.headers.get("Authorization") == "Bearer " + world["token"]
+        mode = world.get("mode", "up")
+        kind = "-"
+        try:
+            request = json.loads(raw)
+        except ValueError:
+            request = {}
+        if mode != "up" and "stall" in mode:
+            log({"path": self.path, "auth_ok": auth_ok, "query_kind": "stalled"})
+            time.sleep(mode["stall"])
+            return
+        if mode != "up":
+            log({"path": self.path, "auth_ok": auth_ok, "query_kind": "status %d" % mode["status"]})
+            return self.reply(mode["status"], {"message": "%d scripted" % mode["status"]})
+        if self.path != "/api/graphql":
+            log({"path": self.path, "auth_ok": auth_ok, "query_kind": kind})
+            return self.reply(404, {"message": "404 Not Found"})
+        if not auth_ok:
+            log({"path": self.path, "auth_ok": False, "query_kind": kind})
+            return self.reply(401, {"message": "401 Unauthorized"})
+        kind, body = answer(world, request.get("query", ""), request.get("variables") or {})
+        log({"path": self.path, "auth_ok": True, "query_kind": kind})
+        self.reply(200, body)
+
+
+def main():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
