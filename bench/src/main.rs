@@ -3,6 +3,7 @@
 //! baseline (git itself, or wrk). Figures, never assertions: see docs/performance.md.
 
 mod cgroup;
+mod discovery;
 mod githttp;
 mod growth;
 mod measure;
@@ -217,6 +218,9 @@ fn start(what: &str, quick: bool) -> Result<()> {
     }
     if what == "growth" {
         bench.growth()?;
+    }
+    if all || what == "discovery" {
+        bench.discovery()?;
     }
     bench.print();
     Ok(())

@@ -190,12 +190,10 @@ fn text(report: &serde_json::Value) -> String {
     ));
     for p in report["projects"].as_array().into_iter().flatten() {
         let cursor = p["cursor"].as_str().map(|c| c.get(..12).unwrap_or(c).to_string());
-        s.push_str(&format!(
-            "project {} ({}, from {})\n",
-            str_of(&p["path"]),
-            str_of(&p["branch"]),
-            str_of(&p["source"])
-        ));
+        // Where each entry comes from matters once GitLab is a source too.
+        let source =
+            if report["discovery"].is_object() { format!(", from {}", str_of(&p["source"])) } else { String::new() };
+        s.push_str(&format!("project {} ({}{source})\n", str_of(&p["path"]), str_of(&p["branch"])));
         s.push_str(&format!("  cursor:        {}\n", cursor.unwrap_or_else(|| "never synced".into())));
         s.push_str(&format!("  last success:  {}\n", str_of(&p["last_success_at"])));
         if !p["last_error"].is_null() {

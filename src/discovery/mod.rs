@@ -80,6 +80,17 @@ pub struct Found {
     pub namespaces: usize,
 }
 
+impl Found {
+    /// Adds what another walk found.
+    pub fn absorb(&mut self, other: Found) {
+        self.spps.extend(other.spps);
+        self.links.extend(other.links);
+        self.seen.extend(other.seen);
+        self.calls += other.calls;
+        self.namespaces += other.namespaces;
+    }
+}
+
 /// The discovered list, as stored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {

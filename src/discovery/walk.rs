@@ -48,47 +48,63 @@ fn instance_query(connection: &str) -> String {
     )
 }
 
-/// Everything the roots cover, as GitLab reports it now.
+/// Everything the roots cover, as GitLab reports it now. The groups and the projects of a
+/// root are two cursors, walked at once (within the client's concurrency limit).
 pub fn walk(client: &Client, roots: &[String], stop: &crate::stop::Stop) -> Result<Found, String> {
     let mut found = Found::default();
     for root in roots {
-        if root == DISCOVER_ALL {
-            let groups = instance_query("groups");
-            paginate(&mut found, stop, "the instance's groups", |after| {
-                Ok((client.graphql(&groups, json!({"after": after}))?, vec!["groups"]))
-            })
-            .map(|_| ())?;
-            let projects = instance_query("projects");
-            paginate(&mut found, stop, "the instance's projects", |after| {
-                Ok((client.graphql(&projects, json!({"after": after}))?, vec!["projects"]))
-            })
-            .map(|_| ())?;
-            continue;
-        }
-        let tree = group_tree_query();
-        paginate(&mut found, stop, &format!("the subgroups of {root}"), |after| {
-            let data = client.graphql(&tree, json!({"path": root, "after": after}))?;
-            let group = &data["group"];
-            if group.is_null() {
-                return Err(format!("GitLab has no group {root:?}, or the token cannot see it"));
-            }
-            Ok((data, vec!["group", "descendantGroups"]))
-        })
-        .and_then(|first| {
-            // The root's own link comes with the first page.
-            let group = &first["group"];
-            node(group, NamespaceKind::Group).map(|n| n.record(&mut found))
-        })?;
-        let projects = group_projects_query();
-        paginate(&mut found, stop, &format!("the projects of {root}"), |after| {
-            let data = client.graphql(&projects, json!({"path": root, "after": after}))?;
-            if data["group"].is_null() {
-                return Err(format!("GitLab has no group {root:?}, or the token cannot see it"));
-            }
-            Ok((data, vec!["group", "projects"]))
-        })
-        .map(|_| ())?;
+        let (groups, projects) = std::thread::scope(|scope| {
+            let projects = scope.spawn(|| projects_of(client, root, stop));
+            let groups = groups_of(client, root, stop);
+            (groups, projects.join().unwrap_or_else(|_| Err("the projects walk panicked".into())))
+        });
+        found.absorb(groups?);
+        found.absorb(projects?);
     }
+    Ok(found)
+}
+
+/// The groups under `root` (the root itself included), or the instance's groups.
+fn groups_of(client: &Client, root: &str, stop: &crate::stop::Stop) -> Result<Found, String> {
+    let mut found = Found::default();
+    if root == DISCOVER_ALL {
+        let query = instance_query("groups");
+        paginate(&mut found, stop, "the instance's groups", |after| {
+            Ok((client.graphql(&query, json!({"after": after}))?, vec!["groups"]))
+        })?;
+        return Ok(found);
+    }
+    let query = group_tree_query();
+    let first = paginate(&mut found, stop, &format!("the subgroups of {root}"), |after| {
+        let data = client.graphql(&query, json!({"path": root, "after": after}))?;
+        if data["group"].is_null() {
+            return Err(format!("GitLab has no group {root:?}, or the token cannot see it"));
+        }
+        Ok((data, vec!["group", "descendantGroups"]))
+    })?;
+    // The root's own link comes with the first page.
+    node(&first["group"], NamespaceKind::Group)?.record(&mut found);
+    Ok(found)
+}
+
+/// The projects under `root` (in its subgroups too), or the instance's projects.
+fn projects_of(client: &Client, root: &str, stop: &crate::stop::Stop) -> Result<Found, String> {
+    let mut found = Found::default();
+    if root == DISCOVER_ALL {
+        let query = instance_query("projects");
+        paginate(&mut found, stop, "the instance's projects", |after| {
+            Ok((client.graphql(&query, json!({"after": after}))?, vec!["projects"]))
+        })?;
+        return Ok(found);
+    }
+    let query = group_projects_query();
+    paginate(&mut found, stop, &format!("the projects of {root}"), |after| {
+        let data = client.graphql(&query, json!({"path": root, "after": after}))?;
+        if data["group"].is_null() {
+            return Err(format!("GitLab has no group {root:?}, or the token cannot see it"));
+        }
+        Ok((data, vec!["group", "projects"]))
+    })?;
     Ok(found)
 }
 
