@@ -18,6 +18,39 @@ pub struct RawServer {
     pub webhook_secret_file: Option<Spanned<String>>,
     pub public_url: Option<Spanned<String>>,
     pub gitlab_url: Option<Spanned<String>>,
+    /// The service token sees only the SPPs linked into these namespaces (empty = all).
+    #[serde(default)]
+    pub token_namespaces: Vec<String>,
+    pub sign_in: Option<RawSignIn>,
+}
+
+/// `[server.sign_in]`: people read with their own GitLab identity (SPEC §13).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSignIn {
+    pub gitlab_url: Spanned<String>,
+    pub timeout: Option<Spanned<String>>,
+    pub user_cache_ttl: Option<Spanned<String>>,
+    pub membership_cache_ttl: Option<Spanned<String>>,
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    pub client_id: Option<Spanned<String>>,
+    pub client_secret_env: Option<Spanned<String>>,
+    pub client_secret_file: Option<Spanned<String>>,
+    pub redirect_url: Option<Spanned<String>>,
+}
+
+/// Who may read, beyond the service token: users of this GitLab, by their own token.
+#[derive(Debug, Clone)]
+pub struct SignIn {
+    /// Without a trailing slash.
+    pub gitlab_url: String,
+    /// Per call to GitLab (who is this token? what is their role there?).
+    pub timeout: std::time::Duration,
+    /// How long a token's user is remembered: a revoked token works at most this long.
+    pub user_cache_ttl: std::time::Duration,
+    /// How long a user's role in a namespace is remembered.
+    pub membership_cache_ttl: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -30,6 +63,9 @@ pub struct ServerConfig {
     pub public_url: Option<String>,
     /// Without a trailing slash.
     pub gitlab_url: Option<String>,
+    /// The service token's namespaces (empty = every SPP).
+    pub token_namespaces: Vec<String>,
+    pub sign_in: Option<SignIn>,
 }
 
 impl ServerConfig {
@@ -66,7 +102,34 @@ impl Checker<'_> {
             self.secret("[server]", "webhook_secret", &raw.webhook_secret_env, &raw.webhook_secret_file, base);
         let public_url = self.http_url(raw.public_url.as_ref(), "server.public_url");
         let gitlab_url = self.http_url(raw.gitlab_url.as_ref(), "server.gitlab_url");
-        Some(ServerConfig { listen, token, webhook_secret, public_url, gitlab_url })
+        let token_namespaces: Vec<String> = raw
+            .token_namespaces
+            .iter()
+            .map(|n| n.trim().trim_matches('/').to_string())
+            .filter(|n| !n.is_empty())
+            .collect();
+        let sign_in = raw.sign_in.and_then(|r| self.sign_in(r));
+        Some(ServerConfig { listen, token, webhook_secret, public_url, gitlab_url, token_namespaces, sign_in })
+    }
+
+    fn sign_in(&mut self, raw: RawSignIn) -> Option<SignIn> {
+        for key in
+            [&raw.client_id, &raw.client_secret_env, &raw.client_secret_file, &raw.redirect_url].into_iter().flatten()
+        {
+            self.error_at(
+                key,
+                "[server.sign_in]: signing in through GitLab's OAuth pages is not implemented yet; people read with their own GitLab token (PRIVATE-TOKEN or Bearer) — remove the OAuth keys",
+            );
+        }
+        let gitlab_url = self.http_url(Some(&raw.gitlab_url), "server.sign_in.gitlab_url")?;
+        // Users' tokens go to this URL: plain http only to loopback, or when the user says so.
+        self.check_plain_http(&raw.gitlab_url, "[server.sign_in]", "users' tokens", true, raw.allow_insecure_http);
+        let sixty = std::time::Duration::from_secs(60);
+        let timeout = self.duration(&raw.timeout, "server.sign_in.timeout", std::time::Duration::from_secs(5));
+        let user_cache_ttl = self.duration(&raw.user_cache_ttl, "server.sign_in.user_cache_ttl", sixty);
+        let membership_cache_ttl =
+            self.duration(&raw.membership_cache_ttl, "server.sign_in.membership_cache_ttl", sixty);
+        Some(SignIn { gitlab_url, timeout, user_cache_ttl, membership_cache_ttl })
     }
 
     fn http_url(&mut self, raw: Option<&Spanned<String>>, key: &str) -> Option<String> {

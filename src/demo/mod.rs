@@ -40,6 +40,8 @@ pub fn run_and_serve(listen: std::net::SocketAddr, stdout: &mut dyn std::io::Wri
             webhook_secret: None,
             public_url: None,
             gitlab_url: None,
+            token_namespaces: Vec::new(),
+            sign_in: None,
         });
         crate::server::serve_until_signal(config, store, |addr| {
             let _ = writeln!(

@@ -11,6 +11,7 @@
 //! Error bodies are GitLab's: `{"message":"404 Not found"}`, `{"message":"401 Unauthorized"}`,
 //! `{"message":"404 Project Not Found"}`, `{"error":"… is invalid"}`.
 
+use super::viewers::Reader;
 use super::{Shared, blocking};
 use crate::app::events::time_bound;
 use crate::config::{Config, path_has_prefix};
@@ -51,6 +52,8 @@ struct Head<'a> {
     event_type: EventType,
     #[serde(borrow)]
     entity_path: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    author_id: i64,
 }
 
 /// Appends an audit event as the API shows it: the stored JSON as it is (GitLab's streamed
@@ -109,12 +112,13 @@ fn group_projects(config: &Config, path: &str) -> Vec<String> {
         .collect()
 }
 
-pub async fn all(State(s): State<Shared>, RawQuery(q): RawQuery, uri: Uri, headers: HeaderMap) -> Response {
-    list(s, Scope::All, q, uri, headers).await
+pub async fn all(State(s): State<Shared>, r: Reader, RawQuery(q): RawQuery, uri: Uri, headers: HeaderMap) -> Response {
+    list(s, r, Scope::All, q, uri, headers).await
 }
 
 pub async fn project(
     State(s): State<Shared>,
+    r: Reader,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
     uri: Uri,
@@ -122,7 +126,7 @@ pub async fn project(
 ) -> Response {
     let found = blocking(&s, move |src| project_path(&src.config(), src.store(), &id)).await;
     match found {
-        Ok(Some(path)) => list(s, Scope::Projects(vec![path]), q, uri, headers).await,
+        Ok(Some(path)) => list(s, r, Scope::Projects(vec![path]), q, uri, headers).await,
         Ok(None) => message(StatusCode::NOT_FOUND, "404 Project Not Found"),
         Err(r) => r,
     }
@@ -130,6 +134,7 @@ pub async fn project(
 
 pub async fn group(
     State(s): State<Shared>,
+    r: Reader,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
     uri: Uri,
@@ -139,35 +144,43 @@ pub async fn group(
     if projects.is_empty() {
         return message(StatusCode::NOT_FOUND, "404 Group Not Found");
     }
-    list(s, Scope::Projects(projects), q, uri, headers).await
+    list(s, r, Scope::Projects(projects), q, uri, headers).await
 }
 
-pub async fn one(State(s): State<Shared>, Path(event_id): Path<String>) -> Response {
-    single(s, None, event_id).await
+pub async fn one(State(s): State<Shared>, r: Reader, Path(event_id): Path<String>) -> Response {
+    single(s, r, None, event_id).await
 }
 
-pub async fn project_one(State(s): State<Shared>, Path((id, event_id)): Path<(String, String)>) -> Response {
+pub async fn project_one(State(s): State<Shared>, r: Reader, Path((id, event_id)): Path<(String, String)>) -> Response {
     let found = blocking(&s, move |src| project_path(&src.config(), src.store(), &id)).await;
     match found {
-        Ok(Some(path)) => single(s, Some(vec![path]), event_id).await,
+        Ok(Some(path)) => single(s, r, Some(vec![path]), event_id).await,
         Ok(None) => message(StatusCode::NOT_FOUND, "404 Project Not Found"),
         Err(r) => r,
     }
 }
 
-pub async fn group_one(State(s): State<Shared>, Path((id, event_id)): Path<(String, String)>) -> Response {
+pub async fn group_one(State(s): State<Shared>, r: Reader, Path((id, event_id)): Path<(String, String)>) -> Response {
     let projects = group_projects(&s.config(), &id);
     if projects.is_empty() {
         return message(StatusCode::NOT_FOUND, "404 Group Not Found");
     }
-    single(s, Some(projects), event_id).await
+    single(s, r, Some(projects), event_id).await
 }
 
-async fn single(s: Shared, within: Option<Vec<String>>, event_id: String) -> Response {
+async fn single(s: Shared, r: Reader, within: Option<Vec<String>>, event_id: String) -> Response {
+    let visible = match r.visible(&s).await {
+        Ok(v) => v,
+        Err(refused) => return refused,
+    };
     let found = blocking(&s, move |src| {
         let Some((seq, e)) = src.store().stored_event_by_id(&event_id)? else { return Ok(None) };
         let head: Head = src.store().read_stored(seq, &e)?;
         if within.as_ref().is_some_and(|ps| !ps.iter().any(|p| *p == head.entity_path)) {
+            return Ok(None);
+        }
+        // An event this reader may not see is a missing one: ids cannot be probed.
+        if !visible.shows(&head.entity_path, head.author_id) {
             return Ok(None);
         }
         let mut body = Vec::with_capacity(e.json.len() + 64);
@@ -222,7 +235,7 @@ fn base_url(config: &Config, headers: &HeaderMap) -> String {
     format!("http://{}", host.unwrap_or("localhost"))
 }
 
-async fn list(s: Shared, scope: Scope, raw: Option<String>, uri: Uri, headers: HeaderMap) -> Response {
+async fn list(s: Shared, r: Reader, scope: Scope, raw: Option<String>, uri: Uri, headers: HeaderMap) -> Response {
     let params = Params(form_urlencoded::parse(raw.unwrap_or_default().as_bytes()).into_owned().collect());
     let mut query = EventQuery::default();
     for (name, bound) in [("created_after", &mut query.since), ("created_before", &mut query.until)] {
@@ -253,6 +266,11 @@ async fn list(s: Shared, scope: Scope, raw: Option<String>, uri: Uri, headers: H
             // Only projects (the SPPs) have events here.
             (Some(_), _) => true,
         },
+    };
+    // Only what this reader may see is listed, and counted.
+    let empty = match r.visible(&s).await {
+        Ok(visible) => empty || !visible.restrict(&mut query),
+        Err(refused) => return refused,
     };
     let per_page = match params.number("per_page") {
         Ok(n) => n.unwrap_or(DEFAULT_PER_PAGE).clamp(1, MAX_PER_PAGE),

@@ -82,11 +82,36 @@ pub async fn readyz(State(s): State<Shared>) -> Response {
     }
 }
 
-pub async fn metrics(State(s): State<Shared>) -> Response {
+pub async fn metrics(State(s): State<Shared>, r: super::viewers::Reader) -> Response {
     match blocking(&s, render).await {
-        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
+        Ok(mut text) => {
+            reads(&mut text, &r.viewers);
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+        }
         Err(r) => r,
     }
+}
+
+/// Who read the trail: reads per route and kind of reader (`service` token, signed-in `user`),
+/// and tokens GitLab refused, since the server started.
+fn reads(out: &mut String, viewers: &super::viewers::Viewers) {
+    family(
+        out,
+        "policy_audit_reads_total",
+        "counter",
+        "Authenticated reads since the server started, by route and reader kind.",
+    );
+    for ((route, kind), n) in viewers.reads.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(out, "policy_audit_reads_total{{route=\"{}\",reader=\"{kind}\"}} {n}", label(route));
+    }
+    family(
+        out,
+        "policy_audit_tokens_refused_total",
+        "counter",
+        "Tokens GitLab did not accept (sign_in), since the server started.",
+    );
+    let refused = *viewers.sign_ins_refused.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = writeln!(out, "policy_audit_tokens_refused_total {refused}");
 }
 
 fn label(value: &str) -> String {

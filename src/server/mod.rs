@@ -18,6 +18,7 @@ pub mod api;
 pub mod hooks;
 pub mod linger;
 pub mod metrics;
+pub mod viewers;
 pub mod web;
 
 use crate::config::{Config, Secret, ServerConfig};
@@ -105,6 +106,8 @@ pub fn router(source: Shared) -> Router {
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         // The events page's rendered rows, kept for this server (`web::Rows`).
         .layer(axum::Extension(Arc::new(web::Rows::default())))
+        // Who reads: GitLab's answers about users and roles, and the read counts.
+        .layer(axum::Extension(Arc::new(viewers::Viewers::default())))
         .with_state(source)
 }
 
@@ -189,29 +192,126 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
     })
 }
 
-/// Whether the request carries the read token (header or login cookie).
-fn authorized(config: &Config, headers: &HeaderMap) -> bool {
-    let Some(token) = config.server.as_ref().and_then(|s| s.token.as_ref()) else { return false };
-    let presented = headers.get("private-token").map(|v| v.as_bytes().to_vec()).or_else(|| {
-        let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-        let (scheme, value) = auth.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| value.trim().as_bytes().to_vec())
-    });
-    if let Some(presented) = presented {
-        return secret_matches(&presented, token);
-    }
-    session_cookie(headers).is_some_and(|c| digest(c.as_bytes()).ct_eq(&digest(session_value(token).as_bytes())).into())
+/// What a request presents.
+enum Presented {
+    /// The service token, or the login cookie made from it.
+    Service,
+    /// Some other token (a person's own GitLab token, with `[server.sign_in]`).
+    Token(String),
+    Nothing,
 }
 
-async fn require_token(State(source): State<Shared>, request: Request, next: Next) -> Response {
-    if authorized(&source.config(), request.headers()) {
-        return next.run(request).await;
+fn presented(config: &Config, headers: &HeaderMap) -> Presented {
+    let token = config.server.as_ref().and_then(|s| s.token.as_ref());
+    let given =
+        headers.get("private-token").and_then(|v| v.to_str().ok()).map(|v| v.trim().to_string()).or_else(|| {
+            let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+            let (scheme, value) = auth.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| value.trim().to_string())
+        });
+    if let Some(given) = given {
+        if token.is_some_and(|t| secret_matches(given.as_bytes(), t)) {
+            return Presented::Service;
+        }
+        return if given.is_empty() { Presented::Nothing } else { Presented::Token(given) };
     }
-    let path = request.uri().path();
-    if path.starts_with("/api/") || path == "/metrics" {
-        api::message(StatusCode::UNAUTHORIZED, "401 Unauthorized")
+    let cookie = session_cookie(headers);
+    if let (Some(c), Some(token)) = (cookie, token)
+        && bool::from(digest(c.as_bytes()).ct_eq(&digest(session_value(token).as_bytes())))
+    {
+        return Presented::Service;
+    }
+    Presented::Nothing
+}
+
+async fn require_token(
+    State(source): State<Shared>,
+    axum::Extension(viewers): axum::Extension<Arc<viewers::Viewers>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let config = source.config();
+    let path = request.uri().path().to_string();
+    let api = path.starts_with("/api/") || path == "/metrics";
+    let refused = |request: &Request| {
+        if api {
+            api::message(StatusCode::UNAUTHORIZED, "401 Unauthorized")
+        } else {
+            web::login_page(StatusCode::UNAUTHORIZED, None, path_and_query(request))
+        }
+    };
+    let viewer = match presented(&config, request.headers()) {
+        Presented::Service => viewers::Viewer::Service,
+        Presented::Nothing => return refused(&request),
+        Presented::Token(token) => {
+            let Some(sign_in) = config.server.as_ref().and_then(|s| s.sign_in.clone()) else {
+                return refused(&request);
+            };
+            let v = viewers.clone();
+            let resolved = tokio::task::spawn_blocking(move || v.user(&sign_in, &token)).await;
+            match resolved {
+                Ok(Ok(Some(user))) => viewers::Viewer::User(user),
+                Ok(Ok(None)) => {
+                    *viewers.sign_ins_refused.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                    tracing::info!(route = %path, "a token GitLab does not know was refused");
+                    return refused(&request);
+                }
+                Ok(Err(viewers::Unavailable(why))) => {
+                    tracing::warn!(route = %path, error = %why, "cannot tell who is reading: GitLab does not answer (refused with 503)");
+                    return unavailable(api);
+                }
+                Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}\n")).into_response(),
+            }
+        }
+    };
+    if (path == "/metrics" || path == "/status") && !matches!(viewer, viewers::Viewer::Service) {
+        // The service's own state, not the trail: for the service token only.
+        return api::message(StatusCode::FORBIDDEN, "403 Forbidden");
+    }
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| path.clone());
+    viewers.count_read(&route, &viewer);
+    // Who read the trail: API reads and exports by person (never a token).
+    if api || route == "/export.csv" {
+        tracing::info!(route = %route, viewer = %viewer.name(), kind = viewer.kind(), "trail read");
+    }
+    request.extensions_mut().insert(viewer);
+    next.run(request).await
+}
+
+/// GitLab cannot say who is reading: fail closed.
+fn unavailable(api: bool) -> Response {
+    if api {
+        api::message(StatusCode::SERVICE_UNAVAILABLE, "503 Service Unavailable")
     } else {
-        web::login_page(StatusCode::UNAUTHORIZED, None, path_and_query(&request))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "GitLab does not answer, so who you are cannot be checked: nothing is shown. Try again in a moment.\n",
+        )
+            .into_response()
+    }
+}
+
+/// What the request's viewer may see (asks GitLab for roles when not cached), or the answer
+/// that refuses the request.
+pub(crate) async fn visible(
+    source: &Shared,
+    viewers: &Arc<viewers::Viewers>,
+    viewer: &viewers::Viewer,
+) -> Result<viewers::Visible, Response> {
+    let (config, v, viewer) = (source.config(), viewers.clone(), viewer.clone());
+    let api = true;
+    match tokio::task::spawn_blocking(move || v.visible(&config, &viewer)).await {
+        Ok(Ok(visible)) => Ok(visible),
+        Ok(Err(viewers::Unavailable(why))) => {
+            tracing::warn!(error = %why, "cannot read the viewer's roles from GitLab (refused with 503)");
+            Err(unavailable(api))
+        }
+        Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}\n")).into_response()),
     }
 }
 

@@ -15,6 +15,7 @@ pub use export::export_csv;
 pub use login::{login, login_form, login_page, logout};
 pub use rows::Rows;
 
+use super::viewers::Reader;
 use super::{SESSION_COOKIE, Shared, blocking, secret_matches, session_value};
 use crate::app::events::time_bound;
 use crate::event::{AuditEvent, EventType};
@@ -228,13 +229,19 @@ fn filter_form(f: &Filters, projects: &[String]) -> Markup {
 
 pub async fn index(
     State(s): State<Shared>,
+    r: Reader,
     Extension(kept): Extension<Arc<Rows>>,
     Query(f): Query<Filters>,
 ) -> Response {
-    let query = match f.query() {
+    let mut query = match f.query() {
         Ok(q) => q,
         Err(why) => return bad_request(&why),
     };
+    let visible = match r.visible(&s).await {
+        Ok(v) => v,
+        Err(refused) => return refused,
+    };
+    visible.narrow(&mut query);
     let before = match f.before.trim() {
         "" => None,
         b => match Position::decode(b) {
@@ -250,6 +257,7 @@ pub async fn index(
                 projects.push(p);
             }
         }
+        projects.retain(|p| visible.lists(p));
         let page = src.store().page_stored(&query, before.as_ref(), 0, PAGE_SIZE)?;
         let rows = page
             .events
@@ -304,9 +312,17 @@ fn link_or_text(gitlab: Option<&str>, path: &str, text: &str) -> Markup {
     }
 }
 
-pub async fn event(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+pub async fn event(State(s): State<Shared>, r: Reader, Path(id): Path<String>) -> Response {
+    let visible = match r.visible(&s).await {
+        Ok(v) => v,
+        Err(refused) => return refused,
+    };
     let read = blocking(&s, move |src| {
         let Some((seq, e)) = src.store().event_by_id(&id)? else { return Ok(None) };
+        // One this reader may not see is a missing one.
+        if !visible.shows(&e.entity_path, e.author_id) {
+            return Ok(None);
+        }
         let links = src.store().chain_links(seq)?;
         Ok(Some((seq, e, links)))
     })
@@ -382,15 +398,19 @@ pub struct PolicyRef {
     name: String,
 }
 
-pub async fn policy(State(s): State<Shared>, Query(p): Query<PolicyRef>) -> Response {
+pub async fn policy(State(s): State<Shared>, r: Reader, Query(p): Query<PolicyRef>) -> Response {
     if p.name.is_empty() {
         return bad_request("which policy? (name is missing)");
     }
-    let query = EventQuery {
+    let mut query = EventQuery {
         policy: Some(p.name.clone()),
         projects: if p.project.is_empty() { vec![] } else { vec![p.project.clone()] },
         ..Default::default()
     };
+    match r.visible(&s).await {
+        Ok(visible) => visible.narrow(&mut query),
+        Err(refused) => return refused,
+    }
     let page = match blocking(&s, move |src| src.store().page(&query, None, 0, POLICY_HISTORY_MAX)).await {
         Ok(page) => page,
         Err(r) => return r,

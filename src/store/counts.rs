@@ -176,6 +176,7 @@ impl EventQuery {
             && self.policy.is_none()
             && self.author.is_none()
             && self.author_exact.is_none()
+            && self.authored_only.is_empty()
     }
 }
 

@@ -108,6 +108,10 @@ pub struct EventQuery {
     pub until: Option<String>,
     /// The most recent N matching events.
     pub limit: Option<usize>,
+    /// Of these projects (also in `projects`), only the events whose `author_id` is
+    /// `author_id` (a GitLab Developer sees only their own events, SPEC §13).
+    pub authored_only: Vec<String>,
+    pub author_id: Option<i64>,
 }
 
 pub struct Store {

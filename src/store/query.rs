@@ -99,5 +99,6 @@ impl EventQuery {
                 .is_none_or(|a| e.author_name.to_lowercase() == a || e.details.author_email.to_lowercase() == a)
             && self.since.as_ref().is_none_or(|s| e.created_at.as_str() >= s.as_str())
             && self.until.as_ref().is_none_or(|u| e.created_at.as_str() <= u.as_str())
+            && (!self.authored_only.iter().any(|p| p == &e.entity_path) || Some(e.author_id) == self.author_id)
     }
 }

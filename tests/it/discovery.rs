@@ -3,58 +3,15 @@
 //! SPP's repository served over smart HTTP with the same token; driven through the real daemon.
 
 use crate::common::{KillOnDrop, Workspace, commit, spawn_daemon, stderr, stdout, wait_for};
+use crate::fake_gitlab::FakeGitLab;
 use crate::git_http::GitHttpServer;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const POLICY: &str = ".gitlab/security-policies/policy.yml";
 const TOKEN: &str = "glpat-discovery-secret-8812";
-
-/// The scripted GitLab: a python3 process on 127.0.0.1, reading `world.json` on each request.
-struct FakeGitLab {
-    _process: KillOnDrop,
-    url: String,
-    world: PathBuf,
-    calls: PathBuf,
-}
-
-impl FakeGitLab {
-    fn start(ws: &Workspace, world: &Value) -> FakeGitLab {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_gitlab.py");
-        let world_path = ws.path("world.json");
-        let calls = ws.path("calls.log");
-        std::fs::write(&world_path, world.to_string()).expect("world");
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .arg(&world_path)
-            .arg(&calls)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 must be installed (scripts/install-deps.sh installs it)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("port");
-        let port: u16 = line.trim().parse().expect("the fake GitLab prints its port");
-        FakeGitLab { _process: KillOnDrop(child), url: format!("http://127.0.0.1:{port}"), world: world_path, calls }
-    }
-
-    fn set(&self, world: &Value) {
-        std::fs::write(&self.world, world.to_string()).expect("world");
-    }
-
-    /// (query kind, token accepted) of every request so far.
-    fn calls(&self) -> Vec<(String, bool)> {
-        std::fs::read_to_string(&self.calls)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .map(|v| (v["query_kind"].as_str().unwrap_or("").to_string(), v["auth_ok"] == json!(true)))
-            .collect()
-    }
-}
 
 /// `acme` with 120 subgroups and 150 projects (more than one page of each), the SPP
 /// `acme/security/policies` served by `git`; `links` are (namespace, SPP) pairs.

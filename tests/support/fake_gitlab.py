@@ -13,7 +13,15 @@ World: {"token": "...", "mode": "up" | {"status": 503} | {"stall": 30},
         "projects": [{"path": "acme/policies", "id": 9, "name": "Policies", "spp": null,
                       "http_url_to_repo": "...", "default_branch": "main" | null}, ...]}
 Every request is logged to CALLS.log as one JSON line {"path", "auth_ok", "query_kind"}.
+
+For sign-in tests it also answers, with a user's own token in PRIVATE-TOKEN, GitLab's REST
+`GET /api/v4/user` (`doc/api/users.md`: `is_admin` only for administrators) and
+`GET /api/v4/{groups,projects}/:id/members/all/:user_id` (`doc/api/members.md`, inherited
+memberships included), from `"users": [{"token", "id", "username", "is_admin"}]` and
+`"members": [{"namespace", "kind": "group"|"project", "user_id", "access_level"}]`.
 """
+
+from urllib.parse import unquote
 
 import base64
 import json
@@ -116,6 +124,42 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def do_GET(self):
+        world = load()
+        mode = world.get("mode", "up")
+        if mode != "up" and "stall" in mode:
+            log({"path": self.path, "auth_ok": False, "query_kind": "stalled"})
+            time.sleep(mode["stall"])
+            return
+        if mode != "up":
+            log({"path": self.path, "auth_ok": False, "query_kind": "status %d" % mode["status"]})
+            return self.reply(mode["status"], {"message": "%d scripted" % mode["status"]})
+        token = self.headers.get("PRIVATE-TOKEN")
+        user = next((u for u in world.get("users", []) if u["token"] == token), None)
+        log({"path": self.path, "auth_ok": user is not None, "query_kind": "rest"})
+        if user is None:
+            return self.reply(401, {"message": "401 Unauthorized"})
+        if self.path == "/api/v4/user":
+            body = {"id": user["id"], "username": user["username"], "name": user["username"].title(), "state": "active"}
+            if user.get("is_admin"):
+                body["is_admin"] = True
+            return self.reply(200, body)
+        parts = self.path.split("/")
+        # /api/v4/{groups|projects}/{id}/members/all/{user_id}
+        if len(parts) == 8 and parts[1:3] == ["api", "v4"] and parts[5:7] == ["members", "all"]:
+            kind = "group" if parts[3] == "groups" else "project"
+            namespace, user_id = unquote(parts[4]), int(parts[7])
+            if not any(n["path"] == namespace for n in world.get(kind + "s_known", [])) and not any(
+                    m["namespace"] == namespace and m["kind"] == kind for m in world.get("members", [])):
+                return self.reply(404, {"message": "404 %s Not Found" % kind.title()})
+            member = next((m for m in world.get("members", []) if m["namespace"] == namespace
+                           and m["kind"] == kind and m["user_id"] == user_id), None)
+            if member is None:
+                return self.reply(404, {"message": "404 Not found"})
+            return self.reply(200, {"id": user_id, "username": "u%d" % user_id, "state": "active",
+                                    "access_level": member["access_level"]})
+        return self.reply(404, {"message": "404 Not Found"})
 
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)

@@ -50,11 +50,15 @@ impl http_body::Body for ChannelBody {
     }
 }
 
-pub async fn export_csv(State(s): State<Shared>, Query(f): Query<Filters>) -> Response {
-    let query = match f.query() {
+pub async fn export_csv(State(s): State<Shared>, r: Reader, Query(f): Query<Filters>) -> Response {
+    let mut query = match f.query() {
         Ok(q) => q,
         Err(why) => return bad_request(&why),
     };
+    match r.visible(&s).await {
+        Ok(visible) => visible.narrow(&mut query),
+        Err(refused) => return refused,
+    }
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let source = s.clone();
     tokio::task::spawn_blocking(move || {

@@ -191,6 +191,10 @@ impl EventQuery {
     /// and a page reads only the events it shows.
     fn is_answered_by_index(&self) -> bool {
         let one_project_and_type = self.projects.len() <= 1 && self.event_types.len() <= 1;
-        self.policy.is_none() && self.author_exact.is_none() && self.author.is_none() && one_project_and_type
+        self.policy.is_none()
+            && self.author_exact.is_none()
+            && self.author.is_none()
+            && self.authored_only.is_empty()
+            && one_project_and_type
     }
 }
