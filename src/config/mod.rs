@@ -31,7 +31,7 @@ pub use projects::{Project, ProjectSource};
 pub use raw::InitialSync;
 pub use schedule::{DEFAULT_SCHEDULE, normalize_cron};
 pub use secret::Secret;
-pub use server::{ServerConfig, SignIn};
+pub use server::{OAuth, ServerConfig, SignIn};
 
 use crate::policy::PolicySchema;
 use raw::RawConfig;

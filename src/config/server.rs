@@ -38,6 +38,7 @@ pub struct RawSignIn {
     pub client_secret_env: Option<Spanned<String>>,
     pub client_secret_file: Option<Spanned<String>>,
     pub redirect_url: Option<Spanned<String>>,
+    pub session_ttl: Option<Spanned<String>>,
 }
 
 /// Who may read, beyond the service token: users of this GitLab, by their own token.
@@ -51,6 +52,20 @@ pub struct SignIn {
     pub user_cache_ttl: std::time::Duration,
     /// How long a user's role in a namespace is remembered.
     pub membership_cache_ttl: std::time::Duration,
+    /// Signing in through GitLab's OAuth pages (the authorization code flow with PKCE).
+    pub oauth: Option<OAuth>,
+}
+
+/// The OAuth application registered in GitLab for the page.
+#[derive(Debug, Clone)]
+pub struct OAuth {
+    pub client_id: String,
+    /// None only when secrets were not resolved.
+    pub client_secret: Option<Secret>,
+    /// This server's `/oauth/callback`, exactly as registered in GitLab.
+    pub redirect_url: String,
+    /// How long a signed-in session lasts.
+    pub session_ttl: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -108,19 +123,11 @@ impl Checker<'_> {
             .map(|n| n.trim().trim_matches('/').to_string())
             .filter(|n| !n.is_empty())
             .collect();
-        let sign_in = raw.sign_in.and_then(|r| self.sign_in(r));
+        let sign_in = raw.sign_in.and_then(|r| self.sign_in(r, base));
         Some(ServerConfig { listen, token, webhook_secret, public_url, gitlab_url, token_namespaces, sign_in })
     }
 
-    fn sign_in(&mut self, raw: RawSignIn) -> Option<SignIn> {
-        for key in
-            [&raw.client_id, &raw.client_secret_env, &raw.client_secret_file, &raw.redirect_url].into_iter().flatten()
-        {
-            self.error_at(
-                key,
-                "[server.sign_in]: signing in through GitLab's OAuth pages is not implemented yet; people read with their own GitLab token (PRIVATE-TOKEN or Bearer) — remove the OAuth keys",
-            );
-        }
+    fn sign_in(&mut self, raw: RawSignIn, base: &Path) -> Option<SignIn> {
         let gitlab_url = self.http_url(Some(&raw.gitlab_url), "server.sign_in.gitlab_url")?;
         // Users' tokens go to this URL: plain http only to loopback, or when the user says so.
         self.check_plain_http(&raw.gitlab_url, "[server.sign_in]", "users' tokens", true, raw.allow_insecure_http);
@@ -129,7 +136,48 @@ impl Checker<'_> {
         let user_cache_ttl = self.duration(&raw.user_cache_ttl, "server.sign_in.user_cache_ttl", sixty);
         let membership_cache_ttl =
             self.duration(&raw.membership_cache_ttl, "server.sign_in.membership_cache_ttl", sixty);
-        Some(SignIn { gitlab_url, timeout, user_cache_ttl, membership_cache_ttl })
+        let session_ttl =
+            self.duration(&raw.session_ttl, "server.sign_in.session_ttl", std::time::Duration::from_secs(8 * 3600));
+        let oauth = match (&raw.client_id, &raw.redirect_url) {
+            (None, None) => {
+                if let Some(k) = raw.client_secret_env.as_ref().or(raw.client_secret_file.as_ref()) {
+                    self.error_at(k, "[server.sign_in]: a client secret without `client_id` and `redirect_url`");
+                }
+                None
+            }
+            (Some(id), Some(redirect)) => {
+                if raw.client_secret_env.is_none() && raw.client_secret_file.is_none() {
+                    self.error_at(id, "[server.sign_in]: set `client_secret_env` or `client_secret_file` (the OAuth application's secret)");
+                }
+                let client_secret = self.secret(
+                    "[server.sign_in]",
+                    "client_secret",
+                    &raw.client_secret_env,
+                    &raw.client_secret_file,
+                    base,
+                );
+                let redirect_url = self.http_url(Some(redirect), "server.sign_in.redirect_url");
+                if let Some(url) = &redirect_url
+                    && !url.ends_with("/oauth/callback")
+                {
+                    self.error_at(redirect, "`server.sign_in.redirect_url` must be this server's /oauth/callback URL, as registered in GitLab");
+                }
+                redirect_url.map(|redirect_url| OAuth {
+                    client_id: id.get_ref().trim().to_string(),
+                    client_secret,
+                    redirect_url,
+                    session_ttl,
+                })
+            }
+            (Some(k), None) | (None, Some(k)) => {
+                self.error_at(
+                    k,
+                    "[server.sign_in]: signing in through GitLab needs both `client_id` and `redirect_url`",
+                );
+                None
+            }
+        };
+        Some(SignIn { gitlab_url, timeout, user_cache_ttl, membership_cache_ttl, oauth })
     }
 
     fn http_url(&mut self, raw: Option<&Spanned<String>>, key: &str) -> Option<String> {

@@ -18,6 +18,7 @@ pub mod api;
 pub mod hooks;
 pub mod linger;
 pub mod metrics;
+pub mod signin;
 pub mod viewers;
 pub mod web;
 
@@ -97,6 +98,8 @@ pub fn router(source: Shared) -> Router {
         .route("/readyz", get(metrics::readyz))
         .route("/login", get(web::login_form).post(web::login))
         .route("/logout", post(web::logout))
+        .route("/sign-in", get(signin::sign_in))
+        .route("/oauth/callback", get(signin::callback))
         .route("/static/style.css", get(web::stylesheet))
         .route("/hooks/gitlab", post(hooks::gitlab))
         .merge(reads)
@@ -198,6 +201,8 @@ enum Presented {
     Service,
     /// Some other token (a person's own GitLab token, with `[server.sign_in]`).
     Token(String),
+    /// A signed-in person's session cookie.
+    Session(String),
     Nothing,
 }
 
@@ -221,7 +226,10 @@ fn presented(config: &Config, headers: &HeaderMap) -> Presented {
     {
         return Presented::Service;
     }
-    Presented::Nothing
+    match signin::cookie(headers) {
+        Some(c) => Presented::Session(c),
+        None => Presented::Nothing,
+    }
 }
 
 async fn require_token(
@@ -237,12 +245,16 @@ async fn require_token(
         if api {
             api::message(StatusCode::UNAUTHORIZED, "401 Unauthorized")
         } else {
-            web::login_page(StatusCode::UNAUTHORIZED, None, path_and_query(request))
+            web::login_page(StatusCode::UNAUTHORIZED, None, path_and_query(request), web::gitlab(&source))
         }
     };
     let viewer = match presented(&config, request.headers()) {
         Presented::Service => viewers::Viewer::Service,
         Presented::Nothing => return refused(&request),
+        Presented::Session(cookie) => match viewers.sessions.session(&cookie) {
+            Some(session) => viewers::Viewer::User(viewers::User::of_session(session)),
+            None => return refused(&request),
+        },
         Presented::Token(token) => {
             let Some(sign_in) = config.server.as_ref().and_then(|s| s.sign_in.clone()) else {
                 return refused(&request);

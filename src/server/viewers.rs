@@ -38,6 +38,13 @@ pub struct User {
     token: crate::config::Secret,
 }
 
+impl User {
+    /// The person a signed-in session is.
+    pub fn of_session(s: super::signin::Session) -> User {
+        User { id: s.id, username: s.username, admin: s.admin, token: s.token }
+    }
+}
+
 impl Viewer {
     /// For the access log and `/metrics`: `service`, or the GitLab username.
     pub fn name(&self) -> &str {
@@ -133,6 +140,8 @@ pub struct Viewers {
     /// (route, viewer kind) -> reads.
     pub reads: Mutex<BTreeMap<(String, &'static str), u64>>,
     pub sign_ins_refused: Mutex<u64>,
+    /// Signed-in sessions and sign-ins in progress.
+    pub sessions: super::signin::Sessions,
 }
 
 impl Default for Viewers {
@@ -149,6 +158,7 @@ impl Default for Viewers {
             roles: Mutex::default(),
             reads: Mutex::default(),
             sign_ins_refused: Mutex::default(),
+            sessions: Default::default(),
         }
     }
 }
@@ -233,7 +243,8 @@ impl Viewers {
             .config()
             .timeout_global(Some(sign_in.timeout))
             .build()
-            .header("PRIVATE-TOKEN", token)
+            // Bearer: GitLab takes personal and OAuth access tokens so (`doc/api/rest/authentication.md`).
+            .header("Authorization", format!("Bearer {token}"))
             .call();
         let mut response = answer.map_err(|e| match e {
             ureq::Error::Timeout(_) => {

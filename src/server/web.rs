@@ -12,7 +12,7 @@ mod login;
 mod rows;
 
 pub use export::export_csv;
-pub use login::{login, login_form, login_page, logout};
+pub use login::{gitlab, login, login_form, login_page, logout, sign_in_failed};
 pub use rows::Rows;
 
 use super::viewers::Reader;

@@ -179,15 +179,36 @@ fn an_unknown_revoked_or_unanswered_token_never_gets_in() {
 }
 
 #[test]
-fn oauth_keys_are_refused_with_a_clear_error_until_sign_in_pages_exist() {
+fn half_configured_sign_in_is_refused_naming_the_missing_key() {
     let ws = Workspace::new();
     ws.write("t", "x");
+    ws.write("secret", "s3cret");
+    let head = "[server]\nlisten = \"127.0.0.1:1\"\ntoken_file = \"t\"\n[server.sign_in]\ngitlab_url = \"https://gitlab.example.com\"\n";
+    let cases = [
+        ("client_id = \"abc\"\n", "c.toml:6:", "needs both `client_id` and `redirect_url`"),
+        (
+            "client_id = \"abc\"\nredirect_url = \"https://audit.example.com/oauth/callback\"\n",
+            "c.toml:6:",
+            "set `client_secret_env` or `client_secret_file`",
+        ),
+        (
+            "client_id = \"abc\"\nclient_secret_file = \"secret\"\nredirect_url = \"https://audit.example.com/\"\n",
+            "c.toml:8:",
+            "must be this server's /oauth/callback URL",
+        ),
+    ];
+    for (tail, at, message) in cases {
+        let config = ws.write("c.toml", &format!("{head}{tail}"));
+        let out = ws.run(&config, &["check-config"]);
+        assert_eq!(out.status.code(), Some(2), "{tail}");
+        let err = crate::common::stderr(&out);
+        assert!(err.contains(at) && err.contains(message), "{tail}: {err}");
+    }
     let config = ws.write(
         "c.toml",
-        "[server]\nlisten = \"127.0.0.1:1\"\ntoken_file = \"t\"\n[server.sign_in]\ngitlab_url = \"https://gitlab.example.com\"\nclient_id = \"abc\"\n",
+        &format!("{head}client_id = \"abc\"\nclient_secret_file = \"secret\"\nredirect_url = \"https://audit.example.com/oauth/callback\"\n"),
     );
     let out = ws.run(&config, &["check-config"]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = crate::common::stderr(&out);
-    assert!(err.contains("c.toml:6:") && err.contains("OAuth pages is not implemented yet"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{}", crate::common::stderr(&out));
+    assert!(!crate::common::stdout(&out).contains("s3cret"));
 }

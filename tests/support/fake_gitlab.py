@@ -135,7 +135,8 @@ class Handler(BaseHTTPRequestHandler):
         if mode != "up":
             log({"path": self.path, "auth_ok": False, "query_kind": "status %d" % mode["status"]})
             return self.reply(mode["status"], {"message": "%d scripted" % mode["status"]})
-        token = self.headers.get("PRIVATE-TOKEN")
+        auth = self.headers.get("Authorization") or ""
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else self.headers.get("PRIVATE-TOKEN")
         user = next((u for u in world.get("users", []) if u["token"] == token), None)
         log({"path": self.path, "auth_ok": user is not None, "query_kind": "rest"})
         if user is None:
