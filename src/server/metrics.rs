@@ -112,6 +112,20 @@ fn reads(out: &mut String, viewers: &super::viewers::Viewers) {
     );
     let refused = *viewers.sign_ins_refused.lock().unwrap_or_else(|p| p.into_inner());
     let _ = writeln!(out, "policy_audit_tokens_refused_total {refused}");
+    family(
+        out,
+        "policy_audit_sign_ins_total",
+        "counter",
+        "Sign-ins through GitLab's pages since the server started, by outcome (signed_in, refused, unavailable).",
+    );
+    let sign_ins = viewers.sign_ins.lock().unwrap_or_else(|p| p.into_inner());
+    for outcome in ["signed_in", "refused", "unavailable"] {
+        let _ = writeln!(
+            out,
+            "policy_audit_sign_ins_total{{outcome=\"{outcome}\"}} {}",
+            sign_ins.get(outcome).unwrap_or(&0)
+        );
+    }
 }
 
 fn label(value: &str) -> String {

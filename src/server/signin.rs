@@ -281,13 +281,36 @@ pub async fn callback(
         if let Some(state) = &q.state {
             viewers.sessions.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(state);
         }
-        return failed_page(StatusCode::FORBIDDEN, &format!("GitLab did not sign you in ({error})."));
+        *viewers.sign_ins.lock().unwrap_or_else(|p| p.into_inner()).entry("refused").or_default() += 1;
+        // Only an OAuth error code is echoed (RFC 6749 §4.1.2.1: `access_denied`, ...), never free text.
+        const CODES: [&str; 7] = [
+            "invalid_request",
+            "unauthorized_client",
+            "access_denied",
+            "unsupported_response_type",
+            "invalid_scope",
+            "server_error",
+            "temporarily_unavailable",
+        ];
+        let code = CODES.into_iter().find(|c| *c == error).unwrap_or("an error");
+        tracing::info!(error = %code, "GitLab did not sign a person in");
+        return failed_page(StatusCode::FORBIDDEN, &format!("GitLab did not sign you in ({code})."));
     }
-    let (Some(code), Some(state)) = (q.code, q.state) else {
+    let (Some(code), Some(state)) = (q.code, q.state.clone()) else {
+        if let Some(state) = &q.state {
+            viewers.sessions.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(state);
+        }
+        *viewers.sign_ins.lock().unwrap_or_else(|p| p.into_inner()).entry("refused").or_default() += 1;
         return failed_page(StatusCode::BAD_REQUEST, "The sign-in link is incomplete. Sign in again.");
     };
     let v = viewers.clone();
     let done = tokio::task::spawn_blocking(move || v.sessions.finish(&sign_in, &oauth, &v, &state, &code)).await;
+    let outcome = match &done {
+        Ok(Ok(_)) => "signed_in",
+        Ok(Err(Failed::Unavailable(_))) => "unavailable",
+        _ => "refused",
+    };
+    *viewers.sign_ins.lock().unwrap_or_else(|p| p.into_inner()).entry(outcome).or_default() += 1;
     match done {
         Ok(Ok((cookie, to))) => {
             let max_age = config
@@ -307,7 +330,10 @@ pub async fn callback(
                 "This sign-in is not one this server started, or it was used already or took too long. Sign in again.",
             )
         }
-        Ok(Err(Failed::Refused(why))) => failed_page(StatusCode::FORBIDDEN, &why),
+        Ok(Err(Failed::Refused(why))) => {
+            tracing::info!(reason = %why, "a sign-in was refused");
+            failed_page(StatusCode::FORBIDDEN, &why)
+        }
         Ok(Err(Failed::Unavailable(why))) => {
             tracing::warn!(error = %why, "sign-in failed: GitLab does not answer");
             failed_page(

@@ -140,6 +140,8 @@ pub struct Viewers {
     /// (route, viewer kind) -> reads.
     pub reads: Mutex<BTreeMap<(String, &'static str), u64>>,
     pub sign_ins_refused: Mutex<u64>,
+    /// Sign-ins through GitLab's pages by outcome (`signed_in`, `refused`, `unavailable`).
+    pub sign_ins: Mutex<BTreeMap<&'static str, u64>>,
     /// Signed-in sessions and sign-ins in progress.
     pub sessions: super::signin::Sessions,
 }
@@ -158,6 +160,7 @@ impl Default for Viewers {
             roles: Mutex::default(),
             reads: Mutex::default(),
             sign_ins_refused: Mutex::default(),
+            sign_ins: Mutex::default(),
             sessions: Default::default(),
         }
     }

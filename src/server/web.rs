@@ -15,7 +15,7 @@ pub use export::export_csv;
 pub use login::{gitlab, login, login_form, login_page, logout, sign_in_failed};
 pub use rows::Rows;
 
-use super::viewers::Reader;
+use super::viewers::{Reader, Viewer};
 use super::{SESSION_COOKIE, Shared, blocking, secret_matches, session_value};
 use crate::app::events::time_bound;
 use crate::event::{AuditEvent, EventType};
@@ -116,6 +116,11 @@ fn html_response(status: StatusCode, markup: Markup) -> Response {
 }
 
 fn layout(title: &str, body: Markup) -> Markup {
+    layout_for(title, None, body)
+}
+
+/// The page with who is reading it in the header (a signed-in person by their GitLab username).
+fn layout_for(title: &str, viewer: Option<&Viewer>, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -131,6 +136,11 @@ fn layout(title: &str, body: Markup) -> Markup {
                     nav {
                         a href="/" { "Audit events" }
                         a href="/status" { "Status" }
+                        @match viewer {
+                            Some(Viewer::User(u)) => span.who { "Signed in as " strong { (u.username) } },
+                            Some(Viewer::Service) => span.who { "Signed in with the service token" },
+                            None => {},
+                        }
                         form.inline method="post" action="/logout" { button.link type="submit" { "Sign out" } }
                     }
                 }
@@ -295,7 +305,7 @@ pub async fn index(
             @if let Some(next) = &next { a.button.secondary rel="next" href=(f.url("/", Some(&next.encode()))) { "Older »" } }
         }
     };
-    html_response(StatusCode::OK, layout("Audit events", body))
+    html_response(StatusCode::OK, layout_for("Audit events", Some(&r.viewer), body))
 }
 
 fn json_cell(v: &Option<serde_json::Value>) -> Markup {
@@ -387,7 +397,7 @@ pub async fn event(State(s): State<Shared>, r: Reader, Path(id): Path<String>) -
         }
         details { summary { "The event as stored and streamed (JSON)" } pre { (serde_json::to_string_pretty(&e).unwrap_or_default()) } }
     };
-    html_response(StatusCode::OK, layout(&d.custom_message, body))
+    html_response(StatusCode::OK, layout_for(&d.custom_message, Some(&r.viewer), body))
 }
 
 #[derive(Debug, Deserialize)]
@@ -434,7 +444,7 @@ pub async fn policy(State(s): State<Shared>, r: Reader, Query(p): Query<PolicyRe
             }
         }
     };
-    html_response(StatusCode::OK, layout(&format!("Policy {}", p.name), body))
+    html_response(StatusCode::OK, layout_for(&format!("Policy {}", p.name), Some(&r.viewer), body))
 }
 
 pub async fn status(State(s): State<Shared>) -> Response {

@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-struct Browser {
+pub struct Browser {
     driver: Child,
     port: u16,
     session: String,
 }
 
 impl Browser {
-    fn start(profile: &Path, downloads: &Path) -> Browser {
+    pub fn start(profile: &Path, downloads: &Path) -> Browser {
         let port = free_port();
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
@@ -64,11 +64,11 @@ impl Browser {
         format!("/session/{}{rest}", self.session)
     }
 
-    fn go(&self, url: &str) {
+    pub fn go(&self, url: &str) {
         self.call("POST", &self.s("/url"), Some(json!({"url": url})));
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         self.call("GET", &self.s("/url"), None).as_str().unwrap_or_default().to_string()
     }
 
@@ -77,13 +77,13 @@ impl Browser {
         v[ELEMENT].as_str().unwrap_or_else(|| panic!("no element {css}: {v}")).to_string()
     }
 
-    fn count(&self, css: &str) -> usize {
+    pub fn count(&self, css: &str) -> usize {
         self.call("POST", &self.s("/elements"), Some(json!({"using": "css selector", "value": css})))
             .as_array()
             .map_or(0, Vec::len)
     }
 
-    fn click(&self, css: &str) {
+    pub fn click(&self, css: &str) {
         let id = self.find(css);
         self.call("POST", &self.s(&format!("/element/{id}/click")), Some(json!({})));
     }
@@ -93,7 +93,7 @@ impl Browser {
         self.call("POST", &self.s(&format!("/element/{id}/value")), Some(json!({"text": text})));
     }
 
-    fn text(&self, css: &str) -> String {
+    pub fn text(&self, css: &str) -> String {
         let until = Instant::now() + Duration::from_secs(10);
         loop {
             let id = self.find(css);

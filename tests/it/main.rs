@@ -29,6 +29,7 @@ mod receiver;
 mod repo_urls;
 mod secrets;
 mod server;
+mod signin;
 mod snapshots;
 mod stored_format;
 mod streaming;

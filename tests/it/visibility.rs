@@ -13,12 +13,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-const ADMIN: &str = "glpat-admin-0001";
-const OWNER: &str = "glpat-owner-0002";
-const DEVELOPER: &str = "glpat-developer-0003";
+pub const ADMIN: &str = "glpat-admin-0001";
+pub const OWNER: &str = "glpat-owner-0002";
+pub const DEVELOPER: &str = "glpat-developer-0003";
 
 /// `acme/spp` is linked to the project `acme/web`, `other/spp` to the group `other`.
-fn world(mode: Value, with_developer: bool) -> Value {
+pub fn world(mode: Value, with_developer: bool) -> Value {
     let mut users = vec![
         json!({"token": ADMIN, "id": 1, "username": "root", "is_admin": true}),
         json!({"token": OWNER, "id": 2, "username": "olivia"}),
@@ -51,7 +51,7 @@ fn total(port: u16, route: &str, token: &str) -> usize {
     r.header("x-total").and_then(|t| t.parse().ok()).expect("X-Total")
 }
 
-fn ids_of(stored: &[Value], keep: impl Fn(&Value) -> bool) -> Vec<String> {
+pub fn ids_of(stored: &[Value], keep: impl Fn(&Value) -> bool) -> Vec<String> {
     let mut ids: Vec<String> =
         stored.iter().filter(|e| keep(e)).map(|e| e["id"].as_str().expect("id").to_string()).collect();
     ids.reverse(); // the API lists newest first

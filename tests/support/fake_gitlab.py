@@ -19,9 +19,21 @@ For sign-in tests it also answers, with a user's own token in PRIVATE-TOKEN, Git
 `GET /api/v4/{groups,projects}/:id/members/all/:user_id` (`doc/api/members.md`, inherited
 memberships included), from `"users": [{"token", "id", "username", "is_admin"}]` and
 `"members": [{"namespace", "kind": "group"|"project", "user_id", "access_level"}]`.
+
+And GitLab's OAuth 2.0 provider (`doc/api/oauth2.md`), from `"oauth": {"client_id",
+"client_secret", "redirect_uri", "login_as": username, "deny": bool}`: `GET /oauth/authorize`
+(the person is taken as signed in to GitLab as `login_as` and consenting, unless `deny`) checks
+`client_id`, `redirect_uri`, `response_type=code` and a PKCE `code_challenge` with
+`code_challenge_method=S256`, and redirects back with a one-time `code` and the `state`, or with
+`error=access_denied`; `POST /oauth/token` (`grant_type=authorization_code`, the client's
+credentials in HTTP Basic or the form) checks the code (once, 10 minutes), the `redirect_uri`
+and that `code_verifier` hashes to the challenge, and answers `{"access_token": <the user's
+token>, "token_type": "Bearer", "expires_in": 7200, ...}` or GitLab's `{"error": "invalid_grant"}`.
 """
 
-from urllib.parse import unquote
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+
+import hashlib
 
 import base64
 import json
@@ -33,6 +45,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 WORLD, CALLS = sys.argv[1], sys.argv[2]
 LOCK = threading.Lock()
 PAGE_MAX = 100
+CODES = {}  # code -> {"challenge", "redirect_uri", "user", "issued"}
 
 
 def load():
@@ -125,6 +138,56 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def redirect(self, location):
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def authorize(self, world):
+        oauth = world.get("oauth") or {}
+        q = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
+        log({"path": "/oauth/authorize", "auth_ok": False, "query_kind": "authorize"})
+        if q.get("client_id") != oauth.get("client_id") or q.get("redirect_uri") != oauth.get("redirect_uri"):
+            # GitLab shows its own error page, never redirecting to an unregistered URI.
+            return self.reply(400, {"error": "invalid_client"})
+        if q.get("response_type") != "code" or q.get("code_challenge_method") != "S256" or not q.get("code_challenge"):
+            return self.reply(400, {"error": "invalid_request"})
+        back = {"state": q.get("state", "")}
+        if oauth.get("deny"):
+            back["error"] = "access_denied"
+        else:
+            user = next(u for u in world["users"] if u["username"] == oauth["login_as"])
+            code = base64.urlsafe_b64encode(hashlib.sha256(str(time.time_ns()).encode()).digest()).decode().rstrip("=")
+            with LOCK:
+                CODES[code] = {"challenge": q["code_challenge"], "redirect_uri": q["redirect_uri"],
+                               "user": user, "issued": time.time(), "scope": q.get("scope", "")}
+            back["code"] = code
+        self.redirect(q["redirect_uri"] + "?" + urlencode(back))
+
+    def token(self, world, raw):
+        oauth = world.get("oauth") or {}
+        form = {k: v[0] for k, v in parse_qs(raw.decode()).items()}
+        auth = self.headers.get("Authorization") or ""
+        client_id, secret = form.get("client_id"), form.get("client_secret")
+        if auth.startswith("Basic "):
+            client_id, _, secret = base64.b64decode(auth[6:]).decode().partition(":")
+            client_id, secret = unquote(client_id), unquote(secret)
+        client_ok = client_id == oauth.get("client_id") and secret == oauth.get("client_secret")
+        log({"path": "/oauth/token", "auth_ok": client_ok, "query_kind": "token"})
+        if not client_ok:
+            return self.reply(401, {"error": "invalid_client", "error_description": "Client authentication failed"})
+        with LOCK:
+            grant = CODES.pop(form.get("code", ""), None)
+        verifier = form.get("code_verifier", "")
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+        if (form.get("grant_type") != "authorization_code" or grant is None or time.time() - grant["issued"] > 600
+                or grant["redirect_uri"] != form.get("redirect_uri") or not verifier or grant["challenge"] != challenge):
+            return self.reply(400, {"error": "invalid_grant", "error_description": "The provided authorization grant is invalid, expired, revoked, does not match the redirection URI used in the authorization request, or was issued to another client."})
+        self.reply(200, {"access_token": grant["user"]["token"], "token_type": "Bearer", "expires_in": 7200,
+                         "refresh_token": "r-" + grant["user"]["token"], "scope": grant["scope"],
+                         "created_at": int(time.time())})
+
     def do_GET(self):
         world = load()
         mode = world.get("mode", "up")
@@ -135,6 +198,8 @@ class Handler(BaseHTTPRequestHandler):
         if mode != "up":
             log({"path": self.path, "auth_ok": False, "query_kind": "status %d" % mode["status"]})
             return self.reply(mode["status"], {"message": "%d scripted" % mode["status"]})
+        if self.path.startswith("/oauth/authorize"):
+            return self.authorize(world)
         auth = self.headers.get("Authorization") or ""
         token = auth[len("Bearer "):] if auth.startswith("Bearer ") else self.headers.get("PRIVATE-TOKEN")
         user = next((u for u in world.get("users", []) if u["token"] == token), None)
@@ -180,6 +245,8 @@ class Handler(BaseHTTPRequestHandler):
         if mode != "up":
             log({"path": self.path, "auth_ok": auth_ok, "query_kind": "status %d" % mode["status"]})
             return self.reply(mode["status"], {"message": "%d scripted" % mode["status"]})
+        if self.path == "/oauth/token":
+            return self.token(world, raw)
         if self.path != "/api/graphql":
             log({"path": self.path, "auth_ok": auth_ok, "query_kind": kind})
             return self.reply(404, {"message": "404 Not Found"})

@@ -37,10 +37,7 @@ pub struct LoginForm {
     next: String,
 }
 
-fn safe_next(next: &str) -> String {
-    // Only our own paths: never `//host` or a scheme (an open redirect).
-    if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') { next.to_string() } else { "/".into() }
-}
+use crate::server::signin::safe_redirect as safe_next;
 
 fn signed_in(s: &Shared, next: &str) -> Response {
     let config = s.config();
