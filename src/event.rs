@@ -133,6 +133,39 @@ pub struct Details {
     /// `policy_project_updated` events: the link that changed.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub security_policy_project_link: Option<LinkDetails>,
+    /// Events about a file a policy includes from another project (SPEC §14).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub included_content: Option<IncludedContent>,
+}
+
+/// The included file that changed (`details.included_content`): where it lives, the blobs
+/// before and after (the file's git object ids; `after_sha` None when GitLab can no longer read
+/// it), the commit in the included project, and what changed in its CI jobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncludedContent {
+    pub project: String,
+    pub file: String,
+    /// The ref as written in the policy; None = the project's default branch.
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    /// What the ref resolved to (`HEAD`, `branch main`, `tag v1`).
+    pub followed: String,
+    pub before_sha: Option<String>,
+    pub after_sha: Option<String>,
+    pub commit_sha: String,
+    /// One line for people: "jobs added: a; removed: b; changed: c".
+    pub summary: String,
+    #[serde(default)]
+    pub jobs_added: Vec<String>,
+    #[serde(default)]
+    pub jobs_removed: Vec<String>,
+    #[serde(default)]
+    pub jobs_changed: Vec<String>,
+    /// The unified diff of the file (capped; `diff_truncated` says when it was cut).
+    #[serde(default)]
+    pub diff: String,
+    #[serde(default)]
+    pub diff_truncated: bool,
 }
 
 /// A link between a namespace and an SPP that changed (`details.security_policy_project_link`).
@@ -237,6 +270,7 @@ impl LinkChange<'_> {
                     security_policy_project: p.path.to_string(),
                     previous_security_policy_project: self.previous.map(|(path, _)| path.to_string()),
                 }),
+                included_content: None,
             },
         }
     }
@@ -341,6 +375,66 @@ impl StepContext<'_> {
         event
     }
 
+    /// A policy whose included file changed (`invalid` None: an update GitLab enforces from
+    /// now on) or can no longer be read (`invalid` Some(reason): GitLab fails the pipelines).
+    /// `self` is the commit in the included project; `spp_sha` the SPP commit the policy is at.
+    pub fn included_event(
+        &self,
+        policy: &Policy,
+        occurrence: usize,
+        field: &str,
+        spp_sha: &str,
+        content: IncludedContent,
+        invalid: Option<&str>,
+    ) -> AuditEvent {
+        let hash_key = format!(
+            "included\0{}\0{}\0{}\0{field}\0{occurrence}",
+            content.project,
+            content.file,
+            content.reference.as_deref().unwrap_or("")
+        );
+        let (event_type, message) = match invalid {
+            None => (EventType::Update, format!("Updated security policy with the name: \"{}\"", policy.name)),
+            Some(_) => (
+                EventType::YamlInvalidated,
+                format!(
+                    "The file {} of project {} included by security policy \"{}\" cannot be read. The policy's pipelines will fail until it can.",
+                    content.file, content.project, policy.name
+                ),
+            ),
+        };
+        let mut event = self.event(
+            event_type,
+            message,
+            "Security::Policy",
+            policy.name.clone(),
+            &hash_key,
+            policy.policy_type.key(),
+            &policy.name,
+        );
+        let d = &mut event.details;
+        d.security_policy_project_commit_sha = spp_sha.to_string();
+        d.policy_name = Some(policy.name.clone());
+        d.policy_type = Some(policy.policy_type.key().to_string());
+        d.policy_scope = policy.scope().cloned();
+        d.enabled = Some(policy.enabled);
+        let described = |sha: &Option<String>| {
+            serde_json::json!({
+                "project": content.project, "file": content.file, "ref": content.reference, "blob": sha,
+            })
+        };
+        d.changes = Some(vec![FieldChange {
+            path: field.to_string(),
+            before: Some(described(&content.before_sha)),
+            after: Some(described(&content.after_sha)),
+        }]);
+        if let Some(reason) = invalid {
+            d.invalid_reason = Some(reason.to_string());
+        }
+        d.included_content = Some(content);
+        event
+    }
+
     pub fn limit_event(&self, limit: &TypeLimit) -> AuditEvent {
         let message = format!(
             "Policies limit exceeded for '{}' type. Only the first {} enabled policies will be applied",
@@ -416,6 +510,7 @@ impl StepContext<'_> {
                 gitlab_user: None,
                 attribution: None,
                 security_policy_project_link: None,
+                included_content: None,
             },
         }
     }

@@ -15,6 +15,7 @@
 //! - authors come from the step commit only, never from a later one.
 
 mod fleet;
+mod included;
 mod policy_files;
 mod step;
 mod walk;
@@ -90,6 +91,12 @@ pub struct Summary {
     /// The whole first-parent history was replayed.
     pub backfill: bool,
     pub timings: Timings,
+    /// Fetches of included projects (one per repository, however many policies include from it).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub included_fetches: usize,
+    /// Included projects or includes that could not be read this run (their state is kept).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub included_errors: Vec<String>,
     /// Wall time of this project's reconcile.
     pub duration_ms: f64,
 }
@@ -227,7 +234,8 @@ fn attempt(
         summary.to = c.commit.clone();
         mark_synced(&mirror_dir(config, project), project);
         summary.timings.fetch_ms = ms(started.elapsed());
-        summary.duration_ms = summary.timings.fetch_ms;
+        track_included_at(config, store, project, options, attributor, now, c, &mut summary)?;
+        summary.duration_ms = ms(started.elapsed());
         return Ok(summary);
     }
     let dir = mirror_dir(config, project);
@@ -255,8 +263,9 @@ fn attempt(
         && !backfill
     {
         mark_synced(&dir, project);
+        track_included_at(config, store, project, options, attributor, now, c, &mut summary)?;
         summary.duration_ms = ms(started.elapsed());
-        return Ok(summary); // nothing new: no walk at all
+        return Ok(summary); // nothing new in the SPP: no walk at all
     }
     summary.backfill = backfill;
     if cursor.is_none() {
@@ -275,10 +284,15 @@ fn attempt(
     };
     let (state, mut events) =
         walk_new_history(config, project, &mirror, &mut summary, options, cursor.as_ref(), tip, now, &sink)?;
+    let tip_sha = tip.to_string();
+    let run =
+        included::Run { config, project, stop: &options.stop, spp_sha: &tip_sha, now, emit: summary.flag_enabled };
+    let (now_included, more) = run.track(state.baseline.as_ref(), &state.included, &mut summary);
+    events.extend(more);
     count_events(&mut summary, &events);
     let stored_at = Instant::now();
-    let new_cursor =
-        Cursor { commit: tip.to_string(), blob: state.blob, baseline: state.baseline, limits: state.limits };
+    let mut new_cursor = state.cursor(tip_sha.clone());
+    new_cursor.included = now_included;
     if options.stopped() {
         anyhow::bail!("stopped by shutdown before storing; nothing was written, the next run repeats this");
     }
@@ -289,6 +303,47 @@ fn attempt(
     summary.timings.store_ms += ms(stored_at.elapsed());
     summary.duration_ms = ms(started.elapsed());
     Ok(summary)
+}
+
+/// An SPP whose own branch did not move: the files its policies include are still checked,
+/// and stored with its cursor when anything changed (nothing is written otherwise).
+#[allow(clippy::too_many_arguments)]
+fn track_included_at(
+    config: &Config,
+    store: &Store,
+    project: &Project,
+    options: &Options,
+    attributor: &Attributor,
+    now: jiff::Timestamp,
+    cursor: &Cursor,
+    summary: &mut Summary,
+) -> Result<()> {
+    let has_includes = cursor.baseline.as_ref().is_some_and(|set| !included::includes(set).is_empty());
+    if !has_includes && cursor.included.is_empty() {
+        return Ok(());
+    }
+    let run = included::Run {
+        config,
+        project,
+        stop: &options.stop,
+        spp_sha: &cursor.commit,
+        now,
+        emit: summary.flag_enabled,
+    };
+    let (now_included, mut events) = run.track(cursor.baseline.as_ref(), &cursor.included, summary);
+    if now_included == cursor.included && events.is_empty() {
+        return Ok(());
+    }
+    if options.stopped() {
+        anyhow::bail!("stopped by shutdown before storing; nothing was written, the next run repeats this");
+    }
+    count_events(summary, &events);
+    let mut next = cursor.clone();
+    next.included = now_included;
+    attributor.apply(&mut events);
+    let destinations_for = |e: &AuditEvent| destinations_for(config, e);
+    summary.stored += commit(store, options, &project.path, &next, &events, &destinations_for, now, Durable::Now)?;
+    Ok(())
 }
 
 /// When a local commit must be on disk.
@@ -327,6 +382,10 @@ pub fn destinations_for(config: &Config, event: &AuditEvent) -> Vec<String> {
     let mut paths: Vec<&str> = vec![event.entity_path.as_str()];
     paths.extend(event.details.linked_namespaces.iter().map(String::as_str));
     config.destinations.iter().filter(|d| d.wants(event.event_type, &paths)).map(|d| d.name.clone()).collect()
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn ms(d: Duration) -> f64 {

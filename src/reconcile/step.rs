@@ -12,15 +12,40 @@ pub(super) struct State {
     pub(super) blob: String,
     pub(super) baseline: Option<PolicySet>,
     pub(super) limits: LimitState,
+    /// The included files as last seen: carried through the policy file's own steps untouched
+    /// (they are tracked after the walk, `included.rs`).
+    pub(super) included: std::collections::BTreeMap<String, crate::store::IncludedFile>,
 }
 
 impl State {
-    pub(super) fn before_history() -> State {
-        State { blob: String::new(), baseline: Some(PolicySet::default()), limits: LimitState::new() }
+    /// Before the first commit; a replay keeps what is known of the included files.
+    pub(super) fn before_history(cursor: Option<&Cursor>) -> State {
+        State {
+            blob: String::new(),
+            baseline: Some(PolicySet::default()),
+            limits: LimitState::new(),
+            included: cursor.map(|c| c.included.clone()).unwrap_or_default(),
+        }
     }
 
     pub(super) fn from_cursor(c: &Cursor) -> State {
-        State { blob: c.blob.clone(), baseline: c.baseline.clone(), limits: c.limits.clone() }
+        State {
+            blob: c.blob.clone(),
+            baseline: c.baseline.clone(),
+            limits: c.limits.clone(),
+            included: c.included.clone(),
+        }
+    }
+
+    /// The cursor at `commit` with this state.
+    pub(super) fn cursor(&self, commit: String) -> Cursor {
+        Cursor {
+            commit,
+            blob: self.blob.clone(),
+            baseline: self.baseline.clone(),
+            limits: self.limits.clone(),
+            included: self.included.clone(),
+        }
     }
 }
 
@@ -142,7 +167,7 @@ mod tests {
     }
 
     fn start(set: PolicySet) -> State {
-        State { blob: "a".into(), baseline: Some(set), limits: Default::default() }
+        State { blob: "a".into(), baseline: Some(set), limits: Default::default(), included: Default::default() }
     }
 
     #[test]

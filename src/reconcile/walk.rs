@@ -35,7 +35,9 @@ pub(super) fn walk_new_history(
     // The cheap walk: trees and first parents only.
     let mut walker = Walker::new(config, project, mirror, summary, options);
     let (state, plan) = match (cursor, backfill) {
-        (_, true) => (State::before_history(), Plan::Steps(mirror.first_parent_chain(tip, None)?.unwrap_or_default())),
+        (_, true) => {
+            (State::before_history(cursor), Plan::Steps(mirror.first_parent_chain(tip, None)?.unwrap_or_default()))
+        }
         (None, false) => (walker.baseline_at(tip)?, Plan::Nothing),
         (Some(c), false) => match ObjectId::from_hex(c.commit.as_bytes()).ok() {
             // The last synced commit must be on the tip's first-parent line for the steps to be
@@ -117,7 +119,8 @@ impl<'a> Walker<'a> {
     fn baseline_at(&mut self, tip: ObjectId) -> Result<State> {
         let commit = self.mirror.commit(tip)?;
         let blob = self.path.lookup(self.mirror, commit.tree)?;
-        let mut state = State { blob: blob_key(&blob), baseline: None, limits: LimitState::new() };
+        let mut state =
+            State { blob: blob_key(&blob), baseline: None, limits: LimitState::new(), included: Default::default() };
         let mut at = Some(commit);
         while let Some(c) = at {
             let blob = self.path.lookup(self.mirror, c.tree)?;
@@ -197,12 +200,7 @@ impl<'a> Walker<'a> {
             stepping += step_started.elapsed();
             if events.len() >= CHUNK_EVENTS {
                 let stored_at = Instant::now();
-                let at = Cursor {
-                    commit: link.id.to_string(),
-                    blob: state.blob.clone(),
-                    baseline: state.baseline.clone(),
-                    limits: state.limits.clone(),
-                };
+                let at = state.cursor(link.id.to_string());
                 self.summary.stored += sink(&at, &events)?;
                 count_events(self.summary, &events);
                 events.clear();

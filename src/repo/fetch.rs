@@ -36,14 +36,10 @@ pub fn fetch(
     let branch = mirror.branch.clone();
     let url_owned = url.to_string();
     let token = token.map(|t| t.expose().to_string());
-    let interrupt = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&interrupt);
-    let (tx, rx) = mpsc::channel();
-    let dir = mirror.dir.clone();
-    in_flight_set().insert(dir.clone());
-    let spawned = std::thread::Builder::new().name("fetch".into()).spawn(move || {
+    let what = format!("fetch of branch {:?} from {}", mirror.branch, redact_url(url));
+    on_fetch_thread(&mirror.dir, url, deadline, stop, what, move |flag| {
         let remote = Remote { url: &url_owned, branch: &branch, token: token.as_deref(), tls: &tls };
-        let mut result = fetch_blocking(repo.clone(), &remote, deadline, &flag, false);
+        let mut result = fetch_blocking(repo.clone(), &remote, deadline, flag, false);
         // Negotiation reads the mirror's commits with gix's strict signature parser: one odd
         // commit (an author without an email, as git itself accepts) fails it on every run.
         // Then fetch once more without negotiation (the whole branch), which reads none of them.
@@ -57,13 +53,92 @@ pub fn fetch(
                 error = %crate::text::redact_urls(&format!("{e:#}")),
                 "fetch failed; fetching the whole branch once more without negotiation"
             );
-            result = fetch_blocking(repo, &remote, deadline, &flag, true);
+            result = fetch_blocking(repo, &remote, deadline, flag, true);
         }
-        in_flight_set().remove(&dir);
+        result
+    })
+}
+
+/// Fetches the remote's `HEAD` and the named refs (`refs/heads/..`, `refs/tags/..`) into the
+/// mirror, each under [`tracking_name`], in one fetch with the same deadline, TLS and token
+/// rules as [`fetch`]. Returns what the remote advertised for each of them (a name it does not
+/// have is simply absent: a missing ref is the caller's to report, not a failed fetch).
+pub fn fetch_refs(
+    mirror: &Mirror,
+    url: &str,
+    token: Option<&Secret>,
+    tls: &TlsSettings,
+    deadline: Duration,
+    stop: &crate::stop::Stop,
+    refs: &[String],
+) -> Result<Vec<(String, ObjectId)>> {
+    let mut repo = mirror.repo.clone();
+    let tls = tls.clone();
+    let url_owned = url.to_string();
+    let token = token.map(|t| t.expose().to_string());
+    let mut names = vec!["HEAD".to_string()];
+    names.extend(refs.iter().filter(|r| r.as_str() != "HEAD").cloned());
+    let what = format!("fetch of {} from {}", names.join(", "), redact_url(url));
+    on_fetch_thread(&mirror.dir, url, deadline, stop, what, move |flag| {
+        configure(&mut repo, deadline, false)?;
+        let refspecs: Vec<String> = names.iter().map(|n| format!("+{n}:{}", tracking_name(n))).collect();
+        with_prepared(&repo, &url_owned, token.as_deref(), &tls, &refspecs, |prepared| {
+            let advertised = |map: &gix::remote::fetch::RefMap| -> Vec<(String, ObjectId)> {
+                map.mappings
+                    .iter()
+                    .filter_map(|m| {
+                        let name = m.remote.as_name()?.to_string();
+                        let id = m.remote.as_id()?.to_owned();
+                        names.contains(&name).then_some((name, id))
+                    })
+                    .collect()
+            };
+            let offered = advertised(prepared.ref_map());
+            // Nothing new: every advertised ref is where the mirror has it.
+            if offered.iter().all(|(name, id)| tracked(&repo, &tracking_name(name)) == Some(*id)) {
+                return Ok(offered);
+            }
+            let outcome = prepared
+                .receive(gix::progress::Discard, flag)
+                .map_err(|e| anyhow::Error::new(ReceiveFailed(format!("{:#}", anyhow::Error::new(e)))))?;
+            Ok(advertised(&outcome.ref_map))
+        })
+    })
+}
+
+/// Where [`fetch_refs`] keeps a remote ref in the mirror.
+pub fn tracking_name(remote: &str) -> String {
+    match (remote.strip_prefix("refs/heads/"), remote.strip_prefix("refs/tags/")) {
+        (Some(branch), _) => format!("refs/remotes/origin/{branch}"),
+        (_, Some(tag)) => format!("refs/remotes/origin-tags/{tag}"),
+        _ => format!("refs/remotes/origin/{remote}"),
+    }
+}
+
+/// Runs a fetch on its own thread; when `deadline` passes it is told to stop (the flag) and
+/// this returns an error at once, so a server that stalls cannot hold up the other projects.
+/// `stop` (shutdown) ends the wait early, like the deadline does.
+fn on_fetch_thread<T: Send + 'static>(
+    dir: &std::path::Path,
+    url: &str,
+    deadline: Duration,
+    stop: &crate::stop::Stop,
+    what: String,
+    job: impl FnOnce(&AtomicBool) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&interrupt);
+    let (tx, rx) = mpsc::channel();
+    let dir = dir.to_path_buf();
+    in_flight_set().insert(dir.clone());
+    let running = dir.clone();
+    let spawned = std::thread::Builder::new().name("fetch".into()).spawn(move || {
+        let result = job(&flag);
+        in_flight_set().remove(&running);
         let _ = tx.send(result);
     });
     if let Err(e) = spawned {
-        in_flight_set().remove(&mirror.dir);
+        in_flight_set().remove(&dir);
         return Err(e).context("cannot start fetch thread");
     }
     let until = std::time::Instant::now() + deadline;
@@ -73,7 +148,7 @@ pub fn fetch(
                 // The transport's own messages may quote the URL with its credentials.
                 return result
                     .map_err(|e| anyhow!("{}", crate::text::redact_urls(&format!("{:#}", explain_tls(e)))))
-                    .with_context(|| format!("fetch of branch {:?} from {} failed", mirror.branch, redact_url(url)));
+                    .context(what);
             }
             Err(mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() < until && !stop.is_cancelled() => {}
             Err(_) => {
@@ -110,37 +185,98 @@ fn fetch_blocking(
     {
         return Ok(FetchOutcome { tip });
     }
-    let secs = deadline.as_secs().max(1);
-    {
-        // In memory only: a slow HTTP transfer is abandoned like a stalled one.
-        let mut config = repo.config_snapshot_mut();
-        let mut settings = vec![
-            "http.lowSpeedLimit=1".to_string(),
-            format!("http.lowSpeedTime={secs}"),
-            format!("gitoxide.http.connectTimeout={}", secs * 1000),
-            "credential.helper=".to_string(),
-            "core.askPass=".to_string(),
-        ];
-        if without_negotiation {
-            settings.push("fetch.negotiationAlgorithm=noop".to_string());
-        }
-        config.append_config(settings, gix::config::Source::Api).map_err(anyhow::Error::new)?;
-        config.commit().map_err(anyhow::Error::new)?;
-    }
+    configure(&mut repo, deadline, without_negotiation)?;
     let refspec = format!("+refs/heads/{branch}:refs/remotes/origin/{branch}");
+    with_prepared(&repo, url, token, tls, &[refspec], |prepared| {
+        // The branch must be advertised: asked for by name, gix's typed answer is an unmatched
+        // required mapping (its receive would fail with "None of the refspec(s) ... matched").
+        if prepared.ref_map().is_missing_required_mapping() {
+            return Err(anyhow::Error::new(BranchMissing { branch: branch.to_string() }));
+        }
+        let wanted = format!("refs/heads/{branch}");
+        let tracking = format!("refs/remotes/origin/{branch}");
+        let advertised = prepared
+            .ref_map()
+            .mappings
+            .iter()
+            .find(|m| m.remote.as_name().is_some_and(|n| n == wanted.as_bytes()))
+            .and_then(|m| m.remote.as_id().map(|id| id.to_owned()));
+        let before = local_tip(&repo, branch);
+        // Nothing new: no negotiation at all (it would read the tip commit, odd or not).
+        if let Some(tip) = advertised
+            && before == Some(tip)
+        {
+            return Ok(FetchOutcome { tip });
+        }
+        // Without negotiation the mirror's own tip must not be read either: the ref is set again
+        // by the fetch, or put back when it fails.
+        if without_negotiation && before.is_some() {
+            set_tracking_ref(&repo, &tracking, None)?;
+        }
+        let received = prepared
+            .receive(gix::progress::Discard, interrupt)
+            .map_err(|e| anyhow::Error::new(ReceiveFailed(format!("{:#}", anyhow::Error::new(e)))));
+        if received.is_err()
+            && let Some(before) = before.filter(|_| without_negotiation)
+        {
+            set_tracking_ref(&repo, &tracking, Some(before))?;
+        }
+        let outcome = received?;
+        let tip = outcome
+            .ref_map
+            .mappings
+            .iter()
+            .find(|m| m.remote.as_name().is_some_and(|n| n == wanted.as_bytes()))
+            .and_then(|m| m.remote.as_id().map(|id| id.to_owned()));
+        tip.map(|tip| FetchOutcome { tip })
+            .ok_or_else(|| anyhow::Error::new(BranchMissing { branch: branch.to_string() }))
+    })
+}
+
+/// The mirror's config for one fetch, in memory only: a slow HTTP transfer is abandoned like a
+/// stalled one, and no credential helper or prompt is ever consulted.
+fn configure(repo: &mut gix::Repository, deadline: Duration, without_negotiation: bool) -> Result<()> {
+    let secs = deadline.as_secs().max(1);
+    let mut config = repo.config_snapshot_mut();
+    let mut settings = vec![
+        "http.lowSpeedLimit=1".to_string(),
+        format!("http.lowSpeedTime={secs}"),
+        format!("gitoxide.http.connectTimeout={}", secs * 1000),
+        "credential.helper=".to_string(),
+        "core.askPass=".to_string(),
+    ];
+    if without_negotiation {
+        settings.push("fetch.negotiationAlgorithm=noop".to_string());
+    }
+    config.append_config(settings, gix::config::Source::Api).map_err(anyhow::Error::new)?;
+    config.commit().map_err(anyhow::Error::new)?;
+    Ok(())
+}
+
+/// Connects for `refspecs` (no tags beyond them) with the TLS policy and the configured token
+/// only, and hands the prepared fetch (the remote's advertised refs, nothing received yet) to `f`.
+fn with_prepared<T>(
+    repo: &gix::Repository,
+    url: &str,
+    token: Option<&str>,
+    tls: &TlsSettings,
+    refspecs: &[String],
+    f: impl FnOnce(Prepared<'_, '_>) -> Result<T>,
+) -> Result<T> {
     let remote = repo
         .remote_at(url)
         .map_err(anyhow::Error::new)
         .context("invalid repository url")?
-        .with_refspecs([refspec.as_str()], Direction::Fetch)
-        .map_err(|e| anyhow!("invalid refspec {refspec}: {e}"))?
+        .with_refspecs(refspecs.iter().map(String::as_str), Direction::Fetch)
+        .map_err(|e| anyhow!("invalid refspecs {refspecs:?}: {e}"))?
         .with_fetch_tags(gix::remote::fetch::Tags::None);
     let connection = remote.connect(Direction::Fetch).map_err(anyhow::Error::new).context("cannot connect")?;
-    let connection = match transport_options(&repo, url, tls)? {
+    let connection = match transport_options(repo, url, tls)? {
         Some(options) => connection.with_transport_options(options),
         None => connection,
     };
     // Never prompt and never consult credential helpers: the configured token or nothing.
+    let token = token.map(str::to_string);
     let connection = connection.with_credentials(move |action| match (&action, &token) {
         (gix::credentials::helper::Action::Get(ctx), Some(token)) => Ok(Some(gix::credentials::protocol::Outcome {
             identity: gix::sec::identity::Account {
@@ -153,48 +289,14 @@ fn fetch_blocking(
         _ => Ok(None),
     });
     let prepared = connection.prepare_fetch(gix::progress::Discard, Default::default()).map_err(anyhow::Error::new)?;
-    // The branch must be advertised: asked for by name, gix's typed answer is an unmatched
-    // required mapping (its receive would fail with "None of the refspec(s) ... matched").
-    if prepared.ref_map().is_missing_required_mapping() {
-        return Err(anyhow::Error::new(BranchMissing { branch: branch.to_string() }));
-    }
-    let wanted = format!("refs/heads/{branch}");
-    let tracking = format!("refs/remotes/origin/{branch}");
-    let advertised = prepared
-        .ref_map()
-        .mappings
-        .iter()
-        .find(|m| m.remote.as_name().is_some_and(|n| n == wanted.as_bytes()))
-        .and_then(|m| m.remote.as_id().map(|id| id.to_owned()));
-    let before = local_tip(&repo, branch);
-    // Nothing new: no negotiation at all (it would read the tip commit, odd or not).
-    if let Some(tip) = advertised
-        && before == Some(tip)
-    {
-        return Ok(FetchOutcome { tip });
-    }
-    // Without negotiation the mirror's own tip must not be read either: the ref is set again
-    // by the fetch, or put back when it fails.
-    if without_negotiation && before.is_some() {
-        set_tracking_ref(&repo, &tracking, None)?;
-    }
-    let received = prepared
-        .receive(gix::progress::Discard, interrupt)
-        .map_err(|e| anyhow::Error::new(ReceiveFailed(format!("{:#}", anyhow::Error::new(e)))));
-    if received.is_err()
-        && let Some(before) = before.filter(|_| without_negotiation)
-    {
-        set_tracking_ref(&repo, &tracking, Some(before))?;
-    }
-    let outcome = received?;
-    let tip = outcome
-        .ref_map
-        .mappings
-        .iter()
-        .find(|m| m.remote.as_name().is_some_and(|n| n == wanted.as_bytes()))
-        .and_then(|m| m.remote.as_id().map(|id| id.to_owned()));
-    tip.map(|tip| FetchOutcome { tip }).ok_or_else(|| anyhow::Error::new(BranchMissing { branch: branch.to_string() }))
+    f(prepared)
 }
+
+type Prepared<'remote, 'repo> = gix::remote::fetch::Prepare<
+    'remote,
+    'repo,
+    Box<dyn gix::protocol::transport::client::blocking_io::Transport + Send>,
+>;
 
 /// A fetch that failed in the TLS handshake says so first, with the setting that fixes it.
 fn explain_tls(e: anyhow::Error) -> anyhow::Error {
@@ -239,8 +341,13 @@ struct ReceiveFailed(String);
 
 /// The mirror's tracking ref, if it is set.
 fn local_tip(repo: &gix::Repository, branch: &str) -> Option<ObjectId> {
-    let mut reference = repo.try_find_reference(format!("refs/remotes/origin/{branch}").as_str()).ok()??;
-    reference.peel_to_id().ok().map(|id| id.detach())
+    tracked(repo, &format!("refs/remotes/origin/{branch}"))
+}
+
+/// What a ref of the mirror points at, as stored (an annotated tag is not peeled).
+fn tracked(repo: &gix::Repository, name: &str) -> Option<ObjectId> {
+    let reference = repo.try_find_reference(name).ok()??;
+    reference.target().try_id().map(|id| id.to_owned())
 }
 
 /// Sets (Some) or removes (None) the mirror's tracking ref.

@@ -13,7 +13,7 @@ mod fetch;
 mod history;
 mod probe;
 
-pub use fetch::{FetchOutcome, fetch, redact_url};
+pub use fetch::{FetchOutcome, fetch, fetch_refs, redact_url, tracking_name};
 
 /// The tip of `branch` in a repository on this machine (a local path or `file://` URL), read
 /// directly; None for remote URLs or when it cannot be read (the fetch then decides).
@@ -67,6 +67,16 @@ impl Mirror {
 
     pub fn tracking_ref(&self) -> String {
         format!("refs/remotes/origin/{}", self.branch)
+    }
+
+    /// The commit `id` names, annotated tags peeled (an included file's ref may be a tag).
+    pub fn peel_to_commit(&self, id: ObjectId) -> Result<ObjectId> {
+        let object = self.repo.find_object(id).with_context(|| format!("cannot read object {id}"))?;
+        let peeled = object.peel_tags_to_end().with_context(|| format!("cannot peel tag {id}"))?;
+        if peeled.kind != gix::object::Kind::Commit {
+            anyhow::bail!("{id} names a {}, not a commit", peeled.kind);
+        }
+        Ok(peeled.id)
     }
 
     /// The fetched tip of the tracked branch, or None when the remote has no such branch.

@@ -180,7 +180,13 @@ mod tests {
     fn bodies_are_kept_in_groups_and_read_back_wherever_they_are() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = Store::open(dir.path()).expect("open");
-        let cursor = Cursor { commit: "c".into(), blob: String::new(), baseline: None, limits: Default::default() };
+        let cursor = Cursor {
+            commit: "c".into(),
+            blob: String::new(),
+            baseline: None,
+            limits: Default::default(),
+            included: Default::default(),
+        };
         let mut events: Vec<_> = (0..40)
             .map(|n| crate::store::index::tests::event(n, "a/spp", EventType::Update, Some("p"), "Alice"))
             .collect();

@@ -207,7 +207,13 @@ mod tests {
     }
 
     fn commit(store: &Store, events: &[AuditEvent]) -> Result<usize, StoreError> {
-        let cursor = Cursor { commit: "c".into(), blob: "b".into(), baseline: None, limits: Default::default() };
+        let cursor = Cursor {
+            commit: "c".into(),
+            blob: "b".into(),
+            baseline: None,
+            limits: Default::default(),
+            included: Default::default(),
+        };
         store.commit_reconcile("a/spp", &cursor, events, &|_| Vec::new(), 0)
     }
 

@@ -50,6 +50,33 @@ pub struct Cursor {
     /// Skipped policy names per type at the last limit check.
     #[serde(default)]
     pub limits: LimitState,
+    /// The files policies include from other repositories, by [`IncludedFile::key`], as last
+    /// seen (SPEC §14): moved with the cursor, in the same transaction as the events.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub included: std::collections::BTreeMap<String, IncludedFile>,
+}
+
+/// One included file (project, file, ref as written in the policy) where it was last seen.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncludedFile {
+    /// What `ref` resolved to: `HEAD` (the default branch), `branch <name>`, `tag <name>`,
+    /// `sha` (pinned, never fetched), or `missing` (no such ref).
+    pub followed: String,
+    /// The commit the followed ref was at ("" when missing).
+    pub commit: String,
+    /// The file's blob at `commit` ("" when it is not there or not a file).
+    pub blob: String,
+    /// The last blob GitLab could use ("" before the file was readable once).
+    pub valid_blob: String,
+    /// GitLab cannot read the file now (missing, not a file, too large, not YAML).
+    pub invalid: bool,
+}
+
+impl IncludedFile {
+    /// The map key of an include: project, file and ref as written (ref "" when absent).
+    pub fn key(project: &str, file: &str, reference: Option<&str>) -> String {
+        format!("{project}\n{file}\n{}", reference.unwrap_or(""))
+    }
 }
 
 /// A pending or dead delivery of one event to one destination.

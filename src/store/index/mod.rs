@@ -218,7 +218,13 @@ pub(super) mod tests {
     #[test]
     fn ids_are_found_young_settled_and_in_both() {
         let dir = tempfile::tempdir().expect("tmp");
-        let cursor = Cursor { commit: "c".into(), blob: String::new(), baseline: None, limits: Default::default() };
+        let cursor = Cursor {
+            commit: "c".into(),
+            blob: String::new(),
+            baseline: None,
+            limits: Default::default(),
+            included: Default::default(),
+        };
         let events: Vec<AuditEvent> =
             (0..60).map(|n| event(n, "a/spp", EventType::Create, Some("p"), "Alice")).collect();
         let ids_listed = |store: &Store| store.list_range(&prefix(ID, ""), (None, None), false).count();
@@ -323,7 +329,13 @@ pub(super) mod tests {
         let events = all_events();
         {
             let store = Store::open(dir.path()).expect("open");
-            let cursor = Cursor { commit: "c".into(), blob: "b".into(), baseline: None, limits: Default::default() };
+            let cursor = Cursor {
+                commit: "c".into(),
+                blob: "b".into(),
+                baseline: None,
+                limits: Default::default(),
+                included: Default::default(),
+            };
             store.commit_reconcile("a/spp", &cursor, &events, &|_| Vec::new(), 0).expect("commit");
             for q in queries() {
                 assert_eq!(paged(&store, &q), expected(&events, &q), "{q:?}");
