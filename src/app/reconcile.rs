@@ -94,6 +94,9 @@ pub fn render(config: &Config, req: &ReconcileRequest, report: Report) -> Output
                     json_rows.push(serde_json::to_value(summary).unwrap_or_default());
                 } else {
                     out.out_line(describe(summary));
+                    for why in &summary.included_errors {
+                        out.err_line(format!("warning: {}: {why}", summary.project));
+                    }
                     if req.timings {
                         let t = &summary.timings;
                         out.out_line(format!(

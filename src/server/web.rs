@@ -115,6 +115,21 @@ fn html_response(status: StatusCode, markup: Markup) -> Response {
         .into_response()
 }
 
+/// The class of a unified diff line.
+fn diff_class(line: &str) -> &'static str {
+    if line.starts_with("+++") || line.starts_with("---") {
+        "file"
+    } else if line.starts_with('+') {
+        "add"
+    } else if line.starts_with('-') {
+        "del"
+    } else if line.starts_with("@@") {
+        "hunk"
+    } else {
+        "ctx"
+    }
+}
+
 fn layout(title: &str, body: Markup) -> Markup {
     layout_for(title, None, body)
 }
@@ -388,6 +403,26 @@ pub async fn event(State(s): State<Shared>, r: Reader, Path(id): Path<String>) -
             }
             @if d.changes_truncated { p.muted { "More fields changed than are listed here." } }
         }
+        @if let Some(inc) = &d.included_content {
+            h2 { "Included file" }
+            dl.fields {
+                dt { "Project and file" } dd { (link_or_text(gitlab, &inc.project, &inc.project)) " · " code { (inc.file) } }
+                dt { "Ref" } dd {
+                    @match &inc.reference { Some(r) => code { (r) }, None => span.muted { "none: the project's default branch" } }
+                    @if !inc.followed.is_empty() { span.muted { " · followed " (inc.followed) } }
+                }
+                @if !inc.commit_sha.is_empty() {
+                    dt { "Commit there" } dd { code { (link_or_text(gitlab, &format!("{}/-/commit/{}", inc.project, inc.commit_sha), &inc.commit_sha)) } }
+                }
+                dt { "What changed" } dd { (inc.summary) }
+                dt { "Blob" } dd { code { (inc.before_sha.as_deref().unwrap_or("none")) } " → " code { (inc.after_sha.as_deref().unwrap_or("none")) } }
+                dt { "Recorded by GitLab" } dd.muted { "no: GitLab records no audit event when a file a policy includes changes" }
+            }
+            @if !inc.diff.is_empty() {
+                pre.diff { @for line in inc.diff.lines() { span class=(diff_class(line)) { (line) } "\n" } }
+            }
+            @if inc.diff_truncated { p.muted { "The diff is longer than an event keeps; the commit above has all of it." } }
+        }
         h2 { "Chain" }
         dl.fields {
             dt { "Event id" } dd { code { (e.id) } }
@@ -437,6 +472,9 @@ pub async fn policy(State(s): State<Shared>, r: Reader, Query(p): Query<PolicyRe
                     a href=(event_href(&e.id)) { time datetime=(e.created_at) { (date(&e.created_at)) } }
                     " by " (e.author_name)
                     " · " code { (short(&e.details.security_policy_project_commit_sha)) }
+                    @if let Some(inc) = &e.details.included_content {
+                        br; span.muted { "included " code { (inc.project) ":" (inc.file) } " · " (inc.summary) }
+                    }
                     @if let Some(changes) = &e.details.changes {
                         ul.plain { @for c in changes { li { code { (c.path) } } } }
                     }

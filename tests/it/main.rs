@@ -20,6 +20,7 @@ mod git_http;
 mod gitlab_api;
 mod hostile;
 mod http;
+mod included;
 mod nats;
 mod nats_server;
 mod output;

@@ -333,7 +333,7 @@ impl Run<'_> {
             };
             return Ok((file, Vec::new()));
         };
-        if prev.commit == tip.to_string() && prev.followed == followed {
+        if tip.to_hex() == prev.commit && prev.followed == followed {
             return Ok((prev.clone(), Vec::new()));
         }
         let since = ObjectId::from_hex(prev.commit.as_bytes()).ok().filter(|id| mirror.has_commit(*id));
@@ -442,7 +442,6 @@ impl Run<'_> {
             diff: diff.0,
             diff_truncated: diff.1,
         };
-        let first_parent = step.commit.as_ref().and_then(|c| c.first_parent).map(|p| p.to_string());
         let (name, email, message) = match &step.commit {
             Some(c) => (c.author_name.as_str(), c.author_email.as_str(), c.message.as_str()),
             None => ("", "", ""),
@@ -452,7 +451,8 @@ impl Run<'_> {
         let ctx = StepContext {
             project: self.project.spp(),
             sha: &sha,
-            previous_sha: first_parent.as_deref(),
+            // `previous_commit_sha` is the SPP's; the included commit is in `included_content`.
+            previous_sha: None,
             author_name: name,
             author_email: email,
             author_id: self.config.author_id(email),

@@ -44,6 +44,19 @@ struct RowDetails<'a> {
     custom_message: Cow<'a, str>,
     #[serde(borrow, default)]
     policy_name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    included_content: Option<RowIncluded<'a>>,
+}
+
+/// An included file's change: which file and what changed, under the action.
+#[derive(Debug, Deserialize)]
+struct RowIncluded<'a> {
+    #[serde(borrow)]
+    project: Cow<'a, str>,
+    #[serde(borrow)]
+    file: Cow<'a, str>,
+    #[serde(borrow)]
+    summary: Cow<'a, str>,
 }
 
 /// A row as rendered once: its markup, where the author link's URL goes in it, and who that
@@ -85,6 +98,9 @@ fn row(e: &Row<'_>, author_href: &str) -> Markup {
             td data-label="Action" {
                 span class=(kind_class(e.event_type)) { (kind_label(e.event_type)) } " "
                 a.action href=(event_href(&e.id)) { (e.details.custom_message) }
+                @if let Some(inc) = &e.details.included_content {
+                    br; span.muted { "included " code { (inc.project) ":" (inc.file) } " · " (inc.summary) }
+                }
             }
             td data-label="Target" {
                 @if let Some(name) = &e.details.policy_name {
