@@ -285,8 +285,14 @@ fn attempt(
     let (state, mut events) =
         walk_new_history(config, project, &mirror, &mut summary, options, cursor.as_ref(), tip, now, &sink)?;
     let tip_sha = tip.to_string();
-    let run =
-        included::Run { config, project, stop: &options.stop, spp_sha: &tip_sha, now, emit: summary.flag_enabled };
+    let run = included::Run {
+        config,
+        project,
+        stop: &options.stop,
+        spp_sha: tip_sha.clone(),
+        now,
+        emit: summary.flag_enabled,
+    };
     let (now_included, more) = run.track(state.baseline.as_ref(), &state.included, &mut summary);
     events.extend(more);
     count_events(&mut summary, &events);
@@ -326,7 +332,7 @@ fn track_included_at(
         config,
         project,
         stop: &options.stop,
-        spp_sha: &cursor.commit,
+        spp_sha: cursor.commit.clone(),
         now,
         emit: summary.flag_enabled,
     };

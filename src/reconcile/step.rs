@@ -18,13 +18,13 @@ pub(super) struct State {
 }
 
 impl State {
-    /// Before the first commit; a replay keeps what is known of the included files.
-    pub(super) fn before_history(cursor: Option<&Cursor>) -> State {
+    /// Before the first commit (the included files too: a backfill replays their history).
+    pub(super) fn before_history() -> State {
         State {
             blob: String::new(),
             baseline: Some(PolicySet::default()),
             limits: LimitState::new(),
-            included: cursor.map(|c| c.included.clone()).unwrap_or_default(),
+            included: Default::default(),
         }
     }
 

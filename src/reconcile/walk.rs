@@ -34,10 +34,19 @@ pub(super) fn walk_new_history(
     let chain_started = Instant::now();
     // The cheap walk: trees and first parents only.
     let mut walker = Walker::new(config, project, mirror, summary, options);
+    if backfill {
+        let emit = walker.summary.flag_enabled;
+        walker.replay = Some(super::included::replay::Replay::new(super::included::Run {
+            config,
+            project,
+            stop: &options.stop,
+            spp_sha: String::new(),
+            now,
+            emit,
+        }));
+    }
     let (state, plan) = match (cursor, backfill) {
-        (_, true) => {
-            (State::before_history(cursor), Plan::Steps(mirror.first_parent_chain(tip, None)?.unwrap_or_default()))
-        }
+        (_, true) => (State::before_history(), Plan::Steps(mirror.first_parent_chain(tip, None)?.unwrap_or_default())),
         (None, false) => (walker.baseline_at(tip)?, Plan::Nothing),
         (Some(c), false) => match ObjectId::from_hex(c.commit.as_bytes()).ok() {
             // The last synced commit must be on the tip's first-parent line for the steps to be
@@ -84,6 +93,8 @@ pub(super) struct Walker<'a> {
     pub(super) progress: bool,
     /// Shutdown: a long walk stops between steps (what was stored is consistent).
     pub(super) stop: Stop,
+    /// A backfill: the included files' history, replayed between the steps.
+    pub(super) replay: Option<super::included::replay::Replay<'a>>,
 }
 
 impl<'a> Walker<'a> {
@@ -104,6 +115,7 @@ impl<'a> Walker<'a> {
             ahead: Ahead::default(),
             progress: options.progress,
             stop: options.stop.clone(),
+            replay: None,
         }
     }
 
@@ -194,9 +206,18 @@ impl<'a> Walker<'a> {
             let step_started = Instant::now();
             let commit = self.mirror.commit(link.id)?;
             self.summary.steps += 1;
-            state.blob = blob_key(&blob);
             let previous = commit.first_parent.map(|p| p.to_string());
+            // A backfill: the included files up to this step under the policies before it, then
+            // the includes this step adds start at its time.
+            let until = self.replay.is_some().then(|| self.committed_at(&commit, now));
+            if until.is_some() {
+                self.replay_included(&mut state, until, previous.as_deref().unwrap_or(""), &mut events)?;
+            }
+            state.blob = blob_key(&blob);
             state = self.step(state, &commit, &blob, previous.as_deref(), false, emit, now, &mut events)?;
+            if until.is_some() {
+                self.replay_included(&mut state, until, &link.id.to_string(), &mut events)?;
+            }
             stepping += step_started.elapsed();
             if events.len() >= CHUNK_EVENTS {
                 let stored_at = Instant::now();
@@ -208,10 +229,28 @@ impl<'a> Walker<'a> {
                 stepping += stored_at.elapsed();
             }
         }
+        if self.replay.is_some() {
+            let tip = steps.last().map(|l| l.id.to_string()).unwrap_or_default();
+            self.replay_included(&mut state, None, &tip, &mut events)?;
+        }
         // Parse and diff time is counted by `step`; the rest of the loop is walking.
         self.summary.timings.walk_ms += ms(walk_started.elapsed().saturating_sub(stepping));
         bar.finish_and_clear();
         Ok((state, events))
+    }
+
+    /// The included files of the policies as they are in `state`, moved to `until`.
+    fn replay_included(
+        &mut self,
+        state: &mut State,
+        until: Option<i64>,
+        spp_sha: &str,
+        events: &mut Vec<AuditEvent>,
+    ) -> Result<()> {
+        if let Some(replay) = self.replay.as_mut() {
+            replay.advance(state.baseline.as_ref(), &mut state.included, until, spp_sha, self.summary, events)?;
+        }
+        Ok(())
     }
 
     fn rewritten(

@@ -332,3 +332,77 @@ fn the_event_page_shows_the_included_files_diff() {
         "{history}"
     );
 }
+
+/// A backfill replays the included file's history in time order with the policy's own steps,
+/// following each include only while the policy has it; replayed again, it is the same trail.
+#[test]
+fn a_backfill_replays_included_history_in_time_order_with_the_policys_own_steps() {
+    let ws = Workspace::new();
+    let templates = ws.init_repo("gitlab/ci/templates");
+    let edit = |file: &str, text: &str, date: &str| {
+        ws.write(&format!("gitlab/ci/templates/{file}"), text);
+        commit(&templates, "Ivan Ops", "ivan@acme.example", date, &format!("edit {file}"))
+    };
+    edit("pipeline.yml", "sast:\n  script: [v0]\n", "2024-01-01T00:00:00Z");
+    edit("other.yml", "other:\n  script: [v0]\n", "2024-01-01T00:00:01Z");
+    let spp = ws.init_repo("gitlab/acme/spp");
+    let set_policy = |file: &str, description: &str, date: &str| {
+        let policy = pipeline_policy("P", file, None)
+            .replace("  enabled: true\n", &format!("  description: {description}\n  enabled: true\n"));
+        ws.write(&format!("gitlab/acme/spp/{POLICY}"), &format!("pipeline_execution_policy:\n{policy}"));
+        commit(&spp, "Alice", "alice@acme.example", date, "policy")
+    };
+    set_policy("pipeline.yml", "one", "2024-01-01T01:00:00Z"); // t1: created
+    edit("pipeline.yml", "sast:\n  script: [v1]\n", "2024-01-01T02:00:00Z"); // t2
+    set_policy("pipeline.yml", "two", "2024-01-01T03:00:00Z"); // t3: own update
+    edit("pipeline.yml", "sast:\n  script: [v2]\nlint:\n  script: [l]\n", "2024-01-01T04:00:00Z"); // t4
+    set_policy("other.yml", "two", "2024-01-01T05:00:00Z"); // t5: the include moves
+    edit("pipeline.yml", "sast:\n  script: [v3]\n", "2024-01-01T06:00:00Z"); // t6: no longer included
+    edit("other.yml", "other:\n  script: [v1]\n", "2024-01-01T07:00:00Z"); // t7
+    let config = ws.write(
+        "config.toml",
+        &format!(
+            "schedule = \"0 0 0 1 1 *\"\nstate_dir = \"state\"\n\n[[projects]]\npath = \"acme/spp\"\nurl = \"{}\"\ninitial_sync = \"backfill\"\n",
+            spp.display()
+        ),
+    );
+    let out = ws.run(&config, &["reconcile"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events = events_json(&ws, &config);
+    let seen: Vec<(String, String, String)> = events
+        .iter()
+        .map(|e| {
+            let file = e["details"]["included_content"]["file"].as_str().unwrap_or("(own)").to_string();
+            (
+                e["created_at"].as_str().unwrap_or("")[11..13].to_string(),
+                e["event_type"].as_str().unwrap_or("").to_string(),
+                file,
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, String)> = [
+        ("01", "security_policy_create", "(own)"),
+        ("02", "security_policy_update", "pipeline.yml"),
+        ("03", "security_policy_update", "(own)"),
+        ("04", "security_policy_update", "pipeline.yml"),
+        ("05", "security_policy_update", "(own)"),
+        ("07", "security_policy_update", "other.yml"),
+    ]
+    .iter()
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(seen, expected, "{events:#?}");
+    assert_eq!(events[3]["details"]["included_content"]["summary"], "jobs added: lint; jobs changed: sast");
+    // At t4 the policy was at its t3 commit.
+    let t3 = git(&spp, &["rev-parse", "HEAD~1"]).trim().to_string();
+    assert_eq!(events[3]["details"]["security_policy_project_commit_sha"], t3.as_str());
+
+    // Replayed again: the same ids, nothing new; and the next run finds nothing.
+    let out = ws.run(&config, &["reconcile", "--backfill"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let again = events_json(&ws, &config);
+    assert_eq!(again, events);
+    let out = ws.run(&config, &["reconcile"]);
+    assert!(out.status.success());
+    assert_eq!(events_json(&ws, &config).len(), events.len());
+}

@@ -25,6 +25,7 @@
 //!   never stops the SPP's own events or the other repositories.
 
 pub(super) mod ci;
+pub(super) mod replay;
 
 use super::Summary;
 use super::policy_files::blob_key;
@@ -146,13 +147,13 @@ pub(super) struct Run<'a> {
     pub project: &'a Project,
     pub stop: &'a crate::stop::Stop,
     /// The SPP commit the policies are at.
-    pub spp_sha: &'a str,
+    pub spp_sha: String,
     pub now: jiff::Timestamp,
     pub emit: bool,
 }
 
 /// A change of one included file: at a commit of its project (None: its ref is gone).
-struct Step {
+pub(super) struct Step {
     commit: Option<crate::repo::Commit>,
     before_blob: String,
     /// None: GitLab can no longer read the file (and why).
@@ -220,13 +221,13 @@ impl Run<'_> {
         (state, events)
     }
 
-    fn track_repository(
+    /// The included project's mirror, fetched (HEAD and `names`), and what the remote advertised.
+    pub(super) fn fetched(
         &self,
         included: &str,
-        incs: &[&Include<'_>],
-        before: &BTreeMap<String, IncludedFile>,
+        names: &[String],
         summary: &mut Summary,
-    ) -> Result<(BTreeMap<String, IncludedFile>, Vec<AuditEvent>)> {
+    ) -> Result<(Mirror, BTreeMap<String, ObjectId>)> {
         let url = included_url(self.config, self.project, included).with_context(|| {
             format!(
                 "cannot tell where it is: the SPP's url does not end with its path {:?} and there is no [gitlab] url",
@@ -237,12 +238,6 @@ impl Run<'_> {
         let lock = lock_for(&dir);
         let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
         let mirror = Mirror::open_or_init(&dir, "HEAD")?;
-        let names: BTreeSet<String> = incs
-            .iter()
-            .filter_map(|i| i.reference.as_ref())
-            .flat_map(|r| [format!("refs/tags/{r}"), format!("refs/heads/{r}")])
-            .collect();
-        let names: Vec<String> = names.into_iter().collect();
         let advertised = crate::repo::fetch_refs(
             &mirror,
             &url,
@@ -250,10 +245,48 @@ impl Run<'_> {
             &self.project.tls,
             self.config.fetch_timeout,
             self.stop,
-            &names,
+            names,
         )?;
         summary.included_fetches += 1;
-        let advertised: BTreeMap<String, ObjectId> = advertised.into_iter().collect();
+        Ok((mirror, advertised.into_iter().collect()))
+    }
+
+    /// The refs to fetch for these includes: each named ref as a tag and as a branch.
+    pub(super) fn names(incs: &[&Include<'_>]) -> Vec<String> {
+        let names: BTreeSet<String> = incs
+            .iter()
+            .filter_map(|i| i.reference.as_ref())
+            .flat_map(|r| [format!("refs/tags/{r}"), format!("refs/heads/{r}")])
+            .collect();
+        names.into_iter().collect()
+    }
+
+    /// What the include's ref follows and the commit it is at (None: no such ref), as
+    /// `git rev-parse` resolves it: a tag before a branch; no ref = the default branch.
+    pub(super) fn resolve(
+        mirror: &Mirror,
+        advertised: &BTreeMap<String, ObjectId>,
+        inc: &Include<'_>,
+    ) -> Result<(String, Option<ObjectId>)> {
+        let (followed, tip) = match &inc.reference {
+            None => ("HEAD".to_string(), advertised.get("HEAD")),
+            Some(r) => match (advertised.get(&format!("refs/tags/{r}")), advertised.get(&format!("refs/heads/{r}"))) {
+                (Some(tag), _) => (format!("tag {r}"), Some(tag)),
+                (None, Some(branch)) => (format!("branch {r}"), Some(branch)),
+                (None, None) => ("missing".to_string(), None),
+            },
+        };
+        Ok((followed, tip.map(|id| mirror.peel_to_commit(*id)).transpose()?))
+    }
+
+    fn track_repository(
+        &self,
+        included: &str,
+        incs: &[&Include<'_>],
+        before: &BTreeMap<String, IncludedFile>,
+        summary: &mut Summary,
+    ) -> Result<(BTreeMap<String, IncludedFile>, Vec<AuditEvent>)> {
+        let (mirror, advertised) = self.fetched(included, &Self::names(incs), summary)?;
         let mut state = BTreeMap::new();
         let mut events = Vec::new();
         let mut done = BTreeSet::new();
@@ -262,27 +295,29 @@ impl Run<'_> {
             if !done.insert(key.clone()) {
                 continue;
             }
-            let (followed, tip) = match &inc.reference {
-                None => ("HEAD".to_string(), advertised.get("HEAD")),
-                Some(r) => {
-                    match (advertised.get(&format!("refs/tags/{r}")), advertised.get(&format!("refs/heads/{r}"))) {
-                        (Some(tag), _) => (format!("tag {r}"), Some(tag)),
-                        (None, Some(branch)) => (format!("branch {r}"), Some(branch)),
-                        (None, None) => ("missing".to_string(), None),
-                    }
-                }
-            };
-            let tip = tip.map(|id| mirror.peel_to_commit(*id)).transpose()?;
+            let (followed, tip) = Self::resolve(&mirror, &advertised, inc)?;
             let (file, steps) = self.steps(&mirror, inc, before.get(&key), followed, tip)?;
             state.insert(key.clone(), file);
-            let sharing: Vec<&&Include<'_>> = incs.iter().filter(|i| i.key() == key).collect();
-            for step in steps {
-                for i in &sharing {
-                    events.push(self.event(&mirror, i, &step)?);
-                }
-            }
+            events.extend(self.events_of(&mirror, incs, &key, &steps)?);
         }
         Ok((state, events))
+    }
+
+    /// One event per include with `key` per step.
+    pub(super) fn events_of(
+        &self,
+        mirror: &Mirror,
+        incs: &[&Include<'_>],
+        key: &str,
+        steps: &[Step],
+    ) -> Result<Vec<AuditEvent>> {
+        let mut events = Vec::new();
+        for step in steps {
+            for inc in incs.iter().filter(|i| i.key() == key) {
+                events.push(self.event(mirror, inc, step)?);
+            }
+        }
+        Ok(events)
     }
 
     /// The include's new state and its steps since `prev`.
@@ -319,19 +354,8 @@ impl Run<'_> {
             return Ok((file, steps));
         };
         let Some(prev) = prev else {
-            // First sight: a baseline.
-            let commit = mirror.commit(tip)?;
-            let blob = path.lookup(mirror, commit.tree)?;
-            let readable = self.readable(mirror, inc, &blob)?;
-            let key = blob_key(&blob);
-            let file = IncludedFile {
-                followed,
-                commit: tip.to_string(),
-                valid_blob: if readable.is_ok() { key.clone() } else { String::new() },
-                blob: key,
-                invalid: readable.is_err(),
-            };
-            return Ok((file, Vec::new()));
+            let tree = mirror.commit(tip)?.tree;
+            return Ok((self.first_sight(mirror, inc, &mut path, followed, tip, tree)?, Vec::new()));
         };
         if tip.to_hex() == prev.commit && prev.followed == followed {
             return Ok((prev.clone(), Vec::new()));
@@ -349,33 +373,73 @@ impl Run<'_> {
         file.followed = followed;
         let mut steps = Vec::new();
         for (id, tree) in links {
-            let blob = path.lookup(mirror, tree)?;
-            let key = blob_key(&blob);
-            if key != file.blob || (rewritten && file.invalid) {
-                let readable = self.readable(mirror, inc, &blob)?;
-                let changed = match &readable {
-                    Ok(_) => key != file.valid_blob || file.invalid,
-                    Err(_) => !file.invalid,
-                };
-                if changed {
-                    steps.push(Step {
-                        commit: Some(mirror.commit(id)?),
-                        before_blob: file.valid_blob.clone(),
-                        after: readable.clone().map(|_| key.clone()),
-                        rewritten,
-                        followed: file.followed.clone(),
-                    });
-                }
-                if readable.is_ok() {
-                    file.valid_blob = key.clone();
-                }
-                file.invalid = readable.is_err();
-                file.blob = key;
-            }
-            file.commit = id.to_string();
+            steps.extend(self.at(mirror, inc, &mut path, &mut file, id, tree, rewritten)?);
         }
         file.commit = tip.to_string();
         Ok((file, steps))
+    }
+
+    /// An include seen for the first time, at commit `id`: a baseline, no step.
+    pub(super) fn first_sight(
+        &self,
+        mirror: &Mirror,
+        inc: &Include<'_>,
+        path: &mut PolicyPath,
+        followed: String,
+        id: ObjectId,
+        tree: ObjectId,
+    ) -> Result<IncludedFile> {
+        let blob = path.lookup(mirror, tree)?;
+        let readable = self.readable(mirror, inc, &blob)?;
+        let key = blob_key(&blob);
+        Ok(IncludedFile {
+            followed,
+            commit: id.to_string(),
+            valid_blob: if readable.is_ok() { key.clone() } else { String::new() },
+            blob: key,
+            invalid: readable.is_err(),
+        })
+    }
+
+    /// The file at commit `id` of the followed ref: the step it makes, if any, and `file`
+    /// moved there.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn at(
+        &self,
+        mirror: &Mirror,
+        inc: &Include<'_>,
+        path: &mut PolicyPath,
+        file: &mut IncludedFile,
+        id: ObjectId,
+        tree: ObjectId,
+        rewritten: bool,
+    ) -> Result<Option<Step>> {
+        let blob = path.lookup(mirror, tree)?;
+        let key = blob_key(&blob);
+        let mut step = None;
+        if key != file.blob || (rewritten && file.invalid) {
+            let readable = self.readable(mirror, inc, &blob)?;
+            let changed = match &readable {
+                Ok(_) => key != file.valid_blob || file.invalid,
+                Err(_) => !file.invalid,
+            };
+            if changed {
+                step = Some(Step {
+                    commit: Some(mirror.commit(id)?),
+                    before_blob: file.valid_blob.clone(),
+                    after: readable.clone().map(|_| key.clone()),
+                    rewritten,
+                    followed: file.followed.clone(),
+                });
+            }
+            if readable.is_ok() {
+                file.valid_blob = key.clone();
+            }
+            file.invalid = readable.is_err();
+            file.blob = key;
+        }
+        file.commit = id.to_string();
+        Ok(step)
     }
 
     /// Whether GitLab can use the file at this blob (Ok), or why not. The outer error is a
@@ -465,7 +529,7 @@ impl Run<'_> {
             inc.policy,
             inc.occurrence,
             &inc.field,
-            self.spp_sha,
+            &self.spp_sha,
             content,
             step.after.as_ref().err().map(String::as_str),
         ))
