@@ -767,8 +767,13 @@ fn synthetic_events(config_path: &Path, n: usize, outbox: bool) -> Result<Vec<u8
     for i in 0..n {
         batch.push(bench_event(&change, project.spp(), i, 1_700_000_000 + i as i64));
         if batch.len() == 1000 || i + 1 == n {
-            let cursor =
-                Cursor { commit: format!("{i:040x}"), blob: String::new(), baseline: None, limits: Default::default() };
+            let cursor = Cursor {
+                commit: format!("{i:040x}"),
+                blob: String::new(),
+                baseline: None,
+                limits: Default::default(),
+                included: Default::default(),
+            };
             let started = std::time::Instant::now();
             store.commit_reconcile(
                 &project.path,

@@ -93,8 +93,13 @@ pub(crate) fn fill(config_path: &Path, n: usize) -> Result<()> {
         e.id = format!("bench-{i}");
         batch.push(e);
         if batch.len() == 1000 || i + 1 == n {
-            let cursor =
-                Cursor { commit: format!("{i:040x}"), blob: String::new(), baseline: None, limits: Default::default() };
+            let cursor = Cursor {
+                commit: format!("{i:040x}"),
+                blob: String::new(),
+                baseline: None,
+                limits: Default::default(),
+                included: Default::default(),
+            };
             store.commit_reconcile(&project.path, &cursor, &batch, &|_| Vec::new(), 0)?;
             batch.clear();
         }
