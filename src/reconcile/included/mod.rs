@@ -57,6 +57,16 @@ impl Include<'_> {
         IncludedFile::key(&self.project, &self.file, self.reference.as_deref())
     }
 
+    /// The state of a pinned include (a commit sha: never fetched, never changes); None when
+    /// its ref is not a sha.
+    fn pinned_file(&self) -> Option<IncludedFile> {
+        self.pinned().then(|| IncludedFile {
+            followed: "sha".into(),
+            commit: self.reference.clone().unwrap_or_default(),
+            ..IncludedFile::default()
+        })
+    }
+
     fn pinned(&self) -> bool {
         self.reference
             .as_deref()
@@ -185,12 +195,7 @@ impl Run<'_> {
                 );
                 tracing::warn!(project = %self.project.path, "{why}");
                 summary.included_errors.push(why);
-            } else if inc.pinned() {
-                let pinned = IncludedFile {
-                    followed: "sha".into(),
-                    commit: inc.reference.clone().unwrap_or_default(),
-                    ..IncludedFile::default()
-                };
+            } else if let Some(pinned) = inc.pinned_file() {
                 state.insert(inc.key(), pinned);
             } else {
                 by_project.entry(inc.project.as_str()).or_default().push(inc);

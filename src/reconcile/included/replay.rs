@@ -64,12 +64,7 @@ impl<'a> Replay<'a> {
             if !super::safe_path(&inc.project) || !super::safe_path(&inc.file) {
                 continue; // reported by the tracking after the walk
             }
-            if inc.pinned() {
-                let pinned = IncludedFile {
-                    followed: "sha".into(),
-                    commit: inc.reference.clone().unwrap_or_default(),
-                    ..IncludedFile::default()
-                };
+            if let Some(pinned) = inc.pinned_file() {
                 next.insert(inc.key(), pinned);
             } else {
                 by_project.entry(inc.project.as_str()).or_default().push(inc);
