@@ -113,6 +113,15 @@ impl Browser {
         }
     }
 
+    /// The text of the first element matching `css` now, or None while there is none (a page
+    /// still on its way through redirects) or it was replaced while being read.
+    pub fn text_now(&self, css: &str) -> Option<String> {
+        let found = self.call("POST", &self.s("/elements"), Some(json!({"using": "css selector", "value": css})));
+        let id = found.as_array()?.first()?[ELEMENT].as_str()?.to_string();
+        let r = request(self.port, "GET", &self.s(&format!("/element/{id}/text")), &[], b"");
+        (r.status == 200).then(|| r.json()["value"].as_str().unwrap_or_default().to_string())
+    }
+
     /// Whether a JavaScript dialog (alert) is open.
     fn alert_open(&self) -> bool {
         let r = request(self.port, "GET", &self.s("/alert/text"), &[], b"");

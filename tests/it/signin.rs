@@ -112,23 +112,27 @@ fn in_chromium_three_people_sign_in_with_gitlab_and_each_sees_their_own_set() {
     for (username, rows) in [("olivia", acme), ("carol", carols), ("root", all)] {
         s.set_gitlab(username, json!("up"));
         b.go(&format!("{base}/"));
-        crate::common::wait_for("the login page", Duration::from_secs(10), || b.text("h1").contains("Sign in"));
+        crate::common::wait_for("the login page", Duration::from_secs(10), || {
+            b.text_now("h1").is_some_and(|t| t.contains("Sign in"))
+        });
         b.click("a.button[href^='/sign-in']");
         // To GitLab's authorize page, which sends the browser back to the callback, which
         // sends it to the page it came from.
         crate::common::wait_for("the page after signing in", Duration::from_secs(10), || {
-            b.text("h1") == "Audit events"
+            b.text_now("h1").is_some_and(|t| t == "Audit events")
         });
         assert_eq!(b.text("header.top .who"), format!("Signed in as {username}"));
         assert_eq!(b.count("table.events tbody tr"), rows, "{username} sees their set on the page");
         b.click("header.top form[action='/logout'] button");
         crate::common::wait_for("the login page after signing out", Duration::from_secs(10), || {
-            b.text("h1").contains("Sign in")
+            b.text_now("h1").is_some_and(|t| t.contains("Sign in"))
         });
     }
     // Signed out means signed out: the page asks again.
     b.go(&format!("{base}/"));
-    assert!(b.text("h1").contains("Sign in"));
+    crate::common::wait_for("the login page again", Duration::from_secs(10), || {
+        b.text_now("h1").is_some_and(|t| t.contains("Sign in"))
+    });
     let metrics = get(s.port, "/metrics", &[("PRIVATE-TOKEN", crate::server::TOKEN)]).text();
     assert!(metrics.contains("policy_audit_sign_ins_total{outcome=\"signed_in\"} 3"), "{metrics}");
 }
