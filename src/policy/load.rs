@@ -191,7 +191,7 @@ impl Builder {
         match &mut frame.open {
             Open::Seq { items } => items.push(value),
             Open::Map { map, key } => match key.take() {
-                None => *key = Some(Key { merge: is_merge_key(&value), text: key_text(&value) }),
+                None => *key = Some(Key { merge: is_merge_key(&value), text: key_text(value) }),
                 Some(k) if k.merge => merge(map, value),
                 Some(k) => {
                     map.insert(k.text, value);
@@ -229,11 +229,11 @@ fn merge(map: &mut Map<String, Value>, value: Value) {
 }
 
 /// Ruby's `to_s` of a key after `deep_stringify_keys`: `1` -> "1", `true` -> "true", nil -> "".
-fn key_text(key: &Value) -> String {
+fn key_text(key: Value) -> String {
     match key {
-        Value::String(s) => s.clone(),
+        Value::String(s) => s,
         Value::Null => String::new(),
-        Value::Number(n) => ruby_number_text(n),
+        Value::Number(n) => ruby_number_text(&n),
         Value::Bool(b) => b.to_string(),
         other => other.to_string(),
     }

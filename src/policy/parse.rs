@@ -88,33 +88,35 @@ pub fn parse_with(bytes: &[u8], schema: &PolicySchema) -> Result<PolicySet, Inva
     if !errors.is_empty() {
         return Err(InvalidPolicyFile::schema(errors));
     }
-    policies(&doc)
+    policies(doc)
 }
 
 /// The policies of a file the schema accepted. A schema file may accept what policy-audit
-/// cannot track (a policy without a string `name`): that is reported, not guessed.
-fn policies(doc: &Value) -> Result<PolicySet, InvalidPolicyFile> {
+/// cannot track (a policy without a string `name`): that is reported, not guessed. The document
+/// is taken apart, not copied: each policy keeps its own mapping.
+fn policies(doc: Value) -> Result<PolicySet, InvalidPolicyFile> {
     let mut approval = Vec::new();
     let mut legacy_approval = Vec::new();
     let mut others: Vec<Policy> = Vec::new();
     let Value::Object(top) = doc else { return Ok(PolicySet::default()) };
     for (key, section) in top {
-        let Some(policy_type) = PolicyType::from_key(key) else { continue };
+        let Some(policy_type) = PolicyType::from_key(&key) else { continue };
         let Value::Array(items) = section else {
             return Err(InvalidPolicyFile::new(format!(
                 "{key}: must be a list of policies, found {}",
-                json_kind(section)
+                json_kind(&section)
             )));
         };
         let mut policies = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
+        for (i, item) in items.into_iter().enumerate() {
             let Some(name) = item.get("name").and_then(Value::as_str) else {
                 return Err(InvalidPolicyFile::new(format!(
                     "{key}[{i}]: a policy without a string `name` cannot be tracked"
                 )));
             };
+            let name = name.to_string();
             let enabled = item.get("enabled").and_then(Value::as_bool).unwrap_or(false);
-            policies.push(Policy { policy_type, name: name.to_string(), enabled, content: item.clone() });
+            policies.push(Policy { policy_type, name, enabled, content: item });
         }
         match (policy_type, key.as_str()) {
             (PolicyType::Approval, LEGACY_APPROVAL_KEY) => legacy_approval = policies,
