@@ -38,6 +38,8 @@ struct FleetRun {
     ls_remote_loop: Sample,
     /// policy-audit and the `git fetch` loop after one new commit in each repository.
     busy: Option<(Sample, Sample)>,
+    /// Over smart HTTP: the server's rate for the idle probe alone (wrk, 4 connections).
+    server_floor: Option<f64>,
 }
 
 struct Bench {
@@ -467,6 +469,15 @@ impl Bench {
             ),
             fmt_rss(f.idle),
         );
+        if let Some(floor) = f.server_floor {
+            self.row(
+                "the server alone: wrk POSTing the same ls-refs probe, 4 connections (fcgiwrap's 4 children)",
+                "-".into(),
+                format!("{floor:.0} probes/s ({:.2} ms each)", 1000.0 / floor),
+                format!("the idle fleet's ms/project is {:.2}x the server's floor", per / (1000.0 / floor)),
+                "-".into(),
+            );
+        }
         self.busy_row(n, " over smart HTTP", &f);
         Ok(())
     }
@@ -537,11 +548,23 @@ impl Bench {
             fetches.push(shell(&fetch_path)?);
             lists.push(shell(&ls_path)?);
         }
+        // The server's own ceiling for the idle probe: what no client can go below.
+        let server_floor = match &server {
+            Some(s) => Some(wrk_post(
+                &dir,
+                &format!("{}/spp0000/git-upload-pack", s.base),
+                &policy_audit::repo::ls_refs_request("main"),
+                &[("Content-Type", "application/x-git-upload-pack-request"), ("Git-Protocol", "version=2")],
+                4,
+            )?),
+            None => None,
+        };
         let mut figures = FleetRun {
             idle: measure::median_of(ours),
             fetch_loop: measure::median_of(fetches),
             ls_remote_loop: measure::median_of(lists),
             busy: None,
+            server_floor,
         };
         if busy {
             eprintln!("adding one policy commit to each of {n} repositories...");
@@ -971,20 +994,35 @@ impl Drop for Nginx {
 
 /// wrk's request rate for POSTing `body` over one connection for 5 s.
 fn wrk_rate(work: &Path, url: &str, body: &[u8]) -> Result<f64> {
-    let body_path = work.join("body.json");
+    wrk_post(work, url, body, &[("Content-Type", "application/json")], 1)
+}
+
+/// wrk's rate of successful requests for POSTing `body` with `headers` over `connections`
+/// connections (2 threads when there are more than one) for 5 s; an answer that is not 2xx is
+/// an error.
+fn wrk_post(work: &Path, url: &str, body: &[u8], headers: &[(&str, &str)], connections: usize) -> Result<f64> {
+    let body_path = work.join("body.bin");
     std::fs::write(&body_path, body)?;
-    let lua = format!(
-        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nlocal f = io.open(\"{}\", \"rb\")\nwrk.body = f:read(\"*a\")\nf:close()\n",
+    let mut lua = String::from("wrk.method = \"POST\"\n");
+    for (name, value) in headers {
+        lua.push_str(&format!("wrk.headers[\"{name}\"] = \"{value}\"\n"));
+    }
+    lua.push_str(&format!(
+        "local f = io.open(\"{}\", \"rb\")\nwrk.body = f:read(\"*a\")\nf:close()\n",
         body_path.display()
-    );
+    ));
     std::fs::write(work.join("post.lua"), lua)?;
+    let threads = if connections > 1 { 2 } else { 1 };
     let out = Command::new("wrk")
-        .args(["-t1", "-c1", "-d5s", "-s"])
+        .args([format!("-t{threads}"), format!("-c{connections}"), "-d5s".into(), "-s".into()])
         .arg(work.join("post.lua"))
         .arg(url)
         .output()
         .context("cannot run wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("Non-2xx") {
+        bail!("wrk got answers that are not 2xx from {url}: {text}");
+    }
     let rate = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))

@@ -24,6 +24,7 @@ pub fn local_tip(url: &str, branch: &str) -> Option<ObjectId> {
     reference.peel_to_id().ok().map(|id| id.detach())
 }
 pub use history::{Commit, Link, ObjectUnreadable, PolicyBlob, PolicyPath};
+pub use probe::ls_refs_request;
 
 use anyhow::{Context, Result};
 use gix::ObjectId;

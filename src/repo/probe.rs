@@ -98,8 +98,10 @@ fn pkt_line(out: &mut Vec<u8>, payload: &str) {
     out.extend_from_slice(payload.as_bytes());
 }
 
-/// `command=ls-refs`, a delimiter, the branch's exact name as the only prefix, a flush.
-fn ls_refs_request(branch: &str) -> Vec<u8> {
+/// `command=ls-refs`, a delimiter, the branch's exact name as the only prefix, a flush: the
+/// probe's whole request body (public for the benchmark, which measures what a server takes to
+/// answer it).
+pub fn ls_refs_request(branch: &str) -> Vec<u8> {
     let mut out = Vec::new();
     pkt_line(&mut out, "command=ls-refs\n");
     pkt_line(&mut out, concat!("agent=policy-audit/", env!("CARGO_PKG_VERSION"), "\n"));
